@@ -1,0 +1,71 @@
+"""Capture: torch.export the target into an ATen-level fx GraphModule with a dynamic batch."""
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import torch
+from torch.fx import GraphModule
+
+from ..errors import FxDecompError, InputError
+
+
+@contextlib.contextmanager
+def export_friendly():
+    """Switch off eager fast paths that hide attention from the exporter (nn.MultiheadAttention's
+    fused native kernel), restoring them afterwards."""
+    mha = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(mha)
+
+
+def check_input(x, expected_shape=None, what: str = "input") -> None:
+    if not isinstance(x, torch.Tensor):
+        raise InputError(f"{what} must be a tensor, got {type(x).__name__}")
+    if x.dim() < 1 or x.shape[0] < 1:
+        raise InputError(f"{what} must have a batch dimension, got shape {tuple(x.shape)}")
+    if expected_shape is not None and tuple(x.shape[1:]) != tuple(expected_shape):
+        raise InputError(
+            f"{what} has shape {tuple(x.shape)}; this decomposition was built for "
+            f"[B, {', '.join(map(str, expected_shape))}] (only the batch size may change). "
+            "Call fxdecomp.decompose again with an example of the new size.")
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise InputError(f"{what} has {bad} non-finite values (NaN or inf); the decomposition of a "
+                         "non-finite forward pass is meaningless")
+
+
+def check_model(model: torch.nn.Module) -> None:
+    training = [name or "<root>" for name, m in model.named_modules() if m.training]
+    if training:
+        raise InputError(
+            f"the model is in training mode ({len(training)} modules, e.g. {training[:3]}): dropout "
+            "and batch statistics would make the output random. Call model.eval() first.")
+
+
+def capture(model: torch.nn.Module, example: torch.Tensor, dynamic_batch: bool = True
+            ) -> tuple[GraphModule, bool]:
+    """Export ``model`` on ``example``; returns (graph module, batch_is_dynamic).
+
+    The batch dimension is exported as dynamic where the model allows it; where the exporter has
+    to specialise it, the caller re-captures per batch size.
+    """
+    x = example
+    if dynamic_batch and x.shape[0] == 1:  # export specialises size-1 dims; trace on 2
+        x = x.expand(2, *x.shape[1:]).contiguous()
+    dyn = ({0: torch.export.Dim.AUTO},) if dynamic_batch else None
+    with export_friendly(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ep = torch.export.export(model, (x,), dynamic_shapes=dyn)
+        except Exception as e:
+            if not dynamic_batch:
+                raise FxDecompError(f"torch.export failed on {type(model).__name__}: {e}") from e
+            return capture(model, example, dynamic_batch=False)
+    gm = ep.module()
+    ph = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    dynamic = isinstance(ph.meta["val"].shape[0], torch.SymInt)
+    return gm, dynamic

@@ -1,0 +1,500 @@
+"""CompAlign: one linear map per component into CLIP's image-embedding space, plus one bias.
+
+f_i(c) = W_iᵀ c with W_i [d_model, d_clip]; the aligned representation of an image is
+Σ_i f_i(c_i(x)) + b, and training makes it point where CLIP's image embedding of x points:
+
+    L = mean_x [1 − cos(Σ_i f_i(c_i(x)) + b, clip(x))] + λ · Σ_i ‖G_i − I_r‖²_F / (C · r)
+
+Orthogonality penalty. The paper writes G_i = W_iᵀW_i (d_clip × d_clip). That can reach I only
+when d_model ≥ d_clip (W_i with orthonormal columns: a co-isometry). When d_model < d_clip (e.g.
+DeiT-tiny 192 -> CLIP 512) W_iᵀW_i has rank ≤ d_model and the penalty could never vanish, so there
+we use G_i = W_iW_iᵀ (d_model × d_model): W_i with orthonormal rows, f_i an isometry (‖f_i(c)‖ =
+‖c‖). In general r = min(d_model, d_clip) and G_i is the Gram matrix of that side; dividing by
+C · r makes the penalty a per-dimension mean (it equals the paper's C · d_clip when d_model ≥
+d_clip). Either way it keeps the maps near-orthogonal so the relative sizes of contributions
+survive the mapping.
+
+The bias b is its own term: ``aligner(components)`` [C, N, E] excludes it, and the exact aligned
+representation is ``aligner(components).sum(0) + aligner.bias`` (= ``aligner.total(components)``;
+``aligner.with_bias(components)`` returns the C + 1 terms with the bias as the last one).
+
+>>> al = CompAlign(["a", "b", "c"], d_model=16, d_clip=8)
+>>> al(torch.randn(3, 5, 16)).shape
+torch.Size([3, 5, 8])
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fxdecomp.errors import FxDecompError, InputError
+from fxdecomp.run.decomposition import ComponentLabel
+
+__all__ = ["CompAlign", "AlignmentMismatchError", "BIAS_LABEL"]
+
+_META_KEY = "fxdecomp.compalign"
+_FORMAT = 1
+#: Name given to the bias term by ``CompAlign.with_bias``.
+BIAS_LABEL = "compalign.bias"
+
+Labels = Sequence["ComponentLabel | str | dict"]
+
+
+class AlignmentMismatchError(FxDecompError, ValueError):
+    """A saved aligner does not belong to the components or subject it is being used with."""
+
+
+def _label_dict(label) -> dict:
+    if isinstance(label, ComponentLabel):
+        return label.to_dict()
+    if isinstance(label, dict):
+        if "name" not in label:
+            raise InputError(f"label dict without a 'name': {label}")
+        return dict(label)
+    if isinstance(label, str):
+        return {"name": label}
+    raise InputError(f"a component label must be a ComponentLabel, dict or str, got {label!r}")
+
+
+def _label_object(d: dict):
+    try:
+        return ComponentLabel(**d)
+    except TypeError:
+        return d["name"]
+
+
+def _labels_of(labels) -> list[dict]:
+    """Accepts a list of labels or anything with ``.labels`` (a Decomposition)."""
+    if hasattr(labels, "labels") and not isinstance(labels, (list, tuple)):
+        labels = labels.labels
+    return [_label_dict(l) for l in labels]
+
+
+def _describe_label_difference(saved: list[dict], given: list[dict]) -> str | None:
+    s_names = [d["name"] for d in saved]
+    g_names = [d["name"] for d in given]
+    if s_names != g_names:
+        lines = [f"component labels differ: the aligner was trained on {len(s_names)} "
+                 f"components, {len(g_names)} were given"]
+        missing = [n for n in s_names if n not in set(g_names)]
+        extra = [n for n in g_names if n not in set(s_names)]
+        if missing:
+            lines.append(f"  in the aligner but not given ({len(missing)}): "
+                         f"{missing[:6]}{' ...' if len(missing) > 6 else ''}")
+        if extra:
+            lines.append(f"  given but not in the aligner ({len(extra)}): "
+                         f"{extra[:6]}{' ...' if len(extra) > 6 else ''}")
+        if not missing and not extra:
+            i = next(i for i, (a, b) in enumerate(zip(s_names, g_names)) if a != b)
+            lines.append(f"  same names in a different order; first difference at index {i}: "
+                         f"aligner has {s_names[i]!r}, given {g_names[i]!r}")
+        return "\n".join(lines)
+    for i, (a, b) in enumerate(zip(saved, given)):
+        shared = (set(a) & set(b)) - {"name"}
+        diff = sorted(f for f in shared if a[f] != b[f])
+        if diff:
+            f = diff[0]
+            return (f"component {a['name']!r} (index {i}) differs in field {f!r}: aligner has "
+                    f"{a[f]!r}, given {b[f]!r}")
+    return None
+
+
+class CompAlign(nn.Module):
+    """Per-component linear maps into CLIP space (see the module docstring for the objective).
+
+    labels: the components' labels (ComponentLabel, dict or name), or an int for anonymous ones.
+    d_model, d_clip: component width and CLIP embedding width.
+    subject, clip_model: free-form ids (e.g. "timm:deit_base_patch16_224") recorded on save and
+        checked on load.
+    shared: one map for every component (used by ``identity_from_projection``).
+
+    Attributes: ``weight`` [C, d_model, d_clip] (or [1, ...] when shared), ``bias`` [d_clip],
+    ``history`` (per-batch training losses), ``stats`` (training summary).
+    """
+
+    def __init__(self, labels: Labels | int, d_model: int, d_clip: int, *,
+                 subject: str | None = None, clip_model: str | None = None,
+                 shared: bool = False, seed: int = 0, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if isinstance(labels, int):
+            labels = [f"c{i}" for i in range(labels)]
+        self._labels = _labels_of(labels)
+        names = [d["name"] for d in self._labels]
+        if not names:
+            raise InputError("CompAlign needs at least one component")
+        if len(set(names)) != len(names):
+            dup = sorted({n for n in names if names.count(n) > 1})
+            raise InputError(f"component names must be unique; repeated: {dup[:6]}")
+        self.d_model, self.d_clip = int(d_model), int(d_clip)
+        self.subject, self.clip_model, self.shared = subject, clip_model, bool(shared)
+        n_maps = 1 if shared else len(names)
+        self.weight = nn.Parameter(self._orthogonal_init(n_maps, seed, dtype))
+        self.bias = nn.Parameter(torch.zeros(self.d_clip, dtype=dtype))
+        self.history: dict[str, list] = {"loss": [], "cos": [], "ortho": [], "val": []}
+        self.stats: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ basics
+    def _orthogonal_init(self, n: int, seed: int, dtype) -> torch.Tensor:
+        """n random (semi-)orthogonal [d_model, d_clip] maps, batched QR (no per-map loop)."""
+        g = torch.Generator().manual_seed(seed)
+        big, small = max(self.d_model, self.d_clip), min(self.d_model, self.d_clip)
+        q, r = torch.linalg.qr(torch.randn(n, big, small, generator=g, dtype=torch.float64))
+        q = q * torch.sign(r.diagonal(dim1=-2, dim2=-1)).unsqueeze(-2)
+        w = q if self.d_model >= self.d_clip else q.transpose(-1, -2)
+        return w.to(dtype).contiguous()
+
+    @property
+    def labels(self) -> list:
+        """ComponentLabel objects where the saved fields allow, else names."""
+        return [_label_object(d) for d in self._labels]
+
+    @property
+    def names(self) -> list[str]:
+        return [d["name"] for d in self._labels]
+
+    @property
+    def n_components(self) -> int:
+        return len(self._labels)
+
+    def extra_repr(self) -> str:
+        return (f"C={self.n_components}, d_model={self.d_model}, d_clip={self.d_clip}, "
+                f"shared={self.shared}, subject={self.subject!r}, clip_model={self.clip_model!r}")
+
+    def _check_components(self, components: torch.Tensor) -> None:
+        if components.ndim < 2 or components.shape[0] != self.n_components \
+                or components.shape[-1] != self.d_model:
+            raise InputError(f"CompAlign expects components [C={self.n_components}, ..., "
+                             f"d={self.d_model}], got {tuple(components.shape)}")
+
+    # ------------------------------------------------------------------ mapping
+    def forward(self, components: torch.Tensor) -> torch.Tensor:
+        """[C, ..., d_model] -> [C, ..., d_clip]: f_i applied to component i (bias excluded)."""
+        self._check_components(components)
+        x = components.to(device=self.weight.device, dtype=self.weight.dtype)
+        if self.shared:
+            return torch.einsum("c...d,de->c...e", x, self.weight[0])
+        return torch.einsum("c...d,cde->c...e", x, self.weight)
+
+    def total(self, components: torch.Tensor) -> torch.Tensor:
+        """The aligned representation [..., d_clip] = Σ_i f_i(c_i) + bias."""
+        return self(components).sum(0) + self.bias
+
+    def with_bias(self, components: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+        """The C + 1 aligned terms (bias last, broadcast) and their names; they sum to ``total``."""
+        aligned = self(components)
+        bias = self.bias.expand_as(aligned[0]).unsqueeze(0)
+        return torch.cat([aligned, bias]), self.names + [BIAS_LABEL]
+
+    def orthogonality_penalty(self) -> torch.Tensor:
+        """Σ_i ‖G_i − I_r‖²_F / (C · r), G_i the Gram matrix of W_i's smaller side."""
+        w = self.weight
+        if self.d_model >= self.d_clip:
+            gram = torch.einsum("cde,cdf->cef", w, w)                # W_iᵀW_i [C, E, E]
+        else:
+            gram = torch.einsum("cde,cfe->cdf", w, w)                # W_iW_iᵀ [C, d, d]
+        r = gram.shape[-1]
+        eye = torch.eye(r, dtype=w.dtype, device=w.device)
+        return ((gram - eye) ** 2).sum() / (w.shape[0] * r)
+
+    def loss(self, components: torch.Tensor, targets: torch.Tensor,
+             lam: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(total loss, mean(1 − cos), orthogonality penalty) on one batch."""
+        pred = self.total(components)
+        targets = targets.to(device=pred.device, dtype=pred.dtype)
+        if targets.shape != pred.shape:
+            raise InputError(f"CLIP targets must be {tuple(pred.shape)} to match the components, "
+                             f"got {tuple(targets.shape)}")
+        cos_loss = (1 - F.cosine_similarity(pred, targets, dim=-1, eps=1e-8)).mean()
+        ortho = self.orthogonality_penalty() if lam else pred.new_zeros(())
+        return cos_loss + lam * ortho, cos_loss, ortho
+
+    # ------------------------------------------------------------------ training
+    def fit(self, data, targets: torch.Tensor | None = None, *, lam: float = 1.0,
+            lr: float = 3e-4, weight_decay: float = 1e-6, epochs: int = 2, batch_size: int = 32,
+            patience: int | None = 50, min_delta: float = 0.0, val=None,
+            val_fraction: float = 0.0, eval_every: int = 10, ema: float = 0.9, seed: int = 0,
+            progress: bool = True) -> "CompAlign":
+        """Train the maps and bias with Adam; returns self. Defaults are the paper's.
+
+        Data, either
+          - ``data`` = components [C, N, d_model] and ``targets`` = CLIP image embeddings [N, E]
+            (shuffled each epoch with ``seed``; ``val_fraction`` of N held out first), or
+          - ``data`` = an iterable of (components [C, B, d], targets [B, E]) batches (streaming;
+            ``batch_size`` is then the iterable's). For epochs > 1 it must be re-iterable (a
+            list, a DataLoader) or a callable returning a fresh iterable per epoch.
+        Validation data: ``val`` = (components, targets) tensors or an iterable of batches.
+
+        Early stopping (``patience`` batches; None disables it) watches
+          - the held-out loss when there is validation data (``val`` or ``val_fraction``),
+            evaluated every ``eval_every`` batches; the best weights are restored at the end;
+          - otherwise the running training loss, an exponential moving average (factor ``ema``,
+            bias-corrected) of the batch losses; the final weights are kept.
+        Training stops once that loss has not dropped below its best − ``min_delta`` for
+        ``patience`` consecutive batches. ``self.history`` keeps every batch's loss, cosine term
+        and penalty (and (step, val loss) pairs); ``self.stats`` summarises the run.
+        """
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:                                          # pragma: no cover
+            tqdm = None
+        if epochs < 1 or batch_size < 1:
+            raise InputError(f"epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
+        started = time.perf_counter()
+        train_batches, n_per_epoch, val_batches = self._prepare_data(
+            data, targets, batch_size, val, val_fraction, seed, epochs)
+        monitor = "val" if val_batches is not None else "running"
+        opt = torch.optim.Adam(self.parameters(), lr=lr, weight_decay=weight_decay)
+
+        best, best_state, since_best = math.inf, None, 0
+        ema_value, step, seen, stopped = 0.0, 0, 0, False
+        bar = (tqdm(total=n_per_epoch * epochs if n_per_epoch else None, disable=not progress,
+                    desc="CompAlign", unit="batch", leave=False) if tqdm else None)
+        self.train()
+        try:
+            for epoch in range(epochs):
+                n_this_epoch = 0
+                for comps, tgt in train_batches(epoch):
+                    opt.zero_grad(set_to_none=True)
+                    loss, cos_loss, ortho = self.loss(comps, tgt, lam)
+                    loss.backward()
+                    opt.step()
+                    step += 1
+                    n_this_epoch += 1
+                    seen += int(tgt.shape[0])
+                    value = loss.item()
+                    self.history["loss"].append(value)
+                    self.history["cos"].append(cos_loss.item())
+                    self.history["ortho"].append(ortho.item())
+                    if monitor == "running":
+                        ema_value = ema * ema_value + (1 - ema) * value
+                        current = ema_value / (1 - ema ** step)
+                        checked = True
+                    else:
+                        checked = step % eval_every == 0
+                        if checked:
+                            current = self._evaluate(val_batches, lam)
+                            self.history["val"].append([step, current])
+                    if checked and current < best - min_delta:
+                        best, since_best = current, 0
+                        if monitor == "val":
+                            best_state = copy.deepcopy(self.state_dict())
+                    else:
+                        since_best += 1
+                    if bar is not None:
+                        bar.update(1)
+                        if step % 10 == 0:
+                            bar.set_postfix(loss=f"{value:.4f}", best=f"{best:.4f}")
+                    if patience is not None and since_best >= patience:
+                        stopped = True
+                        break
+                if stopped:
+                    break
+                if n_this_epoch == 0:
+                    raise InputError(f"epoch {epoch + 1} received no batches: a one-shot "
+                                     "iterator can only feed one epoch; pass a list, a DataLoader "
+                                     "or a callable returning a fresh iterable")
+        finally:
+            if bar is not None:
+                bar.close()
+            self.eval()
+        if monitor == "val":
+            if step % eval_every != 0:                             # score the final weights too
+                final = self._evaluate(val_batches, lam)
+                self.history["val"].append([step, final])
+                if final < best - min_delta:
+                    best, best_state = final, None
+            if best_state is not None:
+                self.load_state_dict(best_state)
+        self.stats = {
+            "steps": step, "epochs_started": epoch + 1, "samples_seen": seen,
+            "stopped_early": stopped, "monitor": monitor, "best_monitored_loss": best,
+            "final_batch_loss": self.history["loss"][-1] if self.history["loss"] else None,
+            "lam": lam, "lr": lr, "weight_decay": weight_decay, "epochs": epochs,
+            "batch_size": batch_size, "patience": patience, "min_delta": min_delta,
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        return self
+
+    def _prepare_data(self, data, targets, batch_size, val, val_fraction, seed, epochs):
+        """-> (epoch -> iterable of batches, batches per epoch or None, val batches or None)."""
+        val_batches = None
+        if val is not None:
+            val_batches = self._as_batches(val, batch_size)
+        if isinstance(data, torch.Tensor):
+            if targets is None:
+                raise InputError("fit(components, targets): targets [N, E] are missing")
+            self._check_components(data)
+            if data.ndim != 3 or targets.ndim != 2 or targets.shape[0] != data.shape[1]:
+                raise InputError(f"fit expects components [C, N, d] and targets [N, E], got "
+                                 f"{tuple(data.shape)} and {tuple(targets.shape)}")
+            n = data.shape[1]
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+            n_val = int(round(val_fraction * n)) if val_fraction else 0
+            if n_val and val_batches is not None:
+                raise InputError("give either val or val_fraction, not both")
+            if n_val:
+                if n_val >= n:
+                    raise InputError(f"val_fraction={val_fraction} leaves no training samples")
+                vi = perm[n - n_val:]
+                val_batches = self._as_batches((data[:, vi], targets[vi]), batch_size)
+                perm = perm[:n - n_val]
+            train_idx = perm
+            n_train = train_idx.numel()
+
+            def batches(epoch: int):
+                g = torch.Generator().manual_seed(seed + 1 + epoch)
+                order = train_idx[torch.randperm(n_train, generator=g)]
+                for s in range(0, n_train, batch_size):
+                    idx = order[s:s + batch_size]
+                    yield data[:, idx], targets[idx]
+
+            return batches, math.ceil(n_train / batch_size), val_batches
+        if targets is not None:
+            raise InputError("targets are only given with a components tensor; a batch iterable "
+                             "yields (components, targets) pairs itself")
+        if val_fraction:
+            raise InputError("val_fraction needs tensor data; with an iterable pass val=...")
+        if callable(data) and not hasattr(data, "__iter__"):
+            return (lambda epoch: data()), None, val_batches
+        if epochs > 1 and iter(data) is data:
+            raise InputError("epochs > 1 with a one-shot iterator: pass a list, a DataLoader or "
+                             "a callable returning a fresh iterable per epoch")
+        n = len(data) if hasattr(data, "__len__") else None
+        return (lambda epoch: data), n, val_batches
+
+    @staticmethod
+    def _as_batches(val, batch_size):
+        if isinstance(val, tuple) and len(val) == 2 and all(isinstance(v, torch.Tensor)
+                                                           for v in val):
+            comps, tgt = val
+            return [(comps[:, s:s + batch_size], tgt[s:s + batch_size])
+                    for s in range(0, tgt.shape[0], batch_size)]
+        val = list(val)
+        if not val:
+            raise InputError("validation data is empty")
+        return val
+
+    @torch.no_grad()
+    def _evaluate(self, batches, lam: float) -> float:
+        total, count = 0.0, 0
+        ortho = float(self.orthogonality_penalty()) if lam else 0.0
+        for comps, tgt in batches:
+            pred = self.total(comps)
+            cos = F.cosine_similarity(pred, tgt.to(pred), dim=-1, eps=1e-8)
+            total += float((1 - cos).sum())
+            count += tgt.shape[0]
+        return total / max(count, 1) + lam * ortho
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def identity_from_projection(cls, labels: Labels | int, proj: torch.Tensor | None = None,
+                                 d_model: int | None = None, *, subject: str | None = None,
+                                 clip_model: str | None = None) -> "CompAlign":
+        """The alignment of a CLIP image tower's own components: no training.
+
+        If the components are taken before CLIP's projection, ``proj`` [d_model, d_clip] (e.g.
+        open_clip's ``model.visual.proj``) maps every one of them: f_i(c) = projᵀ c (one shared
+        map). If they are already in the embedding space, pass ``proj=None`` and ``d_model``:
+        f_i = identity. The bias is zero, so Σ_i f_i(c_i) is exactly the projected output.
+        """
+        source = "projection" if proj is not None else "identity"
+        if proj is None:
+            if d_model is None:
+                raise InputError("identity_from_projection needs proj or d_model")
+            proj = torch.eye(d_model)
+        proj = torch.as_tensor(proj).detach()
+        if proj.ndim != 2:
+            raise InputError(f"proj must be [d_model, d_clip], got {tuple(proj.shape)}")
+        al = cls(labels, proj.shape[0], proj.shape[1], subject=subject, clip_model=clip_model,
+                 shared=True, dtype=proj.dtype if proj.is_floating_point() else torch.float32)
+        with torch.no_grad():
+            al.weight.copy_(proj.unsqueeze(0))
+        al.stats = {"trained": False, "source": source}
+        return al
+
+    # ------------------------------------------------------------------ persistence
+    def metadata(self) -> dict:
+        return {"format": _FORMAT, "subject": self.subject, "clip_model": self.clip_model,
+                "d_model": self.d_model, "d_clip": self.d_clip, "shared": self.shared,
+                "labels": self._labels, "stats": self.stats}
+
+    def save(self, path: str | Path) -> Path:
+        """One .safetensors file: weight, bias, loss history; JSON metadata in its header."""
+        from safetensors.torch import save_file
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {"weight": self.weight.detach().cpu().contiguous(),
+                   "bias": self.bias.detach().cpu().contiguous()}
+        for key in ("loss", "cos", "ortho"):
+            if self.history[key]:
+                tensors[f"history.{key}"] = torch.tensor(self.history[key], dtype=torch.float32)
+        if self.history["val"]:
+            tensors["history.val"] = torch.tensor(self.history["val"], dtype=torch.float64)
+        save_file(tensors, str(path), metadata={_META_KEY: json.dumps(self.metadata())})
+        return path
+
+    @staticmethod
+    def read_metadata(path: str | Path) -> dict:
+        """The JSON metadata of a saved aligner, without loading its tensors."""
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if _META_KEY not in meta:
+            raise AlignmentMismatchError(f"{path} is a safetensors file but not a saved CompAlign "
+                                         f"(no {_META_KEY!r} metadata)")
+        return json.loads(meta[_META_KEY])
+
+    @classmethod
+    def load(cls, path: str | Path, labels=None, subject: str | None = None,
+             clip_model: str | None = None, map_location: str | torch.device = "cpu"
+             ) -> "CompAlign":
+        """Load a saved aligner; if ``labels`` / ``subject`` / ``clip_model`` are given they must
+        match what it was trained on, else AlignmentMismatchError names the difference."""
+        from safetensors.torch import load_file
+        meta = cls.read_metadata(path)
+        if meta.get("format") != _FORMAT:
+            raise AlignmentMismatchError(f"{path}: CompAlign format {meta.get('format')} "
+                                         f"(this fxdecomp reads {_FORMAT})")
+        tensors = load_file(str(path), device=str(map_location))
+        al = cls(meta["labels"], meta["d_model"], meta["d_clip"], subject=meta["subject"],
+                 clip_model=meta["clip_model"], shared=meta["shared"],
+                 dtype=tensors["weight"].dtype)
+        with torch.no_grad():
+            al.weight.copy_(tensors["weight"])
+            al.bias.copy_(tensors["bias"])
+        al.to(map_location)
+        for key in ("loss", "cos", "ortho"):
+            if f"history.{key}" in tensors:
+                al.history[key] = tensors[f"history.{key}"].tolist()
+        if "history.val" in tensors:
+            al.history["val"] = tensors["history.val"].tolist()
+        al.stats = meta.get("stats") or {}
+        try:
+            al.check(labels=labels, subject=subject, clip_model=clip_model)
+        except AlignmentMismatchError as err:
+            raise AlignmentMismatchError(f"{path}: {err}") from None
+        return al
+
+    def check(self, labels=None, subject: str | None = None,
+              clip_model: str | None = None) -> None:
+        """Raise AlignmentMismatchError unless the given labels/subject/CLIP id (those not None)
+        are the ones this aligner was built for. ``labels`` may be a Decomposition."""
+        if subject is not None and self.subject is not None and subject != self.subject:
+            raise AlignmentMismatchError(f"subject model differs: the aligner was trained for "
+                                         f"{self.subject!r}, given {subject!r}")
+        if clip_model is not None and self.clip_model is not None \
+                and clip_model != self.clip_model:
+            raise AlignmentMismatchError(f"CLIP model differs: the aligner maps into "
+                                         f"{self.clip_model!r}, given {clip_model!r}")
+        if labels is not None:
+            diff = _describe_label_difference(self._labels, _labels_of(labels))
+            if diff:
+                raise AlignmentMismatchError(diff)

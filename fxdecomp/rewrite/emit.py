@@ -1,0 +1,218 @@
+"""Build the decomposed GraphModule: the original forward, plus terms propagated along the path.
+
+The new graph copies every original node (frozen values come from it) and, for each node on the
+linear path in topological order, emits the ops of its rule on *chunks* of terms ([c, ...] tensors
+with static labels). An add only joins chunk lists (no runtime op); other ops merge chunks into
+one tensor first. Labels are static, so the graph has no Python loop over components at run time.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch.fx import Graph, GraphModule, Node
+
+from ..analyse.structure import Site, Structure
+from ..analyse.walk import Walk
+from ..errors import UnsupportedGraphError
+from ..run.decomposition import ComponentLabel
+from . import runtime as rt
+from .rules import op_name
+
+
+@dataclass(frozen=True)
+class Chunk:
+    node: Node                 # new-graph node holding terms [c, *shape]
+    labels: tuple[int, ...]    # raw label id of each of the c components
+
+
+@dataclass
+class Policy:
+    """How each root is expanded. ``expand(site) -> "blocks"|"heads"|"tokens"|"init"``."""
+    expand: Callable[[Site, Node], str]
+
+
+GROUP_INDEX = "_fxdecomp_group_index"
+
+
+class Emitter:
+    def __init__(self, gm: GraphModule, walk: Walk, structure: Structure, policy: Policy):
+        self.gm, self.walk, self.structure, self.policy = gm, walk, structure, policy
+        self.facts = walk.facts
+        self.graph = Graph()
+        self.env: dict[Node, Node] = {}
+        self.terms_of: dict[Node, list[Chunk]] = {}
+        self.raw: list[ComponentLabel] = []
+        self.anchor: Node | None = None
+
+    # --------------------------------------------------------------------- helpers for rules
+    def orig(self, n):
+        """The new-graph node computing the original value of ``n``."""
+        return self.env[n] if isinstance(n, Node) else n
+
+    def orig_arg(self, a):
+        return torch.fx.node.map_arg(a, lambda n: self.env[n])
+
+    def call(self, fn, *args, **kwargs) -> Node:
+        return self.graph.call_function(fn, args, kwargs)
+
+    def chunk(self, node: Node, labels) -> Chunk:
+        return Chunk(node, tuple(labels))
+
+    def terms(self, n: Node) -> list[Chunk]:
+        return self.terms_of[n]
+
+    def merged(self, n: Node) -> Chunk:
+        chunks = self.terms_of[n]
+        if len(chunks) == 1:
+            return chunks[0]
+        node = self.call(rt.cat_chunks, [c.node for c in chunks], self.env[n])
+        merged = Chunk(node, sum((c.labels for c in chunks), ()))
+        self.terms_of[n] = [merged]
+        return merged
+
+    def const_chunk(self, node: Node, source, suffix: str) -> Chunk:
+        """A constant component (a bias, a shift) created by the rule of the current node."""
+        name = _param_name(source) or f"{self.structure.site(self.anchor).name}.{suffix}"
+        return Chunk(node, (self._const_label(name, self.anchor),))
+
+    # --------------------------------------------------------------------- labels
+    def _label(self, **kw) -> int:
+        self.raw.append(ComponentLabel(**kw))
+        return len(self.raw) - 1
+
+    def _const_label(self, name: str, anchor: Node) -> int:
+        site = self.structure.site(anchor)
+        if self.policy.expand(site, anchor) == "init":
+            return self._label(name="init", module="", kind="init")
+        if site.layer is None and self.structure.before_first_merge(anchor):
+            kind = "embed"
+        else:
+            kind = "bias"
+        return self._label(name=name, module=site.module if site.layer is not None else "",
+                           kind=kind, layer=site.layer)
+
+    def _root_terms(self, n: Node) -> list[Chunk]:
+        plan = self.walk.plans[n]
+        value = self.env[n]
+        site = self.structure.site(n)
+        mode = self.policy.expand(site, n)
+        if plan.kind == "const":
+            return [Chunk(self.call(rt.as_terms, value), (self._const_label(_param_name(n) or n.name, n),))]
+        if mode == "init" or plan.info.get("reason") == "init":
+            return [Chunk(self.call(rt.as_terms, value), (self._label(name="init", module="", kind="init"),))]
+        if plan.kind == "input":
+            name = self.structure.embed_name(n)
+            return [Chunk(self.call(rt.as_terms, value), (self._label(name=name, module=name, kind="embed"),))]
+        if site.layer is None:
+            kind = "embed" if self.structure.before_first_merge(n) else "other"
+            name = site.name if site.name != "<root>" else n.name
+            return [Chunk(self.call(rt.as_terms, value), (self._label(name=name, module=site.module, kind=kind),))]
+        if plan.kind == "root":
+            kind = self.structure.classify(n, site)
+            return [Chunk(self.call(rt.as_terms, value),
+                          (self._label(name=site.name, module=site.module, kind=kind, layer=site.layer),))]
+        return self._attention_terms(n, plan, site, mode)
+
+    def _attention_terms(self, n: Node, plan, site: Site, mode: str) -> list[Chunk]:
+        value = self.env[n]
+        shape = tuple(n.meta["val"].shape)
+        head_dim = len(shape) - 3 if len(shape) >= 4 else None
+        heads = int(shape[head_dim]) if head_dim is not None else 1
+        base = dict(module=site.module, layer=site.layer)
+        if mode == "blocks" or (mode == "heads" and head_dim is None):
+            return [Chunk(self.call(rt.as_terms, value),
+                          (self._label(name=site.name, kind="attn", **base),))]
+        if mode == "heads":
+            t = self.call(rt.split_heads, value, head_dim)
+            ids = tuple(self._label(name=f"{site.name}.h{h}", kind="attn_head", head=h, **base)
+                        for h in range(heads))
+            return [Chunk(t, ids)]
+        # tokens: frozen probabilities P and values V, split per head and per source token
+        if plan.info["form"] == "sdpa":
+            q, k, v = n.args[:3]
+            kw = dict(zip(("attn_mask", "dropout_p", "is_causal"), n.args[3:6]))
+            kw.update(n.kwargs)
+            if kw.get("dropout_p", 0.0):
+                raise UnsupportedGraphError("attention dropout is active (dropout_p > 0)", n)
+            probs = self.call(rt.attention_probs, self.env[q], self.env[k],
+                              self.orig_arg(kw.get("attn_mask")), bool(kw.get("is_causal", False)),
+                              kw.get("scale"), bool(kw.get("enable_gqa", False)))
+            vals = self.env[v]
+            if kw.get("enable_gqa"):
+                vals = self.call(_repeat_kv, vals, self.env[q])
+            n_tok = int(k.meta["val"].shape[-2])
+        elif plan.info["form"] == "matmul":
+            probs, vals = self.env[plan.info["probs"]], self.env[plan.info["values"]]
+            n_tok = int(plan.info["probs"].meta["val"].shape[-1])
+        else:
+            return [Chunk(self.call(rt.as_terms, value), (self._label(name=site.name, kind="attn", **base),))]
+        t = self.call(rt.split_heads_tokens, probs, vals, head_dim, value)
+        ids = tuple(self._label(name=f"{site.name}.h{h}.t{tok}", kind="attn_head_token",
+                                head=h, token=tok, **base)
+                    for h in range(heads) for tok in range(n_tok))
+        return [Chunk(t, ids)]
+
+    # --------------------------------------------------------------------- the pass
+    def run(self) -> tuple[GraphModule, list[ComponentLabel]]:
+        for n in self.facts.nodes:
+            if n.op == "output":
+                continue
+            self.env[n] = self.graph.node_copy(n, lambda a: self.env[a])
+            if n not in self.walk.plans:
+                continue
+            self.anchor = n
+            plan = self.walk.plans[n]
+            if self.walk.is_root(n) or plan.info.get("reason") == "init":
+                self.terms_of[n] = self._root_terms(n)
+            else:
+                self.terms_of[n] = plan.emit(self, n)
+        target = self.walk.output
+        out_ref = self.env[target]
+        raw_terms = self.call(rt.cat_chunks, [c.node for c in self.terms_of[target]], out_ref)
+        raw_ids = [i for c in self.terms_of[target] for i in c.labels]
+        labels, index = _group_labels([self.raw[i] for i in raw_ids])
+        if index == list(range(len(index))):
+            components = raw_terms
+        else:
+            self.gm.register_buffer(GROUP_INDEX, torch.tensor(index, dtype=torch.long), persistent=False)
+            idx = self.graph.get_attr(GROUP_INDEX)
+            components = self.call(rt.group_components, raw_terms, idx, len(labels))
+        self.graph.output((out_ref, components))
+        new = GraphModule(self.gm, self.graph, class_name="DecomposedGraph")
+        new.graph.eliminate_dead_code()
+        new.recompile()
+        return new, labels
+
+
+def _repeat_kv(v, q):
+    return v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
+
+
+def _param_name(n) -> str | None:
+    """Qualified name of the parameter/buffer a constant comes from (first one found)."""
+    seen = set()
+    stack = [n] if isinstance(n, Node) else []
+    while stack:
+        x = stack.pop()
+        if x in seen:
+            continue
+        seen.add(x)
+        if x.op == "get_attr":
+            return str(x.target)
+        stack.extend(reversed(x.all_input_nodes))
+    return None
+
+
+def _group_labels(raw: list[ComponentLabel]) -> tuple[list[ComponentLabel], list[int]]:
+    """Merge raw labels with equal names (their terms are summed); keep first-seen order."""
+    groups: dict[str, int] = {}
+    labels: list[ComponentLabel] = []
+    index = []
+    for lab in raw:
+        if lab.name not in groups:
+            groups[lab.name] = len(labels)
+            labels.append(lab)
+        index.append(groups[lab.name])
+    return labels, index

@@ -1,0 +1,207 @@
+"""Functions the rewritten graph calls on *terms*: tensors with a leading component axis [c, ...].
+
+Each function takes a terms tensor ``t`` whose slices t[0], t[1], ... are the contributions of
+individual components to some value of the original graph, plus *frozen* values (taken from the
+original forward, which runs alongside), and returns the terms of the op's output. They are plain
+torch code so the rewritten GraphModule prints readably, runs eagerly and compiles with
+torch.compile. The identity each relies on is stated in its docstring.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "as_terms", "expand_terms", "cat_chunks", "push", "push_multi", "place_in_cat", "layer_norm_terms",
+    "rms_norm_terms", "group_norm_terms", "batch_norm_terms", "batch_norm_shift", "bias_terms",
+    "split_heads", "attention_probs", "split_heads_tokens", "where_terms", "group_components",
+]
+
+
+def as_terms(value: torch.Tensor) -> torch.Tensor:
+    """One component holding the whole value: [1, *value.shape]."""
+    return value.unsqueeze(0)
+
+
+def expand_terms(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Broadcast terms [c, *s] to the shape of ``ref`` (numpy broadcasting on the value axes)."""
+    extra = ref.dim() - (t.dim() - 1)
+    if extra > 0:
+        t = t.reshape((t.shape[0],) + (1,) * extra + tuple(t.shape[1:]))
+    return t.expand((t.shape[0],) + tuple(ref.shape))
+
+
+def cat_chunks(chunks: Sequence[torch.Tensor], ref: torch.Tensor) -> torch.Tensor:
+    """Concatenate several chunks of terms of the same value into one [Σc, *ref.shape]."""
+    return torch.cat([expand_terms(c, ref) for c in chunks], 0)
+
+
+def push(op, t: torch.Tensor, pos: int, args: tuple, kwargs: dict) -> torch.Tensor:
+    """Apply ``op`` to every component: ``op(*args)`` with ``args[pos]`` replaced by the
+    component. Valid for any op linear in that argument with the others frozen:
+    op(Σ_i x_i) = Σ_i op(x_i)."""
+    args = list(args)
+
+    def one(x):
+        args[pos] = x
+        return op(*args, **kwargs)
+
+    return torch.vmap(one)(t)
+
+
+def push_multi(op, index: int, t: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+    """Like ``push`` for a multi-output op (split, unbind, chunk): the ``index``-th output."""
+    args = list(args)
+
+    def one(x):
+        args[0] = x
+        return op(*args, **kwargs)[index]
+
+    return torch.vmap(one)(t)
+
+
+def place_in_cat(t: torch.Tensor, parts: Sequence[torch.Tensor], index: int, dim: int,
+                 ref: torch.Tensor) -> torch.Tensor:
+    """Terms of input ``index`` of cat(parts, dim), zero-padded to the output: cat is linear and
+    its inputs occupy disjoint slices of the output."""
+    dim = dim % ref.dim()
+    t = expand_terms(t, parts[index])
+    before = sum(int(p.shape[dim]) for p in parts[:index])
+    after = sum(int(p.shape[dim]) for p in parts[index + 1:])
+    pad = [0, 0] * (ref.dim() - 1 - dim) + [before, after]
+    return F.pad(t, pad)
+
+
+def layer_norm_terms(t: torch.Tensor, x: torch.Tensor, normalized_shape, weight, eps: float):
+    """LayerNorm with its scale frozen: LN(x) = γ ⊙ (x − mean(x)) / σ(x) + β. With σ from the
+    forward pass, x ↦ γ ⊙ (x − mean(x)) / σ is linear, so each component is centred on its own
+    (never spread evenly) and scaled by the same 1/σ; β is a separate constant term."""
+    dims = tuple(range(-len(normalized_shape), 0))
+    xf = x.float()
+    var = xf.var(dim=dims, unbiased=False, keepdim=True)
+    inv = torch.rsqrt(var + eps)
+    out = (t.float() - t.float().mean(dim=dims, keepdim=True)) * inv
+    if weight is not None:
+        out = out * weight.float()
+    return out.to(t.dtype)
+
+
+def rms_norm_terms(t: torch.Tensor, x: torch.Tensor, normalized_shape, weight, eps):
+    """RMSNorm with its scale frozen: x ↦ γ ⊙ x / rms(x) is linear once rms(x) is fixed."""
+    dims = tuple(range(-len(normalized_shape), 0))
+    if eps is None:
+        eps = torch.finfo(x.dtype).eps
+    inv = torch.rsqrt(x.float().pow(2).mean(dim=dims, keepdim=True) + eps)
+    out = t.float() * inv
+    if weight is not None:
+        out = out * weight.float()
+    return out.to(t.dtype)
+
+
+def group_norm_terms(t: torch.Tensor, x: torch.Tensor, num_groups: int, weight, eps: float):
+    """GroupNorm with frozen per-(sample, group) σ: centring within each group is linear."""
+    c, n, ch = t.shape[0], t.shape[1], t.shape[2]
+    tg = t.float().reshape(c, n, num_groups, -1)
+    xg = x.float().reshape(n, num_groups, -1)
+    inv = torch.rsqrt(xg.var(dim=-1, unbiased=False, keepdim=True) + eps)
+    out = ((tg - tg.mean(dim=-1, keepdim=True)) * inv).reshape(t.shape)
+    if weight is not None:
+        out = out * weight.float().reshape((ch,) + (1,) * (t.dim() - 3))
+    return out.to(t.dtype)
+
+
+def _bn_scale(weight, running_var, eps, like: torch.Tensor):
+    scale = torch.rsqrt(running_var.float() + eps)
+    if weight is not None:
+        scale = scale * weight.float()
+    return scale
+
+
+def batch_norm_terms(t: torch.Tensor, weight, running_mean, running_var, eps: float):
+    """Eval BatchNorm is affine per channel: x ↦ (x − μ)·γ/√(v+ε) + β. Linear part: x·γ/√(v+ε)."""
+    scale = _bn_scale(weight, running_var, eps, t)
+    shape = (t.shape[2],) + (1,) * (t.dim() - 3)
+    return (t.float() * scale.reshape(shape)).to(t.dtype)
+
+
+def batch_norm_shift(x: torch.Tensor, weight, bias, running_mean, running_var, eps: float):
+    """The constant part of eval BatchNorm, β − μ·γ/√(v+ε), as one component [1, *x.shape]."""
+    scale = _bn_scale(weight, running_var, eps, x)
+    shift = -running_mean.float() * scale
+    if bias is not None:
+        shift = shift + bias.float()
+    shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+    return shift.reshape(shape).to(x.dtype).expand(x.shape).unsqueeze(0)
+
+
+def bias_terms(bias: torch.Tensor, ref: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """A bias added along ``channel_dim`` of ``ref`` (last dim for linear, dim 1 for conv), as one
+    component broadcast to ref's shape."""
+    channel_dim = channel_dim % ref.dim()
+    shape = [1] * ref.dim()
+    shape[channel_dim] = bias.shape[0]
+    return bias.reshape(shape).to(ref.dtype).expand(ref.shape).unsqueeze(0)
+
+
+def split_heads(value: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """[..., H, ...] -> [H, ..., H, ...]: component h keeps head h's slice, zeros elsewhere.
+    The heads occupy disjoint slices, so the components sum to ``value`` exactly."""
+    head_dim = head_dim % value.dim()
+    h = value.shape[head_dim]
+    eye = torch.eye(h, dtype=value.dtype, device=value.device)
+    shape = [h] + [1] * value.dim()
+    shape[1 + head_dim] = h
+    return value.unsqueeze(0) * eye.reshape(shape)
+
+
+def attention_probs(q, k, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
+    """The attention probabilities scaled_dot_product_attention uses internally."""
+    dh = q.shape[-1]
+    scale = (1.0 / dh ** 0.5) if scale is None else scale
+    if enable_gqa and k.shape[-3] != q.shape[-3]:
+        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+    s = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale
+    if is_causal:
+        nq, nk = q.shape[-2], k.shape[-2]
+        causal = torch.ones(nq, nk, dtype=torch.bool, device=q.device).tril()
+        s = s.masked_fill(~causal, float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            s = s.masked_fill(~attn_mask, float("-inf"))
+        else:
+            s = s + attn_mask.float()
+    return torch.softmax(s, dim=-1)
+
+
+def split_heads_tokens(probs: torch.Tensor, v: torch.Tensor, head_dim: int | None,
+                       out: torch.Tensor) -> torch.Tensor:
+    """Attention output O = P @ V split per head and per source token t:
+    O = Σ_h Σ_t P[..., h, :, t, None] · V[..., h, t, None, :]  ->  [H·N, *O.shape]
+    (component index h·N + t). With P frozen this is exact: the sum over t is the matmul."""
+    probs = probs.to(v.dtype)
+    # contrib[t] = P[..., :, t, None] * V[..., t, None, :]   -> [N, ..., Q, dh]
+    contrib = torch.einsum("...qt,...td->t...qd", probs, v.expand(probs.shape[:-2] + v.shape[-2:]))
+    contrib = contrib.expand((contrib.shape[0],) + tuple(out.shape))
+    if head_dim is None:
+        return contrib
+    head_dim = head_dim % out.dim()
+    h, n = out.shape[head_dim], contrib.shape[0]
+    eye = torch.eye(h, dtype=out.dtype, device=out.device)
+    shape = [h, 1] + [1] * out.dim()
+    shape[2 + head_dim] = h
+    full = contrib.unsqueeze(0) * eye.reshape(shape)          # [H, N, ...]
+    return full.reshape((h * n,) + tuple(out.shape))
+
+
+def where_terms(t: torch.Tensor, cond: torch.Tensor, keep_where_true: bool) -> torch.Tensor:
+    """where(cond, a, b) is linear in (a, b) with cond frozen: a's terms survive where cond."""
+    zero = torch.zeros((), dtype=t.dtype, device=t.device)
+    return torch.where(cond, t, zero) if keep_where_true else torch.where(cond, zero, t)
+
+
+def group_components(terms: torch.Tensor, index: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """Sum raw terms that share a final label: out[g] = Σ_{i: index[i]=g} terms[i]."""
+    out = terms.new_zeros((n_groups,) + tuple(terms.shape[1:]))
+    return out.index_add_(0, index.to(terms.device), terms)
