@@ -213,7 +213,8 @@ def dot_upcast(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and interpreting()
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 dot operands use exact IEEE fp32 products ("ieee", not TF32): the decomposition
-    promises sums equal to fp32 rounding. Half types multiply exactly in fp32 anyway."""
-    return "ieee" if dtype == torch.float32 or dot_upcast(dtype) else "tf32"
+def dot_precision(dtype: torch.dtype) -> Optional[str]:
+    """``"ieee"`` when the dot operands are fp32: exact fp32 products, never TF32, since the
+    decomposition promises sums equal to fp32 rounding. ``None`` (Triton's default) for half
+    types, whose products are exact in fp32 anyway."""
+    return "ieee" if dtype == torch.float32 or dot_upcast(dtype) else None

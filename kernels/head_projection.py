@@ -48,7 +48,7 @@ if HAS_TRITON:
         stride_yh, stride_yb, stride_yq, stride_ye,
         HAS_SCALE: tl.constexpr,
         CENTER: tl.constexpr,
-        INPUT_PRECISION: tl.constexpr,  # "ieee" for fp32 dot operands (no TF32)
+        INPUT_PRECISION: tl.constexpr,  # "ieee" for fp32 dot operands (no TF32), else None
         DOT_UPCAST: tl.constexpr,  # cast dot operands to fp32 (bf16 under the interpreter only)
         BLOCK_R: tl.constexpr,  # rows (b, q) per program
         BLOCK_E: tl.constexpr,  # output columns per program

@@ -51,7 +51,7 @@ if HAS_TRITON:
         stride_yb, stride_yh, stride_yq, stride_yn, stride_ye,
         HAS_SCALE: tl.constexpr,
         REDUCE_Q: tl.constexpr,
-        INPUT_PRECISION: tl.constexpr,  # "ieee" for fp32 dot operands (no TF32)
+        INPUT_PRECISION: tl.constexpr,  # "ieee" for fp32 dot operands (no TF32), else None
         DOT_UPCAST: tl.constexpr,  # cast dot operands to fp32 (bf16 under the interpreter only)
         BLOCK_N: tl.constexpr,  # source tokens per program
         BLOCK_E: tl.constexpr,  # output columns per program
@@ -245,8 +245,10 @@ def token_contributions(A: torch.Tensor, V: torch.Tensor, M: torch.Tensor,
         out_dtype: output dtype; defaults to A's dtype. Accumulation is always fp32.
 
     Returns:
-        [B, H, Q, N, E] with ``out[b, h, q, n] = scale[b, q] * A[b, h, q, n] * (V[b, h, n] @ M[h])``,
-        or [B, H, N, E] (summed over q) when ``reduce_q``.
+        [B, H, Q, N, E] with
+        ``out[b, h, q, n] = scale[b, q] * A[b, h, q, n] * (V[b, h, n] @ M[h])``,
+        or [B, H, N, E] (summed over q) when ``reduce_q``. For a LayerNorm's mean subtraction
+        pass ``M - M.mean(-1, keepdim=True)``: centering over E is linear, so it folds into M.
 
     >>> A = torch.softmax(torch.randn(2, 3, 1, 10), -1)
     >>> V, M = torch.randn(2, 3, 10, 8), torch.randn(3, 8, 16)
