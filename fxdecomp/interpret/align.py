@@ -168,20 +168,28 @@ class CompAlign(nn.Module):
         return (f"C={self.n_components}, d_model={self.d_model}, d_clip={self.d_clip}, "
                 f"shared={self.shared}, subject={self.subject!r}, clip_model={self.clip_model!r}")
 
-    def _check_components(self, components: torch.Tensor) -> None:
-        if components.ndim < 2 or components.shape[0] != self.n_components \
-                or components.shape[-1] != self.d_model:
-            raise InputError(f"CompAlign expects components [C={self.n_components}, ..., "
-                             f"d={self.d_model}], got {tuple(components.shape)}")
+    def _check_components(self, components: torch.Tensor, n: int | None = None) -> None:
+        n = self.n_components if n is None else n
+        if components.ndim < 2 or components.shape[0] != n or components.shape[-1] != self.d_model:
+            raise InputError(f"CompAlign expects components [C={n}, ..., d={self.d_model}], "
+                             f"got {tuple(components.shape)}")
 
     # ------------------------------------------------------------------ mapping
-    def forward(self, components: torch.Tensor) -> torch.Tensor:
-        """[C, ..., d_model] -> [C, ..., d_clip]: f_i applied to component i (bias excluded)."""
-        self._check_components(components)
+    def forward(self, components: torch.Tensor,
+                indices: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
+        """[C, ..., d_model] -> [C, ..., d_clip]: f_i applied to component i (bias excluded).
+
+        With ``indices`` the input holds only those components ([len(indices), ..., d_model]),
+        e.g. ``aligner(comps[[5]], indices=[5])`` maps component 5 alone.
+        """
+        if indices is not None:
+            indices = torch.as_tensor(indices, dtype=torch.long).flatten()
+        self._check_components(components, None if indices is None else indices.numel())
         x = components.to(device=self.weight.device, dtype=self.weight.dtype)
         if self.shared:
             return torch.einsum("c...d,de->c...e", x, self.weight[0])
-        return torch.einsum("c...d,cde->c...e", x, self.weight)
+        w = self.weight if indices is None else self.weight[indices.to(self.weight.device)]
+        return torch.einsum("c...d,cde->c...e", x, w)
 
     def total(self, components: torch.Tensor) -> torch.Tensor:
         """The aligned representation [..., d_clip] = Σ_i f_i(c_i) + bias."""

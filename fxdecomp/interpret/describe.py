@@ -9,8 +9,10 @@ T [M, E], repeat k times (Gandelsman et al. 2024, "TextSpan"):
 2. remove the chosen direction u = t_m/||t_m|| from the component (A <- A(I - uuᵀ)) and from every
    text (T <- T(I - uuᵀ)).
 
-The variance explained after step j is 1 - ||A_j||²/||A_0||² (it only grows). The greedy runs on
-the E×E covariance, so its cost does not grow with the number of images.
+The variance explained after step j is 1 - ||A_j||²/||A_0||² (it only grows). A step's gain is
+||A u||², which can exceed the criterion ||A t_m||² once t_m has been shortened by earlier
+removals, so gains need not decrease from step to step. The greedy runs on the E×E covariance,
+so its cost does not grow with the number of images.
 
 >>> a = torch.randn(50, 8); pool = torch.eye(8)
 >>> describe_component(a, pool, [f"d{i}" for i in range(8)], k=2).descriptions   # doctest: +SKIP
