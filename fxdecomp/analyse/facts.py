@@ -21,7 +21,8 @@ SHAPE_ONLY = {
 PROBS_TRANSPARENT = {
     "dropout", "view", "reshape", "_unsafe_view", "permute", "transpose", "expand", "clone",
     "contiguous", "to", "_to_copy", "type_as", "masked_fill", "unsqueeze", "squeeze", "select",
-    "slice", "flatten", "unflatten", "detach", "alias", "narrow", "index", "mul", "div",
+    "slice", "flatten", "unflatten", "detach", "alias", "narrow", "index", "mul", "div", "linear",
+    "add",
 }
 SOFTMAX = {"softmax", "_softmax", "_safe_softmax"}
 
@@ -29,8 +30,9 @@ _AT_SUFFIX = re.compile(r"@\d+$")
 
 
 class GraphFacts:
-    def __init__(self, gm: GraphModule):
+    def __init__(self, gm: GraphModule, granularity: str = "heads"):
         self.gm = gm
+        self.granularity = granularity
         self.nodes: list[Node] = list(gm.graph.nodes)
         self.index = {n: i for i, n in enumerate(self.nodes)}
         self.data: set[Node] = set()
@@ -55,24 +57,27 @@ class GraphFacts:
     def is_tensor(self, n) -> bool:
         return isinstance(n, Node) and isinstance(n.meta.get("val"), torch.Tensor)
 
-    def is_probs(self, n: Node, depth: int = 12) -> bool:
-        """Is ``n`` attention probabilities: a softmax seen through shape ops, dropout, masks and
-        scaling by constants?"""
-        while isinstance(n, Node) and depth > 0:
-            name = op_name(n) if n.op == "call_function" else None
-            if name in SOFTMAX:
-                return True
-            if name not in PROBS_TRANSPARENT:
-                return False
-            if name in ("mul", "div"):
-                data_args = [a for a in n.args[:2] if self.is_data(a)]
-                if len(data_args) != 1:
-                    return False
-                n = data_args[0]
-            else:
-                n = n.args[0]
-            depth -= 1
-        return False
+    def is_probs(self, n, depth: int = 12) -> bool:
+        """Is ``n`` attention probabilities: a softmax seen through shape ops, dropout, masks,
+        scaling, renormalisation (ConViT's gated mix divided by its sum) and head mixing
+        (CaiT's talking heads)?"""
+        if not isinstance(n, Node) or depth <= 0 or n.op != "call_function":
+            return False
+        name = op_name(n)
+        if name in SOFTMAX:
+            return True
+        if name not in PROBS_TRANSPARENT:
+            return False
+        if name == "linear":
+            return not self.is_data(n.args[1]) and self.is_probs(n.args[0], depth - 1)
+        if name in ("mul", "add"):
+            return any(self.is_probs(a, depth - 1) for a in n.args[:2] if self.is_data(a))
+        return self.is_probs(n.args[0], depth - 1)
+
+    def in_attention(self, n: Node) -> bool:
+        """Does ``n`` run inside a module whose name or class says attention?"""
+        return any(w in (p.rsplit(".", 1)[-1] + self.module_class.get(p, "")).lower()
+                   for p in self.module_stack(n) for w in ("attn", "attention"))
 
     # ----------------------------------------------------------------------------------------
     @staticmethod

@@ -416,7 +416,7 @@ def plan_matmul(node, facts):
     a, b = node.args[0], node.args[1]
     a_data, b_data = _two_operand(node, facts, a, b)
     if a_data and b_data:
-        if facts.is_probs(a):
+        if facts.is_probs(a) or facts.in_attention(node):
             return Plan("attention", (), None, dict(probs=a, values=b, form="matmul"))
         return Plan.root("matmul of two data-dependent values")
     pos = 0 if a_data else 1
@@ -429,7 +429,8 @@ def plan_einsum(node, facts):
     eq, operands = node.args[0], node.args[1]
     data = [i for i, o in enumerate(operands) if isinstance(o, Node) and facts.is_data(o)]
     if len(data) != 1:
-        if len(data) == 2 and len(operands) == 2 and facts.is_probs(operands[data[0]]):
+        if len(data) == 2 and len(operands) == 2 and (facts.is_probs(operands[0])
+                                                       or facts.in_attention(node)):
             return Plan("attention", (), None, dict(probs=operands[0], values=operands[1],
                                                     form="einsum", equation=eq))
         return Plan.root("einsum of several data-dependent operands")
@@ -652,15 +653,73 @@ def _nonlinear(node, facts):
     return Plan.root(f"nonlinear op {op_name(node)}")
 
 
+# Elementwise activations with f(0) = 0. On terms with disjoint supports (the heads of one
+# attention output: each head owns its own channels) f(Σ_h t_h) = Σ_h f(t_h) exactly.
+ZERO_PRESERVING = ("gelu", "relu", "relu6", "silu", "tanh", "hardswish", "hardtanh", "elu",
+                   "leaky_relu", "mish", "selu", "celu")
+HEAD_LAYOUT_OPS = {"reshape", "view", "_unsafe_view", "permute", "transpose", "flatten",
+                   "contiguous", "clone", "dropout", "unflatten", "_to_copy", "to"}
+
+
+@rule(*ZERO_PRESERVING)
+def plan_activation(node, facts):
+    """A zero-preserving activation applied straight to an attention output (LeViT's
+    hardswish before the projection) keeps the heads apart: f acts on each head's channels
+    alone, so with per-head components f(Σ_h t_h) = Σ_h f(t_h). Anywhere else (or in
+    per-token mode, where the terms of one head overlap) its output is a root."""
+    if facts.granularity == "tokens":
+        return _nonlinear(node, facts)
+    x = node.args[0]
+    src = x
+    while isinstance(src, Node) and src.op == "call_function" and op_name(src) in HEAD_LAYOUT_OPS:
+        src = src.args[0]
+    if not (isinstance(src, Node) and src.op == "call_function"):
+        return _nonlinear(node, facts)
+    name = op_name(src)
+    attention = name == "scaled_dot_product_attention" or (
+        name in ("matmul", "bmm") and all(facts.is_data(a) for a in src.args[:2])
+        and (facts.is_probs(src.args[0]) or facts.in_attention(src)))
+    if not attention:
+        return _nonlinear(node, facts)
+    fn = node.target
+
+    def emit(em, node):
+        c = em.merged(x)
+        if len(c.labels) > 1:
+            out = em.call(pusher(fn, 0), c.node, (None,) + tuple(em.orig_arg(a) for a in node.args[1:]),
+                          {k: em.orig_arg(v) for k, v in node.kwargs.items()})
+        else:
+            out = em.call(rt.as_terms, em.orig(node))
+        return [em.chunk(out, c.labels)]
+    return Plan.linear([x], emit, disjoint=True)
+
+
 for _n in NONLINEAR:
-    RULES.setdefault(_n, _nonlinear)
+    if _n not in ZERO_PRESERVING:
+        RULES.setdefault(_n, _nonlinear)
 _nonlinear.__doc__ = "A nonlinear op: its output value is a component (frozen at this forward)."
+
+
+def _check_inplace(node: Node) -> None:
+    """An in-place op (x.add_(y)) follows the rule of its functional form, provided nothing reads
+    the mutated tensor afterwards (its later readers would otherwise see stale terms)."""
+    mutated = node.args[0]
+    if not isinstance(mutated, Node):
+        return
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    later = [u for u in mutated.users if u is not node and order[u] > order[node]]
+    if later:
+        raise UnsupportedGraphError(
+            f"in-place {op_name(node)} mutates a tensor that {later[0].name} reads afterwards", node)
 
 
 def plan_for(node: Node, facts) -> Plan:
     """The plan for a data-dependent node on the linear path, or UnsupportedGraphError."""
     name = op_name(node)
     fn = RULES.get(name)
+    if fn is None and name.endswith("_") and not name.startswith("_") and name[:-1] in RULES:
+        _check_inplace(node)
+        fn = RULES[name[:-1]]
     if fn is None:
         raise UnsupportedGraphError(
             f"no decomposition rule for ATen op {name!r} on the path to the output "

@@ -1,0 +1,21 @@
+"""The architectures the test matrix (and the README's supported list) covers."""
+
+TIMM = [
+    "deit_tiny_patch16_224", "deit_small_patch16_224", "deit_tiny_distilled_patch16_224",
+    "vit_small_patch16_224.dino", "vit_small_patch14_dinov2", "vit_small_patch14_reg4_dinov2",
+    "deit3_small_patch16_224", "flexivit_small", "vit_relpos_small_patch16_224",
+    "vit_medium_patch16_reg4_gap_256", "vit_base_patch16_clip_224", "eva02_tiny_patch14_224",
+    "beit_base_patch16_224", "cait_xxs24_224", "xcit_nano_12_p16_224", "pit_ti_224",
+    "levit_128s", "convit_tiny", "crossvit_tiny_240", "twins_svt_small", "pvt_v2_b0",
+    "mvitv2_tiny", "davit_tiny", "coat_lite_tiny", "nest_tiny", "gcvit_xxtiny", "hiera_tiny_224",
+    "tiny_vit_5m_224", "fastvit_t8", "volo_d1_224", "swin_tiny_patch4_window7_224",
+    "swinv2_tiny_window8_256", "maxvit_tiny_tf_224", "efficientvit_m0",
+]
+OPEN_CLIP = ["ViT-B-32", "ViT-B-16"]
+TORCHVISION = ["vit_b_16", "swin_t"]
+
+MATRIX = ([f"timm:{n}" for n in TIMM] + [f"open_clip:{n}" for n in OPEN_CLIP]
+          + [f"torchvision:{n}" for n in TORCHVISION])
+
+# spec -> precise reason it cannot pass (strict xfail: an unexpected pass fails the suite)
+XFAIL: dict[str, str] = {}
