@@ -339,6 +339,7 @@ def _toy_tokenizer(texts):
 def toy_engine(monkeypatch):
     from fxdecomp.interpret import cli
     labels = _labels()
+    state = {"d": 10}                 # the toy subject's width (12 = the toy CLIP's: --identity)
 
     def decompose(model, example, granularity="heads"):
         assert granularity == "heads" and example.ndim == 4
@@ -347,17 +348,17 @@ def toy_engine(monkeypatch):
 
     def load_model(spec, random_init=False, checkpoint=None, seed=0):
         torch.manual_seed(seed)
-        return _ToySubject(), {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.25,) * 3}
+        return _ToySubject(d=state["d"]), {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.25,) * 3}
 
     def load_clip(name, random_init=False, checkpoint=None, seed=0):
         return _ToyClip(), None, _toy_tokenizer
 
     monkeypatch.setattr(cli, "_engine", lambda: (decompose, load_model, load_clip))
-    return cli, labels
+    return cli, labels, state
 
 
 def test_cli_align_rank_describe_with_stand_in_engine(toy_engine, tmp_path, capsys):
-    cli, labels = toy_engine
+    cli, labels, _ = toy_engine
     common = ["--subject", "toy:subject", "--clip", "toy", "--random-init", "--synthetic", "20",
               "--batch-size", "8"]
     al_path = tmp_path / "al.safetensors"
@@ -390,6 +391,22 @@ def test_cli_align_rank_describe_with_stand_in_engine(toy_engine, tmp_path, caps
     # another seed = another random subject: the saved aligner must refuse it, naming both ids
     assert cli.main(["rank", *common[:-2], "--seed", "1", "--aligner", str(al_path)]) == 2
     assert "toy:subject#random-init-seed0" in capsys.readouterr().err
+
+
+def test_cli_identity_alignment_for_a_clip_subject(toy_engine, tmp_path, capsys):
+    cli, labels, state = toy_engine
+    state["d"] = 12                                  # components already in CLIP space
+    common = ["--subject", "toy:clip-tower", "--clip", "toy", "--synthetic", "6"]
+    path = tmp_path / "id.safetensors"
+    assert cli.main(["align", *common, "--identity", "--out", str(path)]) == 0
+    al = CompAlign.load(path, labels=labels)
+    assert al.shared and torch.equal(al.weight[0], torch.eye(12)) and al.stats["trained"] is False
+    out = tmp_path / "r.csv"
+    assert cli.main(["rank", *common, "--identity", "--templates", "none", "--csv", str(out)]) == 0
+    assert len(list(csv.DictReader(open(out)))) == len(labels)
+    state["d"] = 10                                  # a width the CLIP projection cannot take
+    assert cli.main(["rank", *common, "--identity"]) == 2
+    assert "components have d=10, but CLIP embeds in 12" in capsys.readouterr().err
 
 
 def test_synthetic_images_are_seeded():

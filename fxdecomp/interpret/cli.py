@@ -256,13 +256,15 @@ def _identity_aligner(session: _Session, labels, d_model: int) -> CompAlign:
     model = session.clip()[0]
     e = getattr(model.visual, "output_dim", None)
     proj = getattr(model.visual, "proj", None)
-    if e == d_model or proj is None:
+    if e == d_model:                    # components already in the embedding space
         return CompAlign.identity_from_projection(labels, None, d_model,
                                                   subject=session.subject_id,
                                                   clip_model=session.clip_id)
-    if tuple(proj.shape)[0] != d_model:
-        raise InputError(f"--identity: components have d={d_model} but the CLIP projection is "
-                         f"{tuple(proj.shape)}; is the subject this CLIP model's image tower?")
+    if proj is None or tuple(proj.shape) != (d_model, e):
+        raise InputError(f"--identity: components have d={d_model}, but CLIP embeds in {e} "
+                         f"dims and its projection is "
+                         f"{None if proj is None else tuple(proj.shape)}; is the subject this "
+                         "CLIP model's image tower?")
     return CompAlign.identity_from_projection(labels, proj.detach().float(),
                                               subject=session.subject_id,
                                               clip_model=session.clip_id)
