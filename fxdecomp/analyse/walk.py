@@ -87,6 +87,10 @@ def _find_merges(w: Walk) -> None:
             b |= reach[i]
         reach[n] = b
     assigned = 0
+    data_roots = 0
+    for n in w.order:
+        if w.plans[n].kind in ("root", "attention", "input"):
+            data_roots |= 1 << idx[n]
     for n in w.order:
         plan = w.plans[n]
         if plan.kind != "linear" or op_name(n) not in ("add", "sub"):
@@ -101,15 +105,18 @@ def _find_merges(w: Walk) -> None:
             branches, streams = [a], [b]
         else:
             branches, streams = [a, b], []
-        w.merges.append(n)
-        w.stream_sides[n] = streams
         stream_reach = 0
         for s in streams:
             stream_reach |= reach[s]
+        fresh = 0
         for s in branches:
-            fresh = reach[s] & ~assigned & ~stream_reach
-            assigned |= fresh
-            while fresh:
-                low = fresh & -fresh
-                w.branch_merge[w.order[low.bit_length() - 1]] = n
-                fresh ^= low
+            fresh |= reach[s] & ~assigned & ~stream_reach
+        if not fresh & data_roots:
+            continue  # a linear branch (a conv position encoding): not a block of its own
+        w.merges.append(n)
+        w.stream_sides[n] = streams
+        assigned |= fresh
+        while fresh:
+            low = fresh & -fresh
+            w.branch_merge[w.order[low.bit_length() - 1]] = n
+            fresh ^= low

@@ -154,6 +154,20 @@ class Emitter:
                     for h in range(heads) for tok in range(n_tok))
         return [Chunk(t, ids)]
 
+    def _dedupe(self, n: Node, chunks: list[Chunk]) -> list[Chunk]:
+        """Keep each raw label once per node: where a component reaches a node along two paths
+        (x + conv(x)), its terms are summed, not listed twice (which would grow exponentially
+        along a chain of such blocks)."""
+        seen = [i for c in chunks for i in c.labels]
+        if len(seen) == len(set(seen)):
+            return chunks
+        unique = list(dict.fromkeys(seen))
+        pos = {lab: k for k, lab in enumerate(unique)}
+        cat = self.call(rt.cat_chunks, [c.node for c in chunks], self.env[n])
+        index = self.call(_index_tensor, [pos[i] for i in seen], cat)
+        out = self.call(rt.group_components, cat, index, len(unique))
+        return [Chunk(out, tuple(unique))]
+
     # --------------------------------------------------------------------- the pass
     def run(self) -> tuple[GraphModule, list[ComponentLabel]]:
         for n in self.facts.nodes:
@@ -167,7 +181,7 @@ class Emitter:
             if self.walk.is_root(n) or plan.info.get("reason") == "init":
                 self.terms_of[n] = self._root_terms(n)
             else:
-                self.terms_of[n] = plan.emit(self, n)
+                self.terms_of[n] = self._dedupe(n, plan.emit(self, n))
         target = self.walk.output
         out_ref = self.env[target]
         raw_terms = self.call(rt.cat_chunks, [c.node for c in self.terms_of[target]], out_ref)
@@ -184,6 +198,10 @@ class Emitter:
         new.graph.eliminate_dead_code()
         new.recompile()
         return new, labels
+
+
+def _index_tensor(index, like):
+    return torch.tensor(index, dtype=torch.long, device=like.device)
 
 
 def _repeat_kv(v, q):
