@@ -55,9 +55,11 @@ def test_exact(spec, granularity):
     if granularity == "heads":
         # every attention block is split into more than one head
         per_block = collections.Counter(l.module for l in d.labels if l.kind == "attn_head")
-        attn_blocks = {l.module for l in d.labels if l.kind in ("attn", "attn_head")}
-        assert attn_blocks, f"{spec}: no attention found ({dict(kinds)})"
-        single = [m for m in attn_blocks if per_block.get(m, 0) < 2]
-        assert not single, f"{spec}: attention not split into heads in {single[:4]}"
+        assert per_block, f"{spec}: no attention heads found ({dict(kinds)})"
+        unsplit = [l.name for l in d.labels if l.kind == "attn"]
+        assert not unsplit, f"{spec}: attention not split into heads in {unsplit[:4]}"
+        # blocks with a single head exist (MViTv2's first stage); most must have several
+        multi = sum(1 for c in per_block.values() if c > 1)
+        assert multi >= max(1, len(per_block) // 2), f"{spec}: heads per block {dict(per_block)}"
     else:
         assert kinds.get("attn_head", 0) == 0

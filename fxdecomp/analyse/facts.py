@@ -30,9 +30,10 @@ _AT_SUFFIX = re.compile(r"@\d+$")
 
 
 class GraphFacts:
-    def __init__(self, gm: GraphModule, granularity: str = "heads"):
+    def __init__(self, gm: GraphModule, granularity: str = "heads", prefix: str = ""):
         self.gm = gm
         self.granularity = granularity
+        self.prefix = prefix
         self.nodes: list[Node] = list(gm.graph.nodes)
         self.index = {n: i for i, n in enumerate(self.nodes)}
         self.data: set[Node] = set()
@@ -80,14 +81,21 @@ class GraphFacts:
                    for p in self.module_stack(n) for w in ("attn", "attention"))
 
     # ----------------------------------------------------------------------------------------
-    @staticmethod
-    def _stack(n: Node) -> list[tuple[str, str]]:
+    def strip(self, path: str) -> str:
+        """Drop the target wrapper's attribute (``model.``/``visual.``) from a module path."""
+        p = self.prefix
+        if p and (path + ".").startswith(p):
+            return path[len(p):]
+        return path
+
+    def _stack(self, n: Node) -> list[tuple[str, str]]:
         stack = n.meta.get("nn_module_stack") or {}
         out = []
         for path, cls in stack.values():
             path = _AT_SUFFIX.sub("", str(path))
             if path.startswith("L['self']"):  # older exporters
                 path = path[len("L['self']"):].lstrip(".")
+            path = self.strip(path)
             cls = cls if isinstance(cls, str) else getattr(cls, "__qualname__", str(cls))
             out.append((path, cls.rsplit(".", 1)[-1]))
         return out

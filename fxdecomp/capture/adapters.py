@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fxdecomp.capture.export import export_friendly
 from fxdecomp.errors import ModelLoadError
 
 __all__ = [
@@ -51,6 +52,7 @@ class TimmTarget(nn.Module):
     logits (``model(x)``). Works for every timm model with the standard forward seams."""
 
     OUTPUTS = ("pre_logits", "logits")
+    module_prefix = "model."  # stripped from component names by the engine
 
     def __init__(self, model: nn.Module, output: str = "pre_logits"):
         super().__init__()
@@ -79,6 +81,7 @@ class OpenClipImageTarget(nn.Module):
     """
 
     OUTPUTS = ("embedding", "pre_proj")
+    module_prefix = "visual."
 
     def __init__(self, visual: nn.Module, output: str = "embedding", normalize: bool = False):
         super().__init__()
@@ -106,6 +109,7 @@ class TorchvisionTarget(nn.Module):
     Swin (``SwinTransformer``): ``flatten(avgpool(permute(norm(features(x)))))``."""
 
     OUTPUTS = ("pre_logits", "logits")
+    module_prefix = "model."
 
     def __init__(self, model: nn.Module, output: str = "pre_logits"):
         super().__init__()
@@ -197,42 +201,6 @@ def _open_clip_pre_proj(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Export helpers
 # ---------------------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def export_friendly(model: nn.Module | None = None, *, fused_attn: bool | None = None) -> Iterator[None]:
-    """Switch off runtime fast paths that would hide ordinary ops from ``torch.export``.
-
-    - ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` "fast path" (the fused
-      ``_native_multi_head_attention`` / ``_transformer_encoder_layer_fwd`` kernels) is disabled
-      via ``torch.backends.mha.set_fastpath_enabled(False)``, so attention exports as ATen
-      ``linear`` + ``scaled_dot_product_attention`` + ``linear``.
-    - ``fused_attn`` (optional, needs ``model``): set the ``fused_attn`` flag of every timm-style
-      attention module in ``model`` (True: ``F.scaled_dot_product_attention``; False: explicit
-      ``softmax(q @ k^T) @ v``). None leaves the modules as they are.
-
-    Everything is restored on exit.
-
-    >>> with export_friendly():                                                  # doctest: +SKIP
-    ...     ep = torch.export.export(target, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
-    """
-    restore: list[tuple[nn.Module, bool]] = []
-    previous = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        if fused_attn is not None:
-            if model is None:
-                raise ValueError("export_friendly(fused_attn=...) needs the model whose attention "
-                                 "modules to switch")
-            for mod in model.modules():
-                if isinstance(getattr(mod, "fused_attn", None), bool):
-                    restore.append((mod, mod.fused_attn))
-                    mod.fused_attn = fused_attn
-        yield
-    finally:
-        for mod, flag in restore:
-            mod.fused_attn = flag
-        torch.backends.mha.set_fastpath_enabled(previous)
-
 
 def example_input(info: dict, batch: int = 2, seed: int = 0,
                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -397,6 +365,26 @@ def _download_failed(what: str, e: BaseException) -> ModelLoadError:
 
 # --- timm -------------------------------------------------------------------------------------
 
+def _break_zero_init(model: nn.Module, seed: int) -> None:
+    """Seeded noise on the values random initialisation leaves at exactly 0 or 1.
+
+    Libraries zero-initialise the last norm or scale of residual branches (timm's BatchNorm
+    "zero-init residual", tiny layer scales) so that a freshly built network starts near the
+    identity. For testing a decomposition that hides real structure: whole components are exactly
+    0. Every 1-D parameter (norm weights and biases, biases, layer scales), every all-zero weight
+    and BatchNorm's running statistics get a small seeded perturbation.
+    """
+    g = torch.Generator().manual_seed(seed + 7919)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() <= 1 or not bool(p.any()):
+                p.add_(0.1 * torch.randn(p.shape, generator=g).to(p.dtype))
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is not None:
+                m.running_mean.add_(0.1 * torch.randn(m.running_mean.shape, generator=g))
+                m.running_var.mul_(0.5 + torch.rand(m.running_var.shape, generator=g))
+
+
 def _load_timm(name, random_init, checkpoint, seed, output, kwargs):
     import timm
     import timm.data
@@ -405,6 +393,8 @@ def _load_timm(name, random_init, checkpoint, seed, output, kwargs):
     if random_init or checkpoint:
         torch.manual_seed(seed)
         model = timm.create_model(name, pretrained=False, **kwargs)
+        if random_init:
+            _break_zero_init(model, seed)
         if checkpoint:
             _load_strict(model, _read_state_dict(checkpoint), checkpoint, f"timm model {name!r}")
     else:
@@ -439,6 +429,8 @@ def _create_open_clip(name, tag, random_init, checkpoint, seed):
                                           pretrained_image=False, pretrained_text=False)
         except (OSError, RuntimeError) as e:     # hf-hub: configs need the hub
             raise _download_failed(f"open_clip model {name!r}", e) from e
+        if random_init:
+            _break_zero_init(clip, seed)
         if checkpoint:
             sd = _read_state_dict(checkpoint)
             if any(k.startswith("visual.") for k in sd):
@@ -505,6 +497,8 @@ def _load_torchvision(name, random_init, checkpoint, seed, output, kwargs):
     if random_init or checkpoint:
         torch.manual_seed(seed)
         model = torchvision.models.get_model(name, weights=None, **kwargs)
+        if random_init:
+            _break_zero_init(model, seed)
         if checkpoint:
             _load_strict(model, _read_state_dict(checkpoint), checkpoint, f"torchvision model {name!r}")
     else:

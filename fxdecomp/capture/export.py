@@ -3,23 +3,49 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from typing import Iterator
 
 import torch
+from torch import nn
 from torch.fx import GraphModule
 
 from ..errors import FxDecompError, InputError
 
 
 @contextlib.contextmanager
-def export_friendly():
-    """Switch off eager fast paths that hide attention from the exporter (nn.MultiheadAttention's
-    fused native kernel), restoring them afterwards."""
-    mha = torch.backends.mha.get_fastpath_enabled()
+def export_friendly(model: nn.Module | None = None, *, fused_attn: bool | None = None) -> Iterator[None]:
+    """Switch off runtime fast paths that would hide ordinary ops from ``torch.export``.
+
+    - ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` "fast path" (the fused
+      ``_native_multi_head_attention`` / ``_transformer_encoder_layer_fwd`` kernels) is disabled
+      via ``torch.backends.mha.set_fastpath_enabled(False)``, so attention exports as ATen
+      ``linear`` + ``scaled_dot_product_attention`` + ``linear``.
+    - ``fused_attn`` (optional, needs ``model``): set the ``fused_attn`` flag of every timm-style
+      attention module in ``model`` (True: ``F.scaled_dot_product_attention``; False: explicit
+      ``softmax(q @ k^T) @ v``). None leaves the modules as they are.
+
+    Everything is restored on exit.
+
+    >>> with export_friendly():                                                  # doctest: +SKIP
+    ...     ep = torch.export.export(target, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    """
+    restore: list[tuple[nn.Module, bool]] = []
+    previous = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
+        if fused_attn is not None:
+            if model is None:
+                raise ValueError("export_friendly(fused_attn=...) needs the model whose attention "
+                                 "modules to switch")
+            for mod in model.modules():
+                if isinstance(getattr(mod, "fused_attn", None), bool):
+                    restore.append((mod, mod.fused_attn))
+                    mod.fused_attn = fused_attn
         yield
     finally:
-        torch.backends.mha.set_fastpath_enabled(mha)
+        for mod, flag in restore:
+            mod.fused_attn = flag
+        torch.backends.mha.set_fastpath_enabled(previous)
 
 
 def check_input(x, expected_shape=None, what: str = "input") -> None:

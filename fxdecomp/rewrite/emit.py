@@ -7,12 +7,14 @@ one tensor first. Labels are static, so the graph has no Python loop over compon
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch.fx import Graph, GraphModule, Node
 
+from ..analyse import demand
 from ..analyse.structure import Site, Structure
 from ..analyse.walk import Walk
 from ..errors import UnsupportedGraphError
@@ -45,14 +47,35 @@ class Emitter:
         self.terms_of: dict[Node, list[Chunk]] = {}
         self.raw: list[ComponentLabel] = []
         self.anchor: Node | None = None
+        self.demand, self.requests = demand.compute(walk)
+        self._view: dict[Node, object] = {}
+        self._taken: dict = {}
+        self._head_counter: dict[str, int] = {}
+        self._separate_heads: Counter = Counter(
+            structure.site(n).name for n, p in walk.plans.items()
+            if p.kind == "attention" and len(n.meta["val"].shape) < 4)
 
     # --------------------------------------------------------------------- helpers for rules
+    def layout(self, n: Node):
+        """The rows of ``n`` the rule being emitted works on (None: all)."""
+        return self._view.get(n)
+
+    def value_at(self, n: Node, layout) -> Node:
+        """The original value of ``n`` narrowed to ``layout`` (cached)."""
+        if layout is None:
+            return self.env[n]
+        key = (n, layout)
+        if key not in self._taken:
+            self._taken[key] = self.call(rt.take, self.env[n], layout[0], layout[1])
+        return self._taken[key]
+
     def orig(self, n):
-        """The new-graph node computing the original value of ``n``."""
-        return self.env[n] if isinstance(n, Node) else n
+        """The new-graph node computing the original value of ``n`` (narrowed to the rows the
+        current rule works on)."""
+        return self.value_at(n, self._view.get(n)) if isinstance(n, Node) else n
 
     def orig_arg(self, a):
-        return torch.fx.node.map_arg(a, lambda n: self.env[n])
+        return torch.fx.node.map_arg(a, self.orig)
 
     def call(self, fn, *args, **kwargs) -> Node:
         return self.graph.call_function(fn, args, kwargs)
@@ -60,21 +83,27 @@ class Emitter:
     def chunk(self, node: Node, labels) -> Chunk:
         return Chunk(node, tuple(labels))
 
+    def _narrow(self, chunks: list[Chunk], have, want) -> list[Chunk]:
+        pos = demand.positions(have, want)
+        if pos is None:
+            return chunks
+        return [Chunk(self.call(rt.take, c.node, pos[0] + 1, pos[1]), c.labels) for c in chunks]
+
     def terms(self, n: Node) -> list[Chunk]:
-        return self.terms_of[n]
+        """Terms of ``n``, at the rows the current rule asked for."""
+        return self._narrow(self.terms_of[n], self.demand[n], self._view.get(n))
 
     def merged(self, n: Node) -> Chunk:
         chunks = self.terms_of[n]
-        if len(chunks) == 1:
-            return chunks[0]
-        node = self.call(rt.cat_chunks, [c.node for c in chunks], self.env[n])
-        merged = Chunk(node, sum((c.labels for c in chunks), ()))
-        self.terms_of[n] = [merged]
-        return merged
+        if len(chunks) > 1:
+            node = self.call(rt.cat_chunks, [c.node for c in chunks],
+                             self.value_at(n, self.demand[n]))
+            chunks = self.terms_of[n] = [Chunk(node, sum((c.labels for c in chunks), ()))]
+        return self._narrow(chunks, self.demand[n], self._view.get(n))[0]
 
     def const_chunk(self, node: Node, source, suffix: str) -> Chunk:
         """A constant component (a bias, a shift) created by the rule of the current node."""
-        name = _param_name(source) or f"{self.structure.site(self.anchor).name}.{suffix}"
+        name = _param_name(source, self.facts) or f"{self.structure.site(self.anchor).name}.{suffix}"
         return Chunk(node, (self._const_label(name, self.anchor),))
 
     # --------------------------------------------------------------------- labels
@@ -95,11 +124,12 @@ class Emitter:
 
     def _root_terms(self, n: Node) -> list[Chunk]:
         plan = self.walk.plans[n]
-        value = self.env[n]
+        layout = self.demand[n]
+        value = self.value_at(n, layout)
         site = self.structure.site(n)
         mode = self.policy.expand(site, n)
         if plan.kind == "const":
-            return [Chunk(self.call(rt.as_terms, value), (self._const_label(_param_name(n) or n.name, n),))]
+            return [Chunk(self.call(rt.as_terms, value), (self._const_label(_param_name(n, self.facts) or n.name, n),))]
         if mode == "init" or plan.info.get("reason") == "init":
             return [Chunk(self.call(rt.as_terms, value), (self._label(name="init", module="", kind="init"),))]
         if plan.kind == "input":
@@ -113,14 +143,28 @@ class Emitter:
             kind = self.structure.classify(n, site)
             return [Chunk(self.call(rt.as_terms, value),
                           (self._label(name=site.name, module=site.module, kind=kind, layer=site.layer),))]
-        return self._attention_terms(n, plan, site, mode)
-
-    def _attention_terms(self, n: Node, plan, site: Site, mode: str) -> list[Chunk]:
-        value = self.env[n]
         shape = tuple(n.meta["val"].shape)
-        head_dim = len(shape) - 3 if len(shape) >= 4 else None
+        rows = layout is not None and layout[0] == len(shape) - 2
+        if layout is None or rows or (mode != "tokens" and layout[0] != 1):
+            return self._attention_terms(n, plan, site, mode, layout)
+        # narrowed along another dim: expand the full value, then take the rows
+        chunks = self._attention_terms(n, plan, site, mode, None)
+        return self._narrow(chunks, None, layout)
+
+    def _attention_terms(self, n: Node, plan, site: Site, mode: str, layout) -> list[Chunk]:
+        """Split an attention output per head (and per source token). ``layout``: None, or
+        query rows only (heads: rows of the output; tokens: rows of P), or another dim for
+        per-head splits (which commute with it)."""
+        value = self.value_at(n, layout)
+        shape = tuple(n.meta["val"].shape)
+        head_dim = 1 if len(shape) >= 4 else None  # [B, H, ..., N, dh]
         heads = int(shape[head_dim]) if head_dim is not None else 1
         base = dict(module=site.module, layer=site.layer)
+        if mode == "heads" and head_dim is None and self._separate_heads[site.name] > 1:
+            # heads computed as separate attention ops (EfficientViT's cascaded heads)
+            h = self._head_counter[site.name] = self._head_counter.get(site.name, -1) + 1
+            return [Chunk(self.call(rt.as_terms, value),
+                          (self._label(name=f"{site.name}.h{h}", kind="attn_head", head=h, **base),))]
         if mode == "blocks" or (mode == "heads" and head_dim is None):
             return [Chunk(self.call(rt.as_terms, value),
                           (self._label(name=site.name, kind="attn", **base),))]
@@ -139,12 +183,16 @@ class Emitter:
             probs = self.call(rt.attention_probs, self.env[q], self.env[k],
                               self.orig_arg(kw.get("attn_mask")), bool(kw.get("is_causal", False)),
                               kw.get("scale"), bool(kw.get("enable_gqa", False)))
+            if layout is not None:
+                probs = self.call(rt.take, probs, layout[0], layout[1])
             vals = self.env[v]
             if kw.get("enable_gqa"):
                 vals = self.call(_repeat_kv, vals, self.env[q])
             n_tok = int(k.meta["val"].shape[-2])
         elif plan.info["form"] == "matmul":
             probs, vals = self.env[plan.info["probs"]], self.env[plan.info["values"]]
+            if layout is not None:
+                probs = self.call(rt.take, probs, layout[0], layout[1])
             n_tok = int(plan.info["probs"].meta["val"].shape[-1])
         else:
             return [Chunk(self.call(rt.as_terms, value), (self._label(name=site.name, kind="attn", **base),))]
@@ -163,7 +211,7 @@ class Emitter:
             return chunks
         unique = list(dict.fromkeys(seen))
         pos = {lab: k for k, lab in enumerate(unique)}
-        cat = self.call(rt.cat_chunks, [c.node for c in chunks], self.env[n])
+        cat = self.call(rt.cat_chunks, [c.node for c in chunks], self.orig(n))
         index = self.call(_index_tensor, [pos[i] for i in seen], cat)
         out = self.call(rt.group_components, cat, index, len(unique))
         return [Chunk(out, tuple(unique))]
@@ -178,10 +226,17 @@ class Emitter:
                 continue
             self.anchor = n
             plan = self.walk.plans[n]
+            layout = self.demand[n]
             if self.walk.is_root(n) or plan.info.get("reason") == "init":
                 self.terms_of[n] = self._root_terms(n)
-            else:
+            elif n in self.requests:      # the rule computes only the rows needed
+                self._view = dict(self.requests[n])
+                self._view[n] = layout
                 self.terms_of[n] = self._dedupe(n, plan.emit(self, n))
+                self._view = {}
+            else:                         # full terms, then keep the rows needed
+                chunks = self._dedupe(n, plan.emit(self, n))
+                self.terms_of[n] = self._narrow(chunks, None, layout)
         target = self.walk.output
         out_ref = self.env[target]
         raw_terms = self.call(rt.cat_chunks, [c.node for c in self.terms_of[target]], out_ref)
@@ -208,7 +263,7 @@ def _repeat_kv(v, q):
     return v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
 
 
-def _param_name(n) -> str | None:
+def _param_name(n, facts) -> str | None:
     """Qualified name of the parameter/buffer a constant comes from (first one found)."""
     seen = set()
     stack = [n] if isinstance(n, Node) else []
@@ -218,7 +273,7 @@ def _param_name(n) -> str | None:
             continue
         seen.add(x)
         if x.op == "get_attr":
-            return str(x.target)
+            return facts.strip(str(x.target))
         stack.extend(reversed(x.all_input_nodes))
     return None
 

@@ -67,6 +67,74 @@ def op_name(node: Node) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# demand (which rows are needed): transfer functions used by fxdecomp.analyse.demand
+
+def sizes(node: Node) -> tuple:
+    """Static sizes of a node's value, None where the size is symbolic (the batch)."""
+    val = node.meta.get("val")
+    return tuple(int(s) if isinstance(s, int) else None for s in val.shape)
+
+
+def _tensor_args(node: Node) -> list[Node]:
+    out = []
+    torch.fx.node.map_arg((node.args, node.kwargs),
+                          lambda a: out.append(a) if isinstance(a.meta.get("val"), torch.Tensor) else None)
+    return out
+
+
+def pointwise_demand(node: Node, d):
+    """Elementwise ops (with broadcasting) commute with taking rows: every tensor argument is
+    narrowed along the aligned dim, unless it broadcasts there (size 1)."""
+    if d is None:
+        return {}
+    dim, idx = d
+    rank = len(sizes(node))
+    req = {}
+    for a in _tensor_args(node):
+        s = sizes(a)
+        da = dim - (rank - len(s))
+        if da >= 0 and s[da] != 1:
+            req[a] = (da, idx)
+    return req
+
+
+def _only(x: Node, d):
+    return {} if d is None else {x: d}
+
+
+def _mapped(x: Node, d, dim_in):
+    """Narrow input ``x`` along ``dim_in`` with the output's indices (None: cannot)."""
+    if d is None:
+        return {}
+    if dim_in is None:
+        return None
+    return {x: (dim_in, d[1])}
+
+
+def _reshape_dim(in_sizes, out_sizes, d):
+    """The input dim an output dim of a reshape comes from unchanged, or None."""
+    def prefix(shape, k):
+        num, sym = 1, 0
+        for s in shape[:k]:
+            if s is None:
+                sym += 1
+            else:
+                num *= s
+        return num, sym
+    if out_sizes[d] is None:
+        return None
+    target = prefix(out_sizes, d)
+    for k in range(len(in_sizes)):
+        if in_sizes[k] == out_sizes[d] and prefix(in_sizes, k) == target:
+            return k
+    return None
+
+
+def _norm_dim(dim, rank):
+    return dim % rank if rank else 0
+
+
+# --------------------------------------------------------------------------------------------
 # pushers: named callables so the rewritten graph's code reads ``push_linear(t, ...)``.
 
 _PUSHERS: dict = {}
@@ -126,19 +194,135 @@ STRUCTURAL = (
     "cumsum", "expand_as", "view_as", "reshape_as", "gather", "repeat_interleave", "tile",
     "as_strided", "alias", "lift_fresh_copy", "_to_copy", "to", "type_as",
 )
+STRUCTURAL = tuple(n for n in STRUCTURAL if n not in ("select", "slice"))
 
 
-@rule(*STRUCTURAL)
+def _structural_demand(node, d):
+    """Row demand through layout ops: transpose/permute/unsqueeze/flatten/reductions map the
+    dim; elementwise-like ops keep it; other structural ops ask for everything."""
+    name = op_name(node)
+    x = node.args[0]
+    if d is None:
+        return {}
+    dim = d[0]
+    rank_in = len(sizes(x))
+    if name in ("contiguous", "clone", "alias", "lift_fresh_copy", "_to_copy", "to", "type_as"):
+        return {x: d}
+    if name == "transpose":
+        d0, d1 = (_norm_dim(a, rank_in) for a in node.args[1:3])
+        return _mapped(x, d, d1 if dim == d0 else d0 if dim == d1 else dim)
+    if name == "permute":
+        return _mapped(x, d, _norm_dim(node.args[1][dim], rank_in))
+    if name == "unsqueeze":
+        k = _norm_dim(node.args[1], rank_in + 1)
+        return None if dim == k else _mapped(x, d, dim if dim < k else dim - 1)
+    if name == "flatten":
+        start = _norm_dim(node.args[1] if len(node.args) > 1 else 0, rank_in)
+        end = _norm_dim(node.args[2] if len(node.args) > 2 else -1, rank_in)
+        if dim < start:
+            return _mapped(x, d, dim)
+        if dim > start:
+            return _mapped(x, d, dim + (end - start))
+        return _mapped(x, d, dim) if start == end else None
+    if name in ("mean", "sum"):
+        dims = node.args[1] if len(node.args) > 1 else None
+        if dims is None or dims == []:
+            return None
+        dims = sorted(_norm_dim(k, rank_in) for k in ([dims] if isinstance(dims, int) else dims))
+        keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        kept = [k for k in range(rank_in) if keep or k not in dims]
+        src = kept[dim]
+        return None if src in dims else _mapped(x, d, src)
+    if name in ("reshape", "_unsafe_view", "view"):
+        return _mapped(x, d, _reshape_dim(sizes(x), sizes(node), dim))
+    if name == "expand":
+        rank_out = len(sizes(node))
+        k = dim - (rank_out - rank_in)
+        if k < 0 or sizes(x)[k] == 1:
+            return {}
+        return {x: (k, d[1])}
+    if name == "select":
+        return None
+    return None
+
+
+def _structural_emit(em, node):
+    """Apply the op to every component; under a row demand, sizes in shape arguments at the
+    narrowed dim become the number of rows kept."""
+    name = op_name(node)
+    layout = em.layout(node)
+    target = aten.reshape.default if name in ("view", "_unsafe_view") else node.target
+    args = [None] + [em.orig_arg(a) for a in node.args[1:]]
+    if layout is not None and name in ("reshape", "view", "_unsafe_view", "expand"):
+        shape = list(args[1])
+        if shape[layout[0]] != -1:
+            shape[layout[0]] = len(layout[1])
+        args[1] = shape
+    c = em.merged(node.args[0])
+    out = em.call(pusher(target, 0), c.node, tuple(args),
+                  {k: em.orig_arg(v) for k, v in node.kwargs.items()})
+    return [em.chunk(out, c.labels)]
+
+
+@rule(*STRUCTURAL, "view")
 def plan_structural(node, facts):
     """Shape, indexing, pooling and reduction ops are linear in their input:
-    op(Σ x_i) = Σ op(x_i). Index tensors and sizes are frozen."""
-    return Plan.linear([node.args[0]], _push_emit(0))
+    op(Σ x_i) = Σ op(x_i). Index tensors and sizes are frozen. (view runs as reshape:
+    components need not be contiguous.)"""
+    return Plan.linear([node.args[0]], _structural_emit, demand=_structural_demand)
 
 
-@rule("view")
-def plan_view(node, facts):
-    """view is linear; components may not be contiguous, so the rewrite uses reshape."""
-    return Plan.linear([node.args[0]], _push_emit(0, target=aten.reshape.default))
+@rule("select")
+def plan_select(node, facts):
+    """x.select(d, k) is linear; only row k of x is needed (the CLS token)."""
+    x, dim = node.args[0], _norm_dim(node.args[1], len(sizes(node.args[0])))
+
+    def demand(node, d):
+        if d is not None:
+            return None
+        k = node.args[2] % sizes(x)[dim] if sizes(x)[dim] else node.args[2]
+        return {x: (dim, (k,))} if dim != 0 and sizes(x)[dim] is not None else None
+
+    def emit(em, node):
+        c = em.merged(x)
+        k = 0 if em.layout(x) is not None else node.args[2]
+        return [em.chunk(em.call(pusher(node.target, 0), c.node, (None, dim, k), {}), c.labels)]
+    return Plan.linear([x], emit, demand=demand)
+
+
+@rule("slice")
+def plan_slice(node, facts):
+    """x[a:b:s] along d is linear; only those rows of x are needed."""
+    x = node.args[0]
+    rank = len(sizes(x))
+    dim = _norm_dim(node.args[1] if len(node.args) > 1 else 0, rank)
+    n = sizes(x)[dim]
+
+    def rows():
+        start = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
+        end = node.args[3] if len(node.args) > 3 and node.args[3] is not None else n
+        step = node.args[4] if len(node.args) > 4 else 1
+        if not all(isinstance(v, int) for v in (start, end, step)):
+            return None
+        return tuple(range(n))[slice(start, end, step)]
+
+    def demand(node, d):
+        if dim == 0 or n is None:
+            return _mapped(x, d, d[0]) if d is not None else {}
+        r = rows()
+        if r is None:
+            return None
+        if d is None:
+            return {x: (dim, r)}
+        if d[0] == dim:
+            return {x: (dim, tuple(r[i] for i in d[1]))}
+        return {x: d}
+
+    def emit(em, node):
+        if em.layout(x) is not None and em.layout(x)[0] == dim:
+            return list(em.terms(x))  # the narrowed input already is the slice
+        return _structural_emit(em, node)
+    return Plan.linear([x], emit, demand=demand)
 
 
 @rule("dropout", "feature_dropout", "alpha_dropout", "native_dropout", "detach")
@@ -147,7 +331,7 @@ def plan_dropout(node, facts):
     train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", False)
     if train:
         raise UnsupportedGraphError("dropout in training mode: call model.eval() first", node)
-    return Plan.linear([node.args[0]], _identity_emit(0))
+    return Plan.linear([node.args[0]], _identity_emit(0), demand=lambda n, d: _only(n.args[0], d))
 
 
 @rule("index")
@@ -220,7 +404,7 @@ def plan_add(node, facts):
                 const = em.call(_scalar_terms, em.orig(node), float(x) * factor)
                 chunks.append(em.const_chunk(const, node, "const"))
         return chunks
-    return Plan.linear(inputs, emit)
+    return Plan.linear(inputs, emit, demand=pointwise_demand)
 
 
 def _scalar_terms(ref, value):
@@ -240,7 +424,7 @@ def plan_rsub(node, facts):
         elif b != 0:
             chunks.append(em.const_chunk(em.call(_scalar_terms, em.orig(node), float(b)), node, "const"))
         return chunks
-    return Plan.linear([x for x in (a, b) if isinstance(x, Node)], emit)
+    return Plan.linear([x for x in (a, b) if isinstance(x, Node)], emit, demand=pointwise_demand)
 
 
 @rule("neg")
@@ -248,7 +432,7 @@ def plan_neg(node, facts):
     """−x is linear."""
     def emit(em, node):
         return [em.chunk(em.call(operator.neg, c.node), c.labels) for c in em.terms(node.args[0])]
-    return Plan.linear([node.args[0]], emit)
+    return Plan.linear([node.args[0]], emit, demand=pointwise_demand)
 
 
 def _numel_ratio(small: Node, big: Node) -> bool:
@@ -287,7 +471,7 @@ def plan_mul(node, facts):
         other = em.orig_arg(node.args[frozen])
         return [em.chunk(em.call(operator.mul, c.node, other), c.labels)
                 for c in em.terms(node.args[lin])]
-    return Plan.linear([node.args[lin]], emit)
+    return Plan.linear([node.args[lin]], emit, demand=pointwise_demand)
 
 
 @rule("div")
@@ -303,7 +487,7 @@ def plan_div(node, facts):
     def emit(em, node):
         other = em.orig_arg(b)
         return [em.chunk(em.call(operator.truediv, c.node, other), c.labels) for c in em.terms(a)]
-    return Plan.linear([a], emit)
+    return Plan.linear([a], emit, demand=pointwise_demand)
 
 
 @rule("where")
@@ -324,7 +508,7 @@ def plan_where(node, facts):
                 const = em.call(_where_scalar, cnd, em.orig(node), float(x), keep)
                 out.append(em.const_chunk(const, node, "const"))
         return out
-    return Plan.linear([x for x in (a, b) if isinstance(x, Node)], emit)
+    return Plan.linear([x for x in (a, b) if isinstance(x, Node)], emit, demand=pointwise_demand)
 
 
 def _where_scalar(cond, ref, value, keep):
@@ -345,7 +529,7 @@ def plan_masked_fill(node, facts):
             const = em.call(_masked_value, m, em.orig(node), em.orig_arg(value))
             out.append(em.const_chunk(const, node, "const"))
         return out
-    return Plan.linear([x], emit)
+    return Plan.linear([x], emit, demand=pointwise_demand)
 
 
 def _masked_value(mask, ref, value):
@@ -376,7 +560,10 @@ def plan_linear(node, facts):
         c = em.merged(x)
         out = em.call(torch.nn.functional.linear, c.node, em.orig(w))
         return [em.chunk(out, c.labels)] + _bias_chunk(em, node, bias, -1)
-    return Plan.linear([x], emit)
+
+    def demand(node, d):
+        return _only(x, d) if d is None or d[0] < len(sizes(node)) - 1 else None
+    return Plan.linear([x], emit, demand=demand)
 
 
 @rule("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
@@ -499,7 +686,14 @@ def plan_layer_norm(node, facts):
         c = em.merged(x)
         out = em.call(rt.layer_norm_terms, c.node, em.orig(x), shape, em.orig_arg(weight), eps)
         return [em.chunk(out, c.labels)] + _bias_chunk(em, node, bias, -1)
-    return Plan.linear([x], emit)
+    return Plan.linear([x], emit, demand=_rowwise_demand(x, len(shape)))
+
+
+def _rowwise_demand(x, n_norm):
+    """A norm over the last ``n_norm`` dims commutes with taking rows of the other dims."""
+    def demand(node, d):
+        return _only(x, d) if d is None or d[0] < len(sizes(node)) - n_norm else None
+    return demand
 
 
 @rule("rms_norm")
@@ -513,7 +707,7 @@ def plan_rms_norm(node, facts):
         c = em.merged(x)
         out = em.call(rt.rms_norm_terms, c.node, em.orig(x), shape, em.orig_arg(weight), eps)
         return [em.chunk(out, c.labels)]
-    return Plan.linear([x], emit)
+    return Plan.linear([x], emit, demand=_rowwise_demand(x, len(shape)))
 
 
 @rule("group_norm")
@@ -568,7 +762,23 @@ def plan_cat(node, facts):
             for c in em.terms(p):
                 out.append(em.chunk(em.call(rt.place_in_cat, c.node, origs, i, dim, ref), c.labels))
         return out
-    return Plan.linear(list(parts), emit)
+
+    def demand(node, d):
+        """Rows of a cat come from the input that holds them (possibly none of an input's)."""
+        if d is None:
+            return {}
+        cdim = _norm_dim(dim, len(sizes(node)))
+        if d[0] != cdim:
+            return {p: d for p in parts}
+        req, offset = {}, 0
+        for p in parts:
+            n = sizes(p)[cdim]
+            if n is None:
+                return None
+            req[p] = (cdim, tuple(i - offset for i in d[1] if offset <= i < offset + n))
+            offset += n
+        return req
+    return Plan.linear(list(parts), emit, demand=demand)
 
 
 @rule("stack")
@@ -617,6 +827,8 @@ def plan_getitem(node, facts):
     if name == "_native_batch_norm_legit_no_training" and index == 0:
         x, w, b, rm, rv, _momentum, eps = src.args[:7]
         return _batch_norm_plan(node, x, w, b, rm, rv, False, eps)
+    if name == "max" and index == 0 and len(src.args) > 1 and isinstance(src.args[1], int):
+        return _plan_max_dim(node, src, facts)
     if name in ("_native_batch_norm_legit", "_native_batch_norm_legit_functional"):
         raise UnsupportedGraphError("batch_norm in training mode: call model.eval() first", src)
     return Plan.root(f"output {index} of {name}")
@@ -634,18 +846,65 @@ def plan_sdpa(node, facts):
 
 
 # --------------------------------------------------------------------------------------------
+# max selections: with the argmax frozen, taking the maximum is a selection (a gather)
+
+@rule("max_pool2d")
+def plan_max_pool(node, facts):
+    """max_pool2d(x) = gather(x, argmax): with the argmax frozen at this forward pass the pool
+    selects one input element per output element, which is linear in x."""
+    x = node.args[0]
+    if len(x.meta["val"].shape) != 4:
+        return Plan.root("max_pool2d on a non-4D input")
+
+    def emit(em, node):
+        c = em.merged(x)
+        args = tuple(em.orig_arg(a) for a in node.args[1:])
+        out = em.call(rt.max_pool2d_terms, c.node, em.orig(x), args)
+        return [em.chunk(out, c.labels)]
+    return Plan.linear([x], emit)
+
+
+def _plan_max_dim(node, src, facts):
+    """max(x, dim).values = gather(x, dim, argmax): linear with the argmax frozen."""
+    x, dim = src.args[0], src.args[1]
+    keepdim = src.args[2] if len(src.args) > 2 else src.kwargs.get("keepdim", False)
+
+    def emit(em, node):
+        c = em.merged(x)
+        out = em.call(rt.max_dim_terms, c.node, em.orig(x), dim, keepdim)
+        return [em.chunk(out, c.labels)]
+    return Plan.linear([x], emit)
+
+
+@rule("amax")
+def plan_amax(node, facts):
+    """amax over one dim is max(x, dim).values: a frozen selection."""
+    x = node.args[0]
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", ())
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    if len(dims) != 1:
+        return Plan.root("amax over several dims")
+    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+
+    def emit(em, node):
+        c = em.merged(x)
+        return [em.chunk(em.call(rt.max_dim_terms, c.node, em.orig(x), dims[0], keepdim), c.labels)]
+    return Plan.linear([x], emit)
+
+
+# --------------------------------------------------------------------------------------------
 # nonlinear ops: their output is a root (the walk stops there)
 
 NONLINEAR = (
     "gelu", "silu", "relu", "relu6", "sigmoid", "tanh", "hardswish", "hardsigmoid", "hardtanh",
     "elu", "selu", "celu", "leaky_relu", "mish", "softplus", "softmax", "_softmax",
     "_safe_softmax", "log_softmax", "exp", "log", "sqrt", "rsqrt", "pow", "abs", "sin", "cos",
-    "erf", "clamp", "clamp_min", "clamp_max", "max", "min", "amax", "amin", "sort", "topk",
+    "erf", "clamp", "clamp_min", "clamp_max", "max", "min", "amin", "sort", "topk",
     "reciprocal", "square", "linalg_vector_norm", "norm", "var", "std", "var_mean", "prelu",
-    "glu", "maximum", "minimum", "sign", "floor", "ceil", "round", "max_pool1d", "max_pool2d",
+    "glu", "maximum", "minimum", "sign", "floor", "ceil", "round", "max_pool1d",
     "max_pool3d", "max_pool2d_with_indices", "logsumexp", "atan", "atan2", "log1p", "expm1",
-    "threshold", "gelu_", "silu_", "relu_", "addcmul", "lerp", "logit", "softsign", "tanhshrink",
-    "sigmoid_", "hardswish_", "native_layer_norm", "_native_batch_norm_legit_no_training",
+    "threshold", "addcmul", "lerp", "logit", "softsign", "tanhshrink",
+    "native_layer_norm", "_native_batch_norm_legit_no_training",
 )
 
 
@@ -661,6 +920,21 @@ HEAD_LAYOUT_OPS = {"reshape", "view", "_unsafe_view", "permute", "transpose", "f
                    "contiguous", "clone", "dropout", "unflatten", "_to_copy", "to"}
 
 
+def _is_attention_output(src, facts, depth: int = 8) -> bool:
+    """Is ``src`` an attention output, or a concatenation of per-head attention outputs
+    (EfficientViT's cascaded heads), seen through layout ops?"""
+    while isinstance(src, Node) and src.op == "call_function" and op_name(src) in HEAD_LAYOUT_OPS:
+        src = src.args[0]
+    if not (isinstance(src, Node) and src.op == "call_function") or depth <= 0:
+        return False
+    name = op_name(src)
+    if name in ("cat", "concat"):
+        return all(_is_attention_output(p, facts, depth - 1) for p in src.args[0])
+    return name == "scaled_dot_product_attention" or (
+        name in ("matmul", "bmm") and all(facts.is_data(a) for a in src.args[:2])
+        and (facts.is_probs(src.args[0]) or facts.in_attention(src)))
+
+
 @rule(*ZERO_PRESERVING)
 def plan_activation(node, facts):
     """A zero-preserving activation applied straight to an attention output (LeViT's
@@ -671,15 +945,7 @@ def plan_activation(node, facts):
         return _nonlinear(node, facts)
     x = node.args[0]
     src = x
-    while isinstance(src, Node) and src.op == "call_function" and op_name(src) in HEAD_LAYOUT_OPS:
-        src = src.args[0]
-    if not (isinstance(src, Node) and src.op == "call_function"):
-        return _nonlinear(node, facts)
-    name = op_name(src)
-    attention = name == "scaled_dot_product_attention" or (
-        name in ("matmul", "bmm") and all(facts.is_data(a) for a in src.args[:2])
-        and (facts.is_probs(src.args[0]) or facts.in_attention(src)))
-    if not attention:
+    if not _is_attention_output(src, facts):
         return _nonlinear(node, facts)
     fn = node.target
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "as_terms", "expand_terms", "cat_chunks", "push", "push_multi", "place_in_cat", "layer_norm_terms",
+    "as_terms", "take", "expand_terms", "cat_chunks", "push", "push_multi", "place_in_cat", "layer_norm_terms",
     "rms_norm_terms", "group_norm_terms", "batch_norm_terms", "batch_norm_shift", "bias_terms",
     "split_heads", "attention_probs", "split_heads_tokens", "where_terms", "group_components",
 ]
@@ -199,6 +199,36 @@ def where_terms(t: torch.Tensor, cond: torch.Tensor, keep_where_true: bool) -> t
     """where(cond, a, b) is linear in (a, b) with cond frozen: a's terms survive where cond."""
     zero = torch.zeros((), dtype=t.dtype, device=t.device)
     return torch.where(cond, t, zero) if keep_where_true else torch.where(cond, zero, t)
+
+
+def max_pool2d_terms(t: torch.Tensor, x: torch.Tensor, args: tuple) -> torch.Tensor:
+    """Max pooling with the argmax frozen: each output takes the component values at the
+    position that held the maximum in this forward pass (a gather, linear in the terms)."""
+    kernel = args[0]
+    stride = args[1] if len(args) > 1 and args[1] else kernel
+    padding = args[2] if len(args) > 2 else 0
+    dilation = args[3] if len(args) > 3 else 1
+    ceil_mode = args[4] if len(args) > 4 else False
+    out, idx = F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode, return_indices=True)
+    flat = t.flatten(-2)
+    gathered = flat.gather(-1, idx.flatten(-2).unsqueeze(0).expand(t.shape[0], -1, -1, -1))
+    return gathered.reshape((t.shape[0],) + tuple(out.shape))
+
+
+def max_dim_terms(t: torch.Tensor, x: torch.Tensor, dim: int, keepdim: bool) -> torch.Tensor:
+    """max(x, dim).values with the argmax frozen: a gather along ``dim``."""
+    dim = dim % x.dim()
+    idx = x.argmax(dim=dim, keepdim=True)
+    out = t.gather(1 + dim, idx.unsqueeze(0).expand((t.shape[0],) + tuple(idx.shape)))
+    return out if keepdim else out.squeeze(1 + dim)
+
+
+def take(t: torch.Tensor, dim: int, index) -> torch.Tensor:
+    """Rows ``index`` along ``dim`` (a view when they are contiguous): what a demand keeps."""
+    index = tuple(index)
+    if index and index == tuple(range(index[0], index[0] + len(index))):
+        return t.narrow(dim, index[0], len(index))
+    return t.index_select(dim, torch.tensor(index, dtype=torch.long, device=t.device))
 
 
 def group_components(terms: torch.Tensor, index: torch.Tensor, n_groups: int) -> torch.Tensor:

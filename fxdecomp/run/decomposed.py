@@ -21,7 +21,7 @@ GRANULARITIES = ("blocks", "heads", "tokens")
 
 def _build(model: nn.Module, example: torch.Tensor, granularity: str, layers, dynamic_batch=True):
     gm, dynamic = capture(model, example, dynamic_batch)
-    facts = GraphFacts(gm, granularity)
+    facts = GraphFacts(gm, granularity, prefix=getattr(model, "module_prefix", ""))
     w = walk(gm, facts)
     structure = Structure(w)
     blocks = structure.blocks

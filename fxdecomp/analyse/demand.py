@@ -1,0 +1,72 @@
+"""Demand analysis: which rows of each linear-path value does the output actually read?
+
+A representation usually reads one token (CLS) or a slice of tokens. Per-token ops commute with
+taking rows, so terms only need computing for those rows: a ViT's attention heads then cost one
+query row each instead of N, and per-token contributions are formed for the needed rows only.
+
+A demand is ``None`` (every element) or ``(dim, indices)``: only ``indices`` along ``dim`` are
+needed. It is propagated backwards from the output through rules that declare how (``Plan.info
+["demand"]``); a rule without one asks for everything from its inputs and its own output is
+narrowed afterwards. The union of the demands of a node's consumers is what it computes.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch.fx import Node
+
+from ..rewrite.rules import sizes
+from .walk import Walk
+
+Demand = Optional[tuple]  # None, or (dim, tuple_of_indices)
+
+
+def union(demands: list[Demand]) -> Demand:
+    if not demands or any(d is None for d in demands):
+        return None
+    dims = {d[0] for d in demands}
+    if len(dims) != 1:
+        return None
+    (dim,) = dims
+    return dim, tuple(sorted(set(i for d in demands for i in d[1])))
+
+
+def compute(w: Walk) -> tuple[dict[Node, Demand], dict[Node, dict]]:
+    """Returns (demand of every linear-path node, requested demands per propagating node)."""
+    contributions: dict[Node, list[Demand]] = {n: [] for n in w.order}
+    demand: dict[Node, Demand] = {}
+    requests: dict[Node, dict] = {}
+    for n in reversed(w.order):
+        d = None if n is w.output else union(contributions[n])
+        if d is not None and (d[0] == 0 or sizes(n)[d[0]] is None or len(d[1]) == sizes(n)[d[0]]):
+            d = None  # never narrow the batch or a symbolic dim; all rows = no narrowing
+        demand[n] = d
+        plan = w.plans[n]
+        if plan.kind != "linear":
+            continue
+        fn = plan.info.get("demand")
+        req = fn(n, d) if fn is not None else None
+        if req is None:
+            for i in plan.inputs:
+                contributions[i].append(None)
+            continue
+        requests[n] = req
+        for i in plan.inputs:
+            contributions[i].append(req.get(i))
+    return demand, requests
+
+
+def positions(have: Demand, want: Demand):
+    """Indices to take from a value laid out as ``have`` to get layout ``want`` (None: as is)."""
+    if want == have:
+        return None
+    if want is None:
+        raise ValueError("cannot widen a narrowed value")
+    dim, idx = want
+    if have is None:
+        return dim, idx
+    if have[0] != dim:
+        raise ValueError(f"layout mismatch {have} -> {want}")
+    where = {j: k for k, j in enumerate(have[1])}
+    return dim, tuple(where[i] for i in idx)
