@@ -1,0 +1,214 @@
+"""Engine behaviour beyond the coverage matrix: tokens mode, layers=, batch sizes, dtypes, the
+Decomposition helpers and the errors bad input gets."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fxdecomp
+from fxdecomp.capture.adapters import example_input, load_model
+
+REL_TOL = 1e-5
+
+
+def rel_err(total: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((total.double() - ref.double()).abs().max() / ref.double().abs().max())
+
+
+@pytest.fixture(scope="module")
+def deit_small():
+    model, info = load_model("timm:deit_small_patch16_224", random_init=True, seed=0)
+    return model, example_input(info, batch=2, seed=1)
+
+
+# ------------------------------------------------------------------------------------ tokens
+TOKEN_MODELS = {
+    "timm:deit_small_patch16_224": None,
+    "timm:vit_small_patch14_dinov2": None,
+    "open_clip:ViT-B-16": None,
+    # Swin's window attention: per-token components of the last stage (one 7x7 window, so the
+    # local token index is the image token index); earlier stages are one `init` term.
+    "timm:swin_tiny_patch4_window7_224": [-2, -1],
+}
+
+
+@pytest.mark.parametrize("spec", list(TOKEN_MODELS))
+def test_tokens_exact_and_sum_to_heads(spec):
+    model, info = load_model(spec, random_init=True, seed=0)
+    x = example_input(info, batch=2, seed=0)
+    layers = TOKEN_MODELS[spec]
+    dt = fxdecomp.decompose(model, x, granularity="tokens", layers=layers)
+    dh = fxdecomp.decompose(model, x, granularity="heads", layers=layers)
+    with torch.no_grad():
+        t, h, ref = dt(x), dh(x), model(x)
+    assert rel_err(t.components.sum(0), ref) <= REL_TOL
+    n_tok = sum(1 for lab in t.labels if lab.kind == "attn_head_token")
+    assert n_tok > 100
+    # a head's per-token components sum to that head's component (heads mode, built separately)
+    merged = t.sum_tokens()
+    for lab in h.labels:
+        if lab.kind != "attn_head":
+            continue
+        per_tokens = merged[lab.name]
+        assert rel_err(per_tokens, h[lab.name] + 0 * ref) <= REL_TOL * 10 or \
+            float((per_tokens - h[lab.name]).abs().max()) <= 1e-5 * float(ref.abs().max())
+
+
+def test_tokens_are_source_tokens(deit_small):
+    """Planted check: zeroing source token t's value row changes only the .t{t} components."""
+    model, x = deit_small
+    dm = fxdecomp.decompose(model, x, granularity="tokens", layers=[-1])
+    with torch.no_grad():
+        d = dm(x)
+    names = d.names
+    assert "blocks.11.attn.h0.t0" in names and "blocks.11.attn.h5.t196" in names
+    toks = d.select(kind="attn_head_token", layer=11)
+    assert len(toks) == 6 * 197
+    assert {lab.token for lab in toks.labels} == set(range(197))
+
+
+# ------------------------------------------------------------------------------------ layers=
+def test_layers_init(deit_small):
+    model, x = deit_small
+    dm = fxdecomp.decompose(model, x, granularity="heads", layers=[-4, -3, -2, -1])
+    with torch.no_grad():
+        d = dm(x)
+        ref = model(x)
+    assert rel_err(d.components.sum(0), ref) <= REL_TOL
+    assert [lab.kind for lab in d.labels].count("init") == 1
+    layers = {lab.layer for lab in d.labels if lab.kind == "attn_head"}
+    assert layers == {8, 9, 10, 11}
+    assert all(lab.layer is None or lab.layer >= 8 for lab in d.labels)
+    # the init term is the stream entering block 8, pushed through the rest of the network
+    full = fxdecomp.decompose(model, x, granularity="heads")(x)
+    early = full.select(layer=range(0, 8)).components.sum(0) \
+        + full.select(kind="embed").components.sum(0)
+    assert rel_err(d["init"], early) <= 1e-4
+
+
+def test_layers_errors(deit_small):
+    model, x = deit_small
+    with pytest.raises(ValueError, match="out of range"):
+        fxdecomp.decompose(model, x, layers=[12])
+
+
+# ------------------------------------------------------------------------------------ batches, dtypes
+def test_other_batch_sizes(deit_small):
+    model, x = deit_small
+    dm = fxdecomp.decompose(model, x, granularity="heads")
+    for b in (1, 3):
+        xb = torch.randn(b, *x.shape[1:])
+        with torch.no_grad():
+            d = dm(xb)
+        assert d.components.shape[:2] == (len(dm.labels), b)
+        assert rel_err(d.components.sum(0), model(xb)) <= REL_TOL
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 5e-2), (torch.float16, 5e-3)])
+def test_half_precision(dtype, tol):
+    model, info = load_model("timm:deit_tiny_patch16_224", random_init=True, seed=0)
+    model = model.to(dtype)
+    x = example_input(info, batch=2, seed=0).to(dtype)
+    dm = fxdecomp.decompose(model, x, granularity="heads")
+    with torch.no_grad():
+        d = dm(x)
+    assert d.components.dtype == dtype
+    assert rel_err(d.components.float().sum(0), d.output.float()) <= tol
+
+
+# ------------------------------------------------------------------------------------ helpers
+def test_decomposition_helpers(deit_small):
+    model, x = deit_small
+    with torch.no_grad():
+        d = fxdecomp.decompose(model, x, granularity="heads")(x)
+    heads = d.select(kind="attn_head", layer=3)
+    assert [lab.head for lab in heads.labels] == list(range(6))
+    merged = d.sum_heads()
+    assert "blocks.3.attn" in merged.names
+    assert rel_err(merged["blocks.3.attn"], heads.components.sum(0)) <= REL_TOL
+    by_layer = d.group("layer")
+    assert rel_err(by_layer.components.sum(0), d.output) <= REL_TOL
+    rest = d.residual(kind="attn_head", layer=3)
+    assert rel_err(rest + heads.components.sum(0), d.output) <= REL_TOL
+    assert "blocks.3.attn.h2" in d.names and d.index("blocks.3.attn.h2") >= 0
+    assert "scaled_dot_product_attention" in fxdecomp.decompose(model, x).code
+
+
+def test_blocks_granularity_names(deit_small):
+    model, x = deit_small
+    dm = fxdecomp.decompose(model, x, granularity="blocks")
+    names = {lab.name: lab for lab in dm.labels}
+    assert names["blocks.3.attn"].kind == "attn" and names["blocks.3.attn"].layer == 3
+    assert names["blocks.3.mlp"].kind == "mlp"
+    assert names["blocks.3.attn.proj.bias"].kind == "bias"
+    assert names["pos_embed"].kind == "embed" and names["cls_token"].kind == "embed"
+    assert names["norm.bias"].kind == "bias"
+
+
+# ------------------------------------------------------------------------------------ errors
+class _Tiny(nn.Module):
+    def __init__(self, tail):
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.mlp = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+        self.tail = tail
+
+    def forward(self, x):
+        x = self.proj(x)
+        x = x + self.mlp(x)
+        return self.tail(x)
+
+
+class _Cumprod(nn.Module):
+    def forward(self, x):
+        return torch.cumprod(x, dim=-1)
+
+
+def test_unsupported_op_names_op_and_module():
+    model = _Tiny(_Cumprod()).eval()
+    with pytest.raises(fxdecomp.UnsupportedGraphError) as e:
+        fxdecomp.decompose(model, torch.randn(2, 8))
+    msg = str(e.value)
+    assert "cumprod" in msg and "tail" in msg
+
+
+def test_tiny_model_exact():
+    model = _Tiny(nn.LayerNorm(8)).eval()
+    x = torch.randn(3, 8)
+    d = fxdecomp.decompose(model, x, granularity="blocks")(x)
+    assert rel_err(d.components.sum(0), model(x)) <= REL_TOL
+    assert {"mlp", "embed", "bias"} <= {lab.kind for lab in d.labels}
+
+
+def test_training_mode_refused(deit_small):
+    model, x = deit_small
+    model.train()
+    try:
+        with pytest.raises(fxdecomp.InputError, match="training mode"):
+            fxdecomp.decompose(model, x)
+    finally:
+        model.eval()
+
+
+def test_bad_inputs(deit_small):
+    model, x = deit_small
+    dm = fxdecomp.decompose(model, x, granularity="blocks")
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(fxdecomp.InputError, match="non-finite"):
+        dm(bad)
+    with pytest.raises(fxdecomp.InputError, match=r"\[B, 3, 224, 224\]"):
+        dm(torch.randn(2, 3, 192, 192))
+    with pytest.raises(ValueError, match="granularity"):
+        fxdecomp.decompose(model, x, granularity="neurons")
+
+
+class _TwoOutputs(nn.Module):
+    def forward(self, x):
+        return x + 1, x * 2
+
+
+def test_multi_output_refused():
+    with pytest.raises(fxdecomp.UnsupportedGraphError, match="returns 2 values"):
+        fxdecomp.decompose(_TwoOutputs().eval(), torch.randn(2, 4))
