@@ -19,17 +19,19 @@ from torch.fx import Node
 from ..rewrite.rules import sizes
 from .walk import Walk
 
-Demand = Optional[tuple]  # None, or (dim, tuple_of_indices)
+Demand = Optional[tuple]  # None, or (dim, indices, group)
+# group None: rows ``indices`` of ``dim``. group g: ``dim`` is g outer rows times an inner
+# (symbolic) size, and the outer rows ``indices`` are needed with all their inner elements.
 
 
 def union(demands: list[Demand]) -> Demand:
     if not demands or any(d is None for d in demands):
         return None
-    dims = {d[0] for d in demands}
-    if len(dims) != 1:
+    keys = {(d[0], d[2]) for d in demands}
+    if len(keys) != 1:
         return None
-    (dim,) = dims
-    return dim, tuple(sorted(set(i for d in demands for i in d[1])))
+    (dim, group), = keys
+    return dim, tuple(sorted(set(i for d in demands for i in d[1]))), group
 
 
 def compute(w: Walk) -> tuple[dict[Node, Demand], dict[Node, dict]]:
@@ -39,8 +41,11 @@ def compute(w: Walk) -> tuple[dict[Node, Demand], dict[Node, dict]]:
     requests: dict[Node, dict] = {}
     for n in reversed(w.order):
         d = None if n is w.output else union(contributions[n])
-        if d is not None and (d[0] == 0 or sizes(n)[d[0]] is None or len(d[1]) == sizes(n)[d[0]]):
-            d = None  # never narrow the batch or a symbolic dim; all rows = no narrowing
+        if d is not None and d[2] is None and (sizes(n)[d[0]] is None
+                                               or len(d[1]) == sizes(n)[d[0]]):
+            d = None  # never narrow a symbolic dim (the batch); all rows = no narrowing
+        elif d is not None and d[2] is not None and len(d[1]) == d[2]:
+            d = None
         demand[n] = d
         plan = w.plans[n]
         if plan.kind != "linear":
@@ -63,10 +68,10 @@ def positions(have: Demand, want: Demand):
         return None
     if want is None:
         raise ValueError("cannot widen a narrowed value")
-    dim, idx = want
+    dim, idx, group = want
     if have is None:
-        return dim, idx
-    if have[0] != dim:
+        return want
+    if have[0] != dim or have[2] != group:
         raise ValueError(f"layout mismatch {have} -> {want}")
     where = {j: k for k, j in enumerate(have[1])}
-    return dim, tuple(where[i] for i in idx)
+    return dim, tuple(where[i] for i in idx), None if group is None else len(have[1])

@@ -66,7 +66,7 @@ class Emitter:
             return self.env[n]
         key = (n, layout)
         if key not in self._taken:
-            self._taken[key] = self.call(rt.take, self.env[n], layout[0], layout[1])
+            self._taken[key] = self.call(rt.take, self.env[n], *layout)
         return self._taken[key]
 
     def orig(self, n):
@@ -87,7 +87,7 @@ class Emitter:
         pos = demand.positions(have, want)
         if pos is None:
             return chunks
-        return [Chunk(self.call(rt.take, c.node, pos[0] + 1, pos[1]), c.labels) for c in chunks]
+        return [Chunk(self.call(rt.take, c.node, pos[0] + 1, pos[1], pos[2]), c.labels) for c in chunks]
 
     def terms(self, n: Node) -> list[Chunk]:
         """Terms of ``n``, at the rows the current rule asked for."""
@@ -144,7 +144,7 @@ class Emitter:
             return [Chunk(self.call(rt.as_terms, value),
                           (self._label(name=site.name, module=site.module, kind=kind, layer=site.layer),))]
         shape = tuple(n.meta["val"].shape)
-        rows = layout is not None and layout[0] == len(shape) - 2
+        rows = layout is not None and layout[0] == len(shape) - 2 and layout[2] is None
         if layout is None or rows or (mode != "tokens" and layout[0] != 1):
             return self._attention_terms(n, plan, site, mode, layout)
         # narrowed along another dim: expand the full value, then take the rows
@@ -184,7 +184,7 @@ class Emitter:
                               self.orig_arg(kw.get("attn_mask")), bool(kw.get("is_causal", False)),
                               kw.get("scale"), bool(kw.get("enable_gqa", False)))
             if layout is not None:
-                probs = self.call(rt.take, probs, layout[0], layout[1])
+                probs = self.call(rt.take, probs, *layout)
             vals = self.env[v]
             if kw.get("enable_gqa"):
                 vals = self.call(_repeat_kv, vals, self.env[q])
@@ -192,7 +192,7 @@ class Emitter:
         elif plan.info["form"] == "matmul":
             probs, vals = self.env[plan.info["probs"]], self.env[plan.info["values"]]
             if layout is not None:
-                probs = self.call(rt.take, probs, layout[0], layout[1])
+                probs = self.call(rt.take, probs, *layout)
             n_tok = int(plan.info["probs"].meta["val"].shape[-1])
         else:
             return [Chunk(self.call(rt.as_terms, value), (self._label(name=site.name, kind="attn", **base),))]

@@ -87,14 +87,14 @@ def pointwise_demand(node: Node, d):
     narrowed along the aligned dim, unless it broadcasts there (size 1)."""
     if d is None:
         return {}
-    dim, idx = d
+    dim = d[0]
     rank = len(sizes(node))
     req = {}
     for a in _tensor_args(node):
         s = sizes(a)
         da = dim - (rank - len(s))
         if da >= 0 and s[da] != 1:
-            req[a] = (da, idx)
+            req[a] = (da,) + tuple(d[1:])
     return req
 
 
@@ -108,25 +108,41 @@ def _mapped(x: Node, d, dim_in):
         return {}
     if dim_in is None:
         return None
-    return {x: (dim_in, d[1])}
+    return {x: (dim_in,) + tuple(d[1:])}
 
 
-def _reshape_dim(in_sizes, out_sizes, d):
-    """The input dim an output dim of a reshape comes from unchanged, or None."""
-    def prefix(shape, k):
-        num, sym = 1, 0
-        for s in shape[:k]:
-            if s is None:
-                sym += 1
-            else:
-                num *= s
-        return num, sym
-    if out_sizes[d] is None:
-        return None
-    target = prefix(out_sizes, d)
-    for k in range(len(in_sizes)):
-        if in_sizes[k] == out_sizes[d] and prefix(in_sizes, k) == target:
-            return k
+def _prefix(shape, k):
+    """Product of shape[:k] as (static part, number of symbolic factors)."""
+    num, sym = 1, 0
+    for s in shape[:k]:
+        if s is None:
+            sym += 1
+        else:
+            num *= s
+    return num, sym
+
+
+def _reshape_demand(x: Node, node: Node, d):
+    """Demand through a reshape. The narrowed output dim either comes from one input dim
+    unchanged, or is the outer factor of a merged input dim (then the input demand is *grouped*:
+    rows ``i·inner + j``), or is a merged dim whose outer factor is narrowed (grouped demand on
+    the output: MultiheadAttention's [N, B, ...] -> [N·B, D] layout)."""
+    if d is None:
+        return {}
+    dim, idx, group = d
+    ins, outs = sizes(x), sizes(node)
+    target = _prefix(outs, dim)
+    for k in range(len(ins)):
+        if _prefix(ins, k) != target:
+            continue
+        if group is None and ins[k] == outs[dim] and ins[k] is not None:
+            return {x: (k, idx, None)}
+        if group is None and outs[dim] is not None and ins[k] is None:
+            return {x: (k, idx, outs[dim])}          # output dim = outer factor of input dim k
+        if group is not None and ins[k] == group:
+            return {x: (k, idx, None)}               # merged output dim: narrow its outer factor
+        if group is not None and ins[k] is None:
+            return {x: (k, idx, group)}              # same grouped dim, unchanged
     return None
 
 
@@ -234,15 +250,13 @@ def _structural_demand(node, d):
         src = kept[dim]
         return None if src in dims else _mapped(x, d, src)
     if name in ("reshape", "_unsafe_view", "view"):
-        return _mapped(x, d, _reshape_dim(sizes(x), sizes(node), dim))
+        return _reshape_demand(x, node, d)
     if name == "expand":
         rank_out = len(sizes(node))
         k = dim - (rank_out - rank_in)
         if k < 0 or sizes(x)[k] == 1:
             return {}
-        return {x: (k, d[1])}
-    if name == "select":
-        return None
+        return {x: (k,) + tuple(d[1:])}
     return None
 
 
@@ -256,7 +270,10 @@ def _structural_emit(em, node):
     if layout is not None and name in ("reshape", "view", "_unsafe_view", "expand"):
         shape = list(args[1])
         if shape[layout[0]] != -1:
-            shape[layout[0]] = len(layout[1])
+            if layout[2] is None:
+                shape[layout[0]] = len(layout[1])
+            else:  # grouped rows: the kept outer factors times the (symbolic) inner size
+                shape[layout[0]] = -1
         args[1] = shape
     c = em.merged(node.args[0])
     out = em.call(pusher(target, 0), c.node, tuple(args),
@@ -281,7 +298,7 @@ def plan_select(node, facts):
         if d is not None:
             return None
         k = node.args[2] % sizes(x)[dim] if sizes(x)[dim] else node.args[2]
-        return {x: (dim, (k,))} if dim != 0 and sizes(x)[dim] is not None else None
+        return {x: (dim, (k,), None)} if sizes(x)[dim] is not None else None
 
     def emit(em, node):
         c = em.merged(x)
@@ -307,15 +324,15 @@ def plan_slice(node, facts):
         return tuple(range(n))[slice(start, end, step)]
 
     def demand(node, d):
-        if dim == 0 or n is None:
+        if n is None:
             return _mapped(x, d, d[0]) if d is not None else {}
         r = rows()
         if r is None:
             return None
         if d is None:
-            return {x: (dim, r)}
+            return {x: (dim, r, None)}
         if d[0] == dim:
-            return {x: (dim, tuple(r[i] for i in d[1]))}
+            return {x: (dim, tuple(r[i] for i in d[1]), None)} if d[2] is None else None
         return {x: d}
 
     def emit(em, node):
@@ -770,12 +787,14 @@ def plan_cat(node, facts):
         cdim = _norm_dim(dim, len(sizes(node)))
         if d[0] != cdim:
             return {p: d for p in parts}
+        if d[2] is not None:
+            return None
         req, offset = {}, 0
         for p in parts:
             n = sizes(p)[cdim]
             if n is None:
                 return None
-            req[p] = (cdim, tuple(i - offset for i in d[1] if offset <= i < offset + n))
+            req[p] = (cdim, tuple(i - offset for i in d[1] if offset <= i < offset + n), None)
             offset += n
         return req
     return Plan.linear(list(parts), emit, demand=demand)

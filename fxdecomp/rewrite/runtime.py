@@ -223,8 +223,14 @@ def max_dim_terms(t: torch.Tensor, x: torch.Tensor, dim: int, keepdim: bool) -> 
     return out if keepdim else out.squeeze(1 + dim)
 
 
-def take(t: torch.Tensor, dim: int, index) -> torch.Tensor:
-    """Rows ``index`` along ``dim`` (a view when they are contiguous): what a demand keeps."""
+def take(t: torch.Tensor, dim: int, index, group: int | None = None) -> torch.Tensor:
+    """Rows ``index`` along ``dim`` (a view when they are contiguous): what a demand keeps.
+    With ``group``: ``dim`` holds ``group`` outer rows × an inner size; keep outer rows
+    ``index`` with all their inner elements."""
+    if group is not None:
+        dim = dim % t.dim()
+        inner = t.unflatten(dim, (group, -1))
+        return take(inner, dim, index).flatten(dim, dim + 1)
     index = tuple(index)
     if index and index == tuple(range(index[0], index[0] + len(index))):
         return t.narrow(dim, index[0], len(index))
