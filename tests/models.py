@@ -17,5 +17,17 @@ TORCHVISION = ["vit_b_16", "swin_t"]
 MATRIX = ([f"timm:{n}" for n in TIMM] + [f"open_clip:{n}" for n in OPEN_CLIP]
           + [f"torchvision:{n}" for n in TORCHVISION])
 
+# representation per model where the default (pre_logits) is not the one to decompose
+OUTPUT = {
+    # MaxViT's pre_logits ends in its head's Linear + Tanh: one nonlinear value of everything.
+    # The pooled, normed features before that hidden MLP are what gets decomposed.
+    "timm:maxvit_tiny_tf_224": "pooled",
+}
+
 # spec -> precise reason it cannot pass (strict xfail: an unexpected pass fails the suite)
-XFAIL: dict[str, str] = {}
+XFAIL: dict[str, str] = {
+    "timm:fastvit_t8": (
+        "FastViT's forward_features ends in final_conv, a MobileOne conv-BN-GELU block after the "
+        "last stage: the representation is one GELU output of everything upstream, so no residual "
+        "block reaches it linearly (UnsupportedGraphError: no residual block was found)"),
+}

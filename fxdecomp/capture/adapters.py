@@ -51,7 +51,7 @@ class TimmTarget(nn.Module):
     """A timm model's pre-logits (``forward_head(forward_features(x), pre_logits=True)``) or
     logits (``model(x)``). Works for every timm model with the standard forward seams."""
 
-    OUTPUTS = ("pre_logits", "logits")
+    OUTPUTS = ("pre_logits", "logits", "pooled")
     module_prefix = "model."  # stripped from component names by the engine
 
     def __init__(self, model: nn.Module, output: str = "pre_logits"):
@@ -67,7 +67,17 @@ class TimmTarget(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.output == "logits":
             return self.model(x)
-        return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+        feats = self.model.forward_features(x)
+        head = getattr(self.model, "head", None)
+        if self.output == "pooled" and hasattr(head, "global_pool"):
+            # the pooled (and normed) features, before a head's hidden MLP (MaxViT's
+            # pre_logits ends in Linear + Tanh, which would leave nothing linear to split)
+            y = head.global_pool(feats)
+            for part in ("norm", "flatten"):
+                if hasattr(head, part):
+                    y = getattr(head, part)(y)
+            return y
+        return self.model.forward_head(feats, pre_logits=True)
 
 
 class OpenClipImageTarget(nn.Module):
