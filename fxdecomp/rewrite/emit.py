@@ -27,6 +27,11 @@ from .rules import op_name
 class Chunk:
     node: Node                 # new-graph node holding terms [c, *shape]
     labels: tuple[int, ...]    # raw label id of each of the c components
+    # Head-blocked terms: (dim, H, per_head). Along value dim ``dim`` the full value is H equal
+    # blocks (attention heads) and component c is zero outside block c // per_head, so the
+    # tensor stores only that block ([c, ..., size/H, ...]): no zero padding, and a projection
+    # consuming it is one batched per-head contraction.
+    block: tuple | None = None
 
 
 @dataclass
@@ -39,8 +44,10 @@ GROUP_INDEX = "_fxdecomp_group_index"
 
 
 class Emitter:
-    def __init__(self, gm: GraphModule, walk: Walk, structure: Structure, policy: Policy):
+    def __init__(self, gm: GraphModule, walk: Walk, structure: Structure, policy: Policy,
+                 backend: str = "auto"):
         self.gm, self.walk, self.structure, self.policy = gm, walk, structure, policy
+        self.backend = backend
         self.facts = walk.facts
         self.graph = Graph()
         self.env: dict[Node, Node] = {}
@@ -80,26 +87,40 @@ class Emitter:
     def call(self, fn, *args, **kwargs) -> Node:
         return self.graph.call_function(fn, args, kwargs)
 
-    def chunk(self, node: Node, labels) -> Chunk:
-        return Chunk(node, tuple(labels))
+    def chunk(self, node: Node, labels, block=None) -> Chunk:
+        return Chunk(node, tuple(labels), block)
+
+    def densify(self, c: Chunk) -> Chunk:
+        """Head-blocked terms -> plain terms (each component's block placed among zeros)."""
+        if c.block is None:
+            return c
+        return Chunk(self.call(rt.densify_heads, c.node, *c.block), c.labels)
 
     def _narrow(self, chunks: list[Chunk], have, want) -> list[Chunk]:
         pos = demand.positions(have, want)
         if pos is None:
             return chunks
-        return [Chunk(self.call(rt.take, c.node, pos[0] + 1, pos[1], pos[2]), c.labels) for c in chunks]
+        out = []
+        for c in chunks:
+            if c.block is not None and c.block[0] == pos[0]:
+                c = self.densify(c)
+            out.append(Chunk(self.call(rt.take, c.node, pos[0] + 1, pos[1], pos[2]), c.labels, c.block))
+        return out
 
-    def terms(self, n: Node) -> list[Chunk]:
-        """Terms of ``n``, at the rows the current rule asked for."""
-        return self._narrow(self.terms_of[n], self.demand[n], self._view.get(n))
+    def terms(self, n: Node, blocked_ok: bool = False) -> list[Chunk]:
+        """Terms of ``n``, at the rows the current rule asked for. Rules that understand
+        head-blocked chunks pass ``blocked_ok``; others get them densified."""
+        chunks = self._narrow(self.terms_of[n], self.demand[n], self._view.get(n))
+        return chunks if blocked_ok else [self.densify(c) for c in chunks]
 
-    def merged(self, n: Node) -> Chunk:
+    def merged(self, n: Node, blocked_ok: bool = False) -> Chunk:
         chunks = self.terms_of[n]
         if len(chunks) > 1:
-            node = self.call(rt.cat_chunks, [c.node for c in chunks],
+            node = self.call(rt.cat_chunks, [self.densify(c).node for c in chunks],
                              self.value_at(n, self.demand[n]))
             chunks = self.terms_of[n] = [Chunk(node, sum((c.labels for c in chunks), ()))]
-        return self._narrow(chunks, self.demand[n], self._view.get(n))[0]
+        c = self._narrow(chunks, self.demand[n], self._view.get(n))[0]
+        return c if blocked_ok else self.densify(c)
 
     def const_chunk(self, node: Node, source, suffix: str) -> Chunk:
         """A constant component (a bias, a shift) created by the rule of the current node."""
@@ -169,10 +190,10 @@ class Emitter:
             return [Chunk(self.call(rt.as_terms, value),
                           (self._label(name=site.name, kind="attn", **base),))]
         if mode == "heads":
-            t = self.call(rt.split_heads, value, head_dim)
+            t = self.call(rt.head_blocks, value, head_dim)
             ids = tuple(self._label(name=f"{site.name}.h{h}", kind="attn_head", head=h, **base)
                         for h in range(heads))
-            return [Chunk(t, ids)]
+            return [Chunk(t, ids, (head_dim, heads, 1))]
         # tokens: frozen probabilities P and values V, split per head and per source token
         if plan.info["form"] == "sdpa":
             q, k, v = n.args[:3]
@@ -200,7 +221,7 @@ class Emitter:
         ids = tuple(self._label(name=f"{site.name}.h{h}.t{tok}", kind="attn_head_token",
                                 head=h, token=tok, **base)
                     for h in range(heads) for tok in range(n_tok))
-        return [Chunk(t, ids)]
+        return [Chunk(t, ids, None if head_dim is None else (head_dim, heads, n_tok))]
 
     def _dedupe(self, n: Node, chunks: list[Chunk]) -> list[Chunk]:
         """Keep each raw label once per node: where a component reaches a node along two paths
@@ -211,7 +232,7 @@ class Emitter:
             return chunks
         unique = list(dict.fromkeys(seen))
         pos = {lab: k for k, lab in enumerate(unique)}
-        cat = self.call(rt.cat_chunks, [c.node for c in chunks], self.orig(n))
+        cat = self.call(rt.cat_chunks, [self.densify(c).node for c in chunks], self.orig(n))
         index = self.call(_index_tensor, [pos[i] for i in seen], cat)
         out = self.call(rt.group_components, cat, index, len(unique))
         return [Chunk(out, tuple(unique))]
@@ -239,7 +260,8 @@ class Emitter:
                 self.terms_of[n] = self._narrow(chunks, None, layout)
         target = self.walk.output
         out_ref = self.env[target]
-        raw_terms = self.call(rt.cat_chunks, [c.node for c in self.terms_of[target]], out_ref)
+        raw_terms = self.call(rt.cat_chunks, [self.densify(c).node for c in self.terms_of[target]],
+                              out_ref)
         raw_ids = [i for c in self.terms_of[target] for i in c.labels]
         labels, index = _group_labels([self.raw[i] for i in raw_ids])
         if index == list(range(len(index))):

@@ -192,7 +192,7 @@ def _push_emit(pos: int = 0, target=None):
 
 def _identity_emit(pos: int = 0):
     def emit(em, node):
-        return list(em.terms(node.args[pos]))
+        return list(em.terms(node.args[pos], blocked_ok=True))
     return emit
 
 
@@ -260,9 +260,61 @@ def _structural_demand(node, d):
     return None
 
 
+def _static_factors(node: Node) -> list:
+    """Per dim (static coefficient, number of symbolic factors): 197·s0 -> (197, 1)."""
+    out = []
+    for s in node.meta["val"].shape:
+        if isinstance(s, int):
+            out.append((s, 0))
+        else:
+            coeff, _ = s.node.expr.as_coeff_Mul()
+            out.append((int(coeff) if coeff.is_Integer else 1, 1))
+    return out
+
+
+def _moved_block(node: Node, block, shape_arg):
+    """Where the head blocks of the input go through a layout op, or None (densify).
+    Returns (new block, shape argument rewritten for the blocked tensor)."""
+    name = op_name(node)
+    dim, heads, per = block
+    rank_in = len(node.args[0].meta["val"].shape)
+    if name in ("contiguous", "clone", "alias", "_to_copy", "to", "type_as", "dropout"):
+        return block, shape_arg
+    if name == "transpose":
+        d0, d1 = (_norm_dim(a, rank_in) for a in node.args[1:3])
+        return (d1 if dim == d0 else d0 if dim == d1 else dim, heads, per), shape_arg
+    if name == "permute":
+        perm = [_norm_dim(p, rank_in) for p in node.args[1]]
+        return (perm.index(dim), heads, per), shape_arg
+    if name in ("reshape", "view", "_unsafe_view"):
+        ins, outs = _static_factors(node.args[0]), _static_factors(node)
+
+        def prefix(f, k):
+            num, sym = 1, 0
+            for c, n in f[:k]:
+                num, sym = num * c, sym + n
+            return num, sym
+        if ins[dim][1]:
+            return None
+        for j in range(len(outs)):
+            if prefix(outs, j) != prefix(ins, dim) or outs[j][1]:
+                continue
+            o, i = outs[j][0], ins[dim][0]
+            if o % i == 0 or (i % o == 0 and o % heads == 0):
+                shape = list(shape_arg)
+                if not isinstance(shape[j], int):
+                    return None
+                if shape[j] != -1:
+                    shape[j] = shape[j] // heads
+                return (j, heads, per), shape
+        return None
+    return None
+
+
 def _structural_emit(em, node):
     """Apply the op to every component; under a row demand, sizes in shape arguments at the
-    narrowed dim become the number of rows kept."""
+    narrowed dim become the number of rows kept. Head-blocked terms stay blocked through
+    layout ops (transpose, permute, reshape that keeps the heads as an outer factor)."""
     name = op_name(node)
     layout = em.layout(node)
     target = aten.reshape.default if name in ("view", "_unsafe_view") else node.target
@@ -275,10 +327,19 @@ def _structural_emit(em, node):
             else:  # grouped rows: the kept outer factors times the (symbolic) inner size
                 shape[layout[0]] = -1
         args[1] = shape
-    c = em.merged(node.args[0])
+    c = em.merged(node.args[0], blocked_ok=True)
+    block = None
+    if c.block is not None:
+        moved = _moved_block(node, c.block, args[1] if len(args) > 1 else None)
+        if moved is None:
+            c = em.densify(c)
+        else:
+            block, shape = moved
+            if name in ("reshape", "view", "_unsafe_view"):
+                args[1] = shape
     out = em.call(pusher(target, 0), c.node, tuple(args),
                   {k: em.orig_arg(v) for k, v in node.kwargs.items()})
-    return [em.chunk(out, c.labels)]
+    return [em.chunk(out, c.labels, block)]
 
 
 @rule(*STRUCTURAL, "view")
@@ -574,8 +635,14 @@ def plan_linear(node, facts):
         return Plan.root("linear with a data-dependent weight")
 
     def emit(em, node):
-        c = em.merged(x)
-        out = em.call(torch.nn.functional.linear, c.node, em.orig(w))
+        c = em.merged(x, blocked_ok=True)
+        rank = len(sizes(node))
+        if c.block is not None and c.block[0] == rank - 1 and len(sizes(w)) == 2:
+            # head-blocked input: one batched per-head projection (fused kernel on CUDA)
+            out = em.call(rt.blocked_linear, c.node, em.orig(w), c.block[1], em.backend)
+        else:
+            c = em.densify(c)
+            out = em.call(torch.nn.functional.linear, c.node, em.orig(w))
         return [em.chunk(out, c.labels)] + _bias_chunk(em, node, bias, -1)
 
     def demand(node, d):

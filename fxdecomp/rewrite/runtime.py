@@ -175,24 +175,51 @@ def attention_probs(q, k, attn_mask=None, is_causal=False, scale=None, enable_gq
     return torch.softmax(s, dim=-1)
 
 
+def head_blocks(value: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Per-head components in head-blocked form: [..., H, ...] -> [H, ..., 1, ...] (component h
+    holds head h's slice; the other heads' zeros are implicit)."""
+    return value.movedim(head_dim, 0).unsqueeze(1 + head_dim)
+
+
+def densify_heads(t: torch.Tensor, dim: int, heads: int, per_head: int) -> torch.Tensor:
+    """Head-blocked terms [C, ..., b, ...] -> plain terms [C, ..., H·b, ...]: component c's block
+    goes to position c // per_head along ``dim``, zeros elsewhere (H outer, b inner)."""
+    onehot = torch.eye(heads, dtype=t.dtype, device=t.device).repeat_interleave(per_head, 0)
+    shape = [t.shape[0]] + [1] * (t.dim() - 1)
+    shape.insert(dim + 1, heads)
+    full = t.unsqueeze(dim + 1) * onehot.reshape(shape)
+    return full.flatten(dim + 1, dim + 2)
+
+
+def blocked_linear(t: torch.Tensor, weight: torch.Tensor, heads: int, backend: str = "auto"):
+    """F.linear on head-blocked terms (blocks along the last dim): component c only meets
+    columns of its own head, so y_c = x_c · W[:, h_c·b:(h_c+1)·b]ᵀ — one batched per-head
+    contraction (Triton ``head_projection`` on CUDA) instead of H zero-padded projections."""
+    from fxdecomp_kernels import head_projection
+    c, b = t.shape[0], t.shape[-1]
+    rest = tuple(t.shape[1:-1])
+    e = weight.shape[0]
+    o = t.reshape(1, heads, -1, b)                           # [1, H, (per_head·rest), b]
+    m = weight.reshape(e, heads, b).permute(1, 2, 0)         # [H, b, E]
+    y = head_projection(o, m, backend=backend)               # [H, 1, (per_head·rest), E]
+    return y.reshape((c,) + rest + (e,))
+
+
 def split_heads_tokens(probs: torch.Tensor, v: torch.Tensor, head_dim: int | None,
                        out: torch.Tensor) -> torch.Tensor:
     """Attention output O = P @ V split per head and per source token t:
-    O = Σ_h Σ_t P[..., h, :, t, None] · V[..., h, t, None, :]  ->  [H·N, *O.shape]
-    (component index h·N + t). With P frozen this is exact: the sum over t is the matmul."""
+    O = Σ_h Σ_t P[..., h, :, t, None] · V[..., h, t, None, :], component index h·N + t, in
+    head-blocked form [H·N, ..., 1, Q, dh] (plain [N, *O.shape] without a head dim). With P
+    frozen this is exact: the sum over t is the matmul."""
     probs = probs.to(v.dtype)
     # contrib[t] = P[..., :, t, None] * V[..., t, None, :]   -> [N, ..., Q, dh]
     contrib = torch.einsum("...qt,...td->t...qd", probs, v.expand(probs.shape[:-2] + v.shape[-2:]))
     contrib = contrib.expand((contrib.shape[0],) + tuple(out.shape))
     if head_dim is None:
         return contrib
-    head_dim = head_dim % out.dim()
-    h, n = out.shape[head_dim], contrib.shape[0]
-    eye = torch.eye(h, dtype=out.dtype, device=out.device)
-    shape = [h, 1] + [1] * out.dim()
-    shape[2 + head_dim] = h
-    full = contrib.unsqueeze(0) * eye.reshape(shape)          # [H, N, ...]
-    return full.reshape((h * n,) + tuple(out.shape))
+    n = contrib.shape[0]
+    blocked = contrib.movedim(1 + head_dim, 0)                 # [H, N, ..., Q, dh]
+    return blocked.reshape((-1,) + tuple(blocked.shape[2:])).unsqueeze(1 + head_dim)
 
 
 def where_terms(t: torch.Tensor, cond: torch.Tensor, keep_where_true: bool) -> torch.Tensor:

@@ -19,7 +19,8 @@ Granularity = Literal["blocks", "heads", "tokens"]
 GRANULARITIES = ("blocks", "heads", "tokens")
 
 
-def _build(model: nn.Module, example: torch.Tensor, granularity: str, layers, dynamic_batch=True):
+def _build(model: nn.Module, example: torch.Tensor, granularity: str, layers, dynamic_batch=True,
+           backend: str = "auto"):
     gm, dynamic = capture(model, example, dynamic_batch)
     facts = GraphFacts(gm, granularity, prefix=getattr(model, "module_prefix", ""))
     w = walk(gm, facts)
@@ -48,7 +49,7 @@ def _build(model: nn.Module, example: torch.Tensor, granularity: str, layers, dy
             return "init"
         return granularity if site.block in expanded else "blocks"
 
-    graph_module, labels = Emitter(gm, w, structure, Policy(expand)).run()
+    graph_module, labels = Emitter(gm, w, structure, Policy(expand), backend).run()
     return graph_module, labels, blocks, dynamic
 
 
@@ -98,7 +99,7 @@ class DecomposedModel(nn.Module):
         self.granularity, self.layers, self.backend = granularity, layers, backend
         self.input_shape = tuple(example.shape[1:])
         self.model = model
-        gm, labels, blocks, dynamic = _build(model, example, granularity, layers)
+        gm, labels, blocks, dynamic = _build(model, example, granularity, layers, backend=backend)
         self.graph_module: GraphModule = gm
         self.labels: list[ComponentLabel] = labels
         self.blocks: list[str] = blocks
@@ -110,7 +111,8 @@ class DecomposedModel(nn.Module):
             return self.graph_module
         if batch not in self._static:
             ex = torch.zeros((batch,) + self.input_shape, dtype=next(self.model.parameters()).dtype)
-            gm, labels, _, _ = _build(self.model, ex, self.granularity, self.layers, dynamic_batch=False)
+            gm, labels, _, _ = _build(self.model, ex, self.granularity, self.layers,
+                                      dynamic_batch=False, backend=self.backend)
             if [l.name for l in labels] != [l.name for l in self.labels]:
                 raise FxDecompError(f"re-capture at batch {batch} gave different components")
             self._static[batch] = gm
