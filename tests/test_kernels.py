@@ -437,3 +437,24 @@ def test_reference_semantics_small():
                           atol=1e-6)
     pooled = K.token_contributions_reference(A, V, M, s, reduce_q=True)
     assert torch.allclose(pooled, ref.sum(2), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ engine
+@needs_kernel
+@pytest.mark.parametrize("granularity", ["heads", "tokens"])
+def test_engine_triton_backend_matches_torch(granularity):
+    """The whole decomposition with backend="triton" (the fused per-head projection) equals
+    backend="torch" on deit_tiny_patch16_224."""
+    import fxdecomp
+    from fxdecomp.capture.adapters import example_input, load_model
+    model, info = load_model("timm:deit_tiny_patch16_224", random_init=True, seed=0)
+    x = example_input(info, batch=1, seed=0).to(DEVICE)
+    model = model.to(DEVICE)
+    with torch.no_grad():
+        ref = fxdecomp.decompose(model, x, granularity=granularity, backend="torch")(x)
+        got = fxdecomp.decompose(model, x, granularity=granularity, backend="triton")(x)
+    assert got.names == ref.names
+    scale = float(ref.output.abs().max())
+    torch.testing.assert_close(got.components, ref.components, rtol=1e-5, atol=1e-5 * scale)
+    err = float((got.components.double().sum(0) - got.output.double()).abs().max()) / scale
+    assert err <= 1e-5
