@@ -2,9 +2,14 @@
 from .errors import FxDecompError, InputError, ModelLoadError, UnsupportedGraphError
 from .run.decomposition import KINDS, ComponentLabel, Decomposition
 from .run.decomposed import DecomposedModel, decompose
+from .interpret import (FEATURES, AlignmentMismatchError, CompAlign, describe_component,
+                        score_components, score_components_invariant, text_embeddings,
+                        variance_explained)
 
 __all__ = [
     "decompose", "DecomposedModel", "Decomposition", "ComponentLabel", "KINDS",
     "FxDecompError", "UnsupportedGraphError", "InputError", "ModelLoadError",
+    "CompAlign", "AlignmentMismatchError", "text_embeddings", "score_components",
+    "score_components_invariant", "variance_explained", "describe_component", "FEATURES",
 ]
 __version__ = "0.1.0"

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch.fx import Node
 
 from ..rewrite.rules import sizes

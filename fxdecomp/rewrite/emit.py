@@ -8,7 +8,7 @@ one tensor first. Labels are static, so the graph has no Python loop over compon
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch

@@ -14,9 +14,11 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "as_terms", "take", "expand_terms", "cat_chunks", "push", "push_multi", "place_in_cat", "layer_norm_terms",
-    "rms_norm_terms", "group_norm_terms", "batch_norm_terms", "batch_norm_shift", "bias_terms",
-    "split_heads", "attention_probs", "split_heads_tokens", "where_terms", "group_components",
+    "as_terms", "take", "expand_terms", "cat_chunks", "push", "push_multi", "place_in_cat",
+    "layer_norm_terms", "rms_norm_terms", "group_norm_terms", "batch_norm_terms",
+    "batch_norm_shift", "bias_terms", "head_blocks", "densify_heads", "blocked_linear",
+    "attention_probs", "split_heads_tokens", "where_terms", "max_pool2d_terms", "max_dim_terms",
+    "group_components",
 ]
 
 
@@ -143,17 +145,6 @@ def bias_terms(bias: torch.Tensor, ref: torch.Tensor, channel_dim: int) -> torch
     shape = [1] * ref.dim()
     shape[channel_dim] = bias.shape[0]
     return bias.reshape(shape).to(ref.dtype).expand(ref.shape).unsqueeze(0)
-
-
-def split_heads(value: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """[..., H, ...] -> [H, ..., H, ...]: component h keeps head h's slice, zeros elsewhere.
-    The heads occupy disjoint slices, so the components sum to ``value`` exactly."""
-    head_dim = head_dim % value.dim()
-    h = value.shape[head_dim]
-    eye = torch.eye(h, dtype=value.dtype, device=value.device)
-    shape = [h] + [1] * value.dim()
-    shape[1 + head_dim] = h
-    return value.unsqueeze(0) * eye.reshape(shape)
 
 
 def attention_probs(q, k, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):

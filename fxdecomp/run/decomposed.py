@@ -1,7 +1,7 @@
 """The user-facing module: decompose(model, x) -> DecomposedModel; dm(x) -> Decomposition."""
 from __future__ import annotations
 
-from typing import Iterable, Literal, Sequence
+from typing import Literal, Sequence
 
 import torch
 from torch import nn
