@@ -1,13 +1,13 @@
 """fxdecomp: exact decomposition of vision-transformer representations into components."""
 from .errors import FxDecompError, InputError, ModelLoadError, UnsupportedGraphError
 from .run.decomposition import KINDS, ComponentLabel, Decomposition
-from .run.decomposed import DecomposedModel, decompose
+from .run.decomposed import DecomposedModel, decompose, decompose_in_groups
 from .interpret import (FEATURES, AlignmentMismatchError, CompAlign, describe_component,
                         score_components, score_components_invariant, text_embeddings,
                         variance_explained)
 
 __all__ = [
-    "decompose", "DecomposedModel", "Decomposition", "ComponentLabel", "KINDS",
+    "decompose", "decompose_in_groups", "DecomposedModel", "Decomposition", "ComponentLabel", "KINDS",
     "FxDecompError", "UnsupportedGraphError", "InputError", "ModelLoadError",
     "CompAlign", "AlignmentMismatchError", "text_embeddings", "score_components",
     "score_components_invariant", "variance_explained", "describe_component", "FEATURES",

@@ -213,3 +213,22 @@ class _TwoOutputs(nn.Module):
 def test_multi_output_refused():
     with pytest.raises(fxdecomp.UnsupportedGraphError, match="returns 2 values"):
         fxdecomp.decompose(_TwoOutputs().eval(), torch.randn(2, 4))
+
+
+def test_groups_bound_memory_and_agree(deit_small):
+    """decompose_in_groups: each group exact; their own layers' token components together equal
+    the all-layers tokens decomposition."""
+    model, x = deit_small
+    groups = fxdecomp.decompose_in_groups(model, x, "tokens", group_size=5)
+    assert [dm.expanded_layers for dm in groups] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [10, 11]]
+    full = fxdecomp.decompose(model, x, granularity="tokens")
+    with torch.no_grad():
+        ref = full(x)
+        for dm in groups:
+            d = dm(x)
+            assert rel_err(d.components.sum(0), ref.output) <= REL_TOL
+            mine = d.select(kind="attn_head_token", layer=dm.expanded_layers)
+            want = ref.select(kind="attn_head_token", layer=dm.expanded_layers)
+            assert mine.names == want.names
+            scale = float(ref.output.abs().max())
+            assert float((mine.components - want.components).abs().max()) <= 1e-5 * scale

@@ -20,8 +20,8 @@ GRANULARITIES = ("blocks", "heads", "tokens")
 
 
 def _build(model: nn.Module, example: torch.Tensor, granularity: str, layers, dynamic_batch=True,
-           backend: str = "auto"):
-    gm, dynamic = capture(model, example, dynamic_batch)
+           backend: str = "auto", captured=None):
+    gm, dynamic = captured or capture(model, example, dynamic_batch)
     facts = GraphFacts(gm, granularity, prefix=getattr(model, "module_prefix", ""))
     w = walk(gm, facts)
     structure = Structure(w)
@@ -88,7 +88,7 @@ class DecomposedModel(nn.Module):
     """
 
     def __init__(self, model: nn.Module, example: torch.Tensor, granularity: str = "heads",
-                 layers=None, backend: str = "auto"):
+                 layers=None, backend: str = "auto", _captured=None):
         super().__init__()
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
@@ -99,12 +99,14 @@ class DecomposedModel(nn.Module):
         self.granularity, self.layers, self.backend = granularity, layers, backend
         self.input_shape = tuple(example.shape[1:])
         self.model = model
-        gm, labels, blocks, dynamic = _build(model, example, granularity, layers, backend=backend)
+        gm, labels, blocks, dynamic = _build(model, example, granularity, layers, backend=backend,
+                                             captured=_captured)
         self.graph_module: GraphModule = gm
         self.labels: list[ComponentLabel] = labels
         self.blocks: list[str] = blocks
         self.dynamic_batch = dynamic
         self._static: dict[int, GraphModule] = {int(example.shape[0]): gm}
+        self.expanded_layers: list[int] = _resolve_layers(layers, len(blocks))
 
     def _graph_for(self, batch: int) -> GraphModule:
         if self.dynamic_batch:
@@ -152,3 +154,28 @@ def decompose(model: nn.Module, example_input: torch.Tensor, granularity: Granul
     (negative counts from the end); everything upstream of the first becomes one ``init`` term.
     """
     return DecomposedModel(model, example_input, granularity, layers, backend)
+
+
+def decompose_in_groups(model: nn.Module, example_input: torch.Tensor,
+                        granularity: Granularity = "tokens", group_size: int = 4,
+                        backend: str = "auto") -> list[DecomposedModel]:
+    """Bound memory by expanding a few residual blocks at a time.
+
+    Returns one ``DecomposedModel`` per group of ``group_size`` consecutive blocks (the model is
+    exported once). Each expands only its own blocks (``dm.expanded_layers``); upstream is one
+    ``init`` term and later blocks are block-level components, so each is exact on its own, and
+    the union over groups of ``d.select(layer=dm.expanded_layers)`` is the full fine-grained
+    decomposition of every block — with only one group's components in memory at a time.
+
+    >>> for dm in fxdecomp.decompose_in_groups(model, x, "tokens", group_size=4):  # doctest: +SKIP
+    ...     d = dm(x); keep(d.select(layer=dm.expanded_layers))
+    """
+    check_model(model)
+    check_input(example_input, what="example_input")
+    captured = capture(model, example_input)
+    first = DecomposedModel(model, example_input, "blocks", None, backend, _captured=captured)
+    n = len(first.blocks)
+    return [DecomposedModel(model, example_input, granularity,
+                            list(range(start, min(start + group_size, n))), backend,
+                            _captured=captured)
+            for start in range(0, n, group_size)]
