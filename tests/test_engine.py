@@ -232,3 +232,16 @@ def test_groups_bound_memory_and_agree(deit_small):
             assert mine.names == want.names
             scale = float(ref.output.abs().max())
             assert float((mine.components - want.components).abs().max()) <= 1e-5 * scale
+
+
+def test_torch_compile():
+    """The rewritten graph compiles with torch.compile and gives the same components."""
+    model, info = load_model("timm:deit_tiny_patch16_224", random_init=True, seed=0)
+    x = example_input(info, batch=2, seed=0)
+    dm = fxdecomp.decompose(model, x, granularity="heads")
+    with torch.no_grad():
+        eager = dm(x)
+        compiled = dm.compile(dynamic=False)(x)
+    scale = float(eager.output.abs().max())
+    assert float((compiled.components - eager.components).abs().max()) <= 1e-5 * scale
+    assert rel_err(compiled.components.sum(0), eager.output) <= REL_TOL

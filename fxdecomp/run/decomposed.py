@@ -107,6 +107,7 @@ class DecomposedModel(nn.Module):
         self.dynamic_batch = dynamic
         self._static: dict[int, GraphModule] = {int(example.shape[0]): gm}
         self.expanded_layers: list[int] = _resolve_layers(layers, len(blocks))
+        self._compiled = None
 
     def _graph_for(self, batch: int) -> GraphModule:
         if self.dynamic_batch:
@@ -122,8 +123,14 @@ class DecomposedModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Decomposition:
         check_input(x, self.input_shape)
-        out, components = self._graph_for(int(x.shape[0]))(x)
+        gm = self._compiled if self._compiled is not None else self._graph_for(int(x.shape[0]))
+        out, components = gm(x)
         return Decomposition(out, components, self.labels)
+
+    def compile(self, **kwargs) -> "DecomposedModel":
+        """torch.compile the rewritten graph (kwargs go to torch.compile); returns self."""
+        self._compiled = torch.compile(self.graph_module, **kwargs)
+        return self
 
     @torch.no_grad()
     def verify(self, x: torch.Tensor) -> float:
