@@ -626,13 +626,21 @@ def _bias_chunk(em, node, bias, channel_dim):
     return [em.const_chunk(t, bias, "bias")]
 
 
-@rule("linear")
-def plan_linear(node, facts):
-    """x ↦ x Wᵀ + b: Wᵀ applies to every component; b is a constant component of its own."""
+def _weight_args(node, facts):
+    """(input, weight, bias, root plan if the weight is data-dependent) of linear/conv."""
     x, w = node.args[0], node.args[1]
     bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
     if isinstance(w, Node) and facts.is_data(w):
-        return Plan.root("linear with a data-dependent weight")
+        return x, w, bias, Plan.root(f"{op_name(node)} with a data-dependent weight")
+    return x, w, bias, None
+
+
+@rule("linear")
+def plan_linear(node, facts):
+    """x ↦ x Wᵀ + b: Wᵀ applies to every component; b is a constant component of its own."""
+    x, w, bias, refuse = _weight_args(node, facts)
+    if refuse:
+        return refuse
 
     def emit(em, node):
         c = em.merged(x, blocked_ok=True)
@@ -653,10 +661,9 @@ def plan_linear(node, facts):
 @rule("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
 def plan_conv(node, facts):
     """Convolution with a fixed kernel is linear in its input; the bias is its own component."""
-    x, w = node.args[0], node.args[1]
-    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    if isinstance(w, Node) and facts.is_data(w):
-        return Plan.root("convolution with a data-dependent kernel")
+    x, w, bias, refuse = _weight_args(node, facts)
+    if refuse:
+        return refuse
 
     def emit(em, node):
         c = em.merged(x)
