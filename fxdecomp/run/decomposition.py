@@ -122,13 +122,10 @@ class Decomposition:
 
     def sum_heads(self) -> "Decomposition":
         """Merge per-head (and per-token) components back into one per attention block."""
-        def key(lab: ComponentLabel) -> str:
-            if lab.kind in ("attn_head", "attn_head_token"):
-                return lab.module
-            return lab.name
-        merged = self.group(key)
-        labels = [ComponentLabel(l.name, l.module, "attn" if l.kind in ("attn_head", "attn_head_token") or (l.kind == "other" and l.head is None and l.name == l.module) else l.kind, l.layer)
-                  if l.kind in ("attn_head", "attn_head_token", "other") and l.name == l.module else l
+        split = ("attn_head", "attn_head_token")
+        merged = self.group(lambda lab: lab.module if lab.kind in split else lab.name)
+        heads_of = {lab.module for lab in self.labels if lab.kind in split}
+        labels = [ComponentLabel(l.name, l.module, "attn", l.layer) if l.name in heads_of else l
                   for l in merged.labels]
         return Decomposition(merged.output, merged.components, labels)
 
