@@ -415,15 +415,7 @@ def plan_dropout(node, facts):
 @rule("index")
 def plan_index(node, facts):
     """Advanced indexing x[idx] with frozen indices is linear in x (a gather)."""
-    indices = node.args[1]
-    if any(isinstance(i, Node) and facts.is_data(i) and not _is_integer(i) for i in indices):
-        return Plan.root("indexing by a data-dependent value")
     return Plan.linear([node.args[0]], _push_emit(0))
-
-
-def _is_integer(n: Node) -> bool:
-    v = n.meta.get("val")
-    return v is not None and not v.is_floating_point()
 
 
 @rule("constant_pad_nd", "pad")
@@ -442,14 +434,10 @@ def plan_pad(node, facts):
 
     def emit(em, node):
         chunk = em.merged(node.args[0])
-        args = list(em.orig_arg(a) for a in node.args)
-        zero_args = tuple(None if i == 0 else a for i, a in enumerate(args))
-        if op_name(node) == "constant_pad_nd":
-            zero_args = (None, args[1], 0.0)
-        else:
-            zero_args = (None, args[1], "constant", 0.0)
+        pad = em.orig_arg(node.args[1])
+        zero_args = (None, pad, 0.0) if op_name(node) == "constant_pad_nd" else (None, pad, "constant", 0.0)
         out = em.call(pusher(node.target, 0), chunk.node, zero_args, {})
-        border = em.call(_pad_border, em.orig(node.args[0]), args[1], float(value))
+        border = em.call(_pad_border, em.orig(node.args[0]), pad, float(value))
         return [em.chunk(out, chunk.labels), em.const_chunk(border, node, "pad")]
     return Plan.linear([node.args[0]], emit)
 
