@@ -333,6 +333,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels([f"{lab.replace('_patch', chr(10) + 'patch')}\nB={b}" for lab, b in groups], fontsize=7)
     ax.set_ylabel("time / plain forward\n(median over reps of paired ratio)")
+    ax.set_yscale("log")  # Swin tokens (~280x) would flatten every other bar
     ax.set_title("fxdecomp: decomposed vs plain forward (CPU, fp32)\ndashed lines: targets at batch 8",
                  fontsize=10)
     ax.legend()
