@@ -22,12 +22,13 @@ OUTPUT = {
     # MaxViT's pre_logits ends in its head's Linear + Tanh: one nonlinear value of everything.
     # The pooled, normed features before that hidden MLP are what gets decomposed.
     "timm:maxvit_tiny_tf_224": "pooled",
+    # FastViT's features end in final_conv (conv-BN-GELU after the last stage), which again leaves
+    # nothing linear; its last stage's output, mean-pooled, is what gets decomposed.
+    "timm:fastvit_t8": "stages",
 }
 
+# models without attention (FastViT-T8 mixes tokens with RepMixer convolutions only)
+NO_ATTENTION = {"timm:fastvit_t8"}
+
 # spec -> precise reason it cannot pass (strict xfail: an unexpected pass fails the suite)
-XFAIL: dict[str, str] = {
-    "timm:fastvit_t8": (
-        "FastViT's forward_features ends in final_conv, a MobileOne conv-BN-GELU block after the "
-        "last stage: the representation is one GELU output of everything upstream, so no residual "
-        "block reaches it linearly (UnsupportedGraphError: no residual block was found)"),
-}
+XFAIL: dict[str, str] = {}

@@ -51,7 +51,7 @@ class TimmTarget(nn.Module):
     """A timm model's pre-logits (``forward_head(forward_features(x), pre_logits=True)``) or
     logits (``model(x)``). Works for every timm model with the standard forward seams."""
 
-    OUTPUTS = ("pre_logits", "logits", "pooled")
+    OUTPUTS = ("pre_logits", "logits", "pooled", "stages")
     module_prefix = "model."  # stripped from component names by the engine
 
     def __init__(self, model: nn.Module, output: str = "pre_logits"):
@@ -67,6 +67,11 @@ class TimmTarget(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.output == "logits":
             return self.model(x)
+        if self.output == "stages":
+            # the last stage's output, mean-pooled over space: before any final conv/norm head
+            # (FastViT's final_conv is a conv-BN-GELU that would leave nothing linear to split)
+            (y,) = self.model.forward_intermediates(x, indices=1, intermediates_only=True)
+            return y.mean(dim=(-2, -1)) if y.dim() == 4 else y.mean(dim=1)
         feats = self.model.forward_features(x)
         head = getattr(self.model, "head", None)
         if self.output == "pooled" and hasattr(head, "global_pool"):

@@ -27,9 +27,12 @@ def _build(model: nn.Module, example: torch.Tensor, granularity: str, layers, dy
     structure = Structure(w)
     blocks = structure.blocks
     if not blocks:
+        roots = [n for n in w.order if w.plans[n].kind in ("root", "attention")]
         raise UnsupportedGraphError(
-            "no residual block was found on the path to the output: nothing to decompose "
-            "(the output is one nonlinear value of the input)", w.output)
+            "no residual block was found on the path to the output: nothing to decompose. The "
+            "output depends on everything upstream through this nonlinear op; decompose a "
+            "representation taken before it (e.g. another `output=` of the adapters)",
+            roots[-1] if roots else w.output)
     selected = _resolve_layers(layers, len(blocks))
     expanded = {blocks[i] for i in selected}
     first = min(selected)
