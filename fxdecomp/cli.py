@@ -152,7 +152,8 @@ def main(argv=None) -> int:
         args = parser.parse_args(["demo"])
     if getattr(args, "checkpoint", None):
         args.random_init = False
-    return int(args.func(args) or 0)
+    result = args.func(args)  # the interpret commands return what they computed
+    return result if isinstance(result, int) else 0
 
 
 if __name__ == "__main__":
