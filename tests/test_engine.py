@@ -245,3 +245,18 @@ def test_torch_compile():
     scale = float(eager.output.abs().max())
     assert float((compiled.components - eager.components).abs().max()) <= 1e-5 * scale
     assert rel_err(compiled.components.sum(0), eager.output) <= REL_TOL
+
+
+def test_static_batch_fallback(deit_small, monkeypatch):
+    """Where the exporter must specialise the batch size, other batch sizes are re-captured."""
+    import fxdecomp.run.decomposed as run
+    real = run.capture
+    monkeypatch.setattr(run, "capture", lambda m, x, dynamic_batch=True: real(m, x, False))
+    model, x = deit_small
+    dm = fxdecomp.decompose(model, x, granularity="heads")
+    assert not dm.dynamic_batch
+    xb = torch.randn(3, *x.shape[1:])
+    with torch.no_grad():
+        d = dm(xb)
+    assert d.components.shape[1] == 3 and 3 in dm._static
+    assert rel_err(d.components.sum(0), model(xb)) <= REL_TOL
