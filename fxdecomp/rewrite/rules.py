@@ -111,15 +111,18 @@ def _mapped(x: Node, d, dim_in):
     return {x: (dim_in,) + tuple(d[1:])}
 
 
-def _prefix(shape, k):
-    """Product of shape[:k] as (static part, number of symbolic factors)."""
+def _prefix(factors, k):
+    """Product of the first k dims as (static part, number of symbolic factors); ``factors``
+    holds per dim (static coefficient, number of symbolic factors)."""
     num, sym = 1, 0
-    for s in shape[:k]:
-        if s is None:
-            sym += 1
-        else:
-            num *= s
+    for c, n in factors[:k]:
+        num, sym = num * c, sym + n
     return num, sym
+
+
+def _factors(shape):
+    """Sizes (None = symbolic) as per-dim (static coefficient, symbolic count)."""
+    return [(1, 1) if s is None else (s, 0) for s in shape]
 
 
 def _reshape_demand(x: Node, node: Node, d):
@@ -131,9 +134,9 @@ def _reshape_demand(x: Node, node: Node, d):
         return {}
     dim, idx, group = d
     ins, outs = sizes(x), sizes(node)
-    target = _prefix(outs, dim)
+    target = _prefix(_factors(outs), dim)
     for k in range(len(ins)):
-        if _prefix(ins, k) != target:
+        if _prefix(_factors(ins), k) != target:
             continue
         if group is None and ins[k] == outs[dim] and ins[k] is not None:
             return {x: (k, idx, None)}
@@ -201,7 +204,7 @@ def _identity_emit(pos: int = 0):
 
 STRUCTURAL = (
     "reshape", "_unsafe_view", "permute", "transpose", "t", "expand", "flatten", "unflatten",
-    "squeeze", "unsqueeze", "contiguous", "clone", "select", "slice", "narrow", "index_select",
+    "squeeze", "unsqueeze", "contiguous", "clone", "narrow", "index_select",
     "roll", "flip", "repeat", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "movedim",
     "swapaxes", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
     "adaptive_avg_pool2d", "adaptive_avg_pool3d", "mean", "sum", "upsample_nearest1d",
@@ -210,7 +213,6 @@ STRUCTURAL = (
     "cumsum", "expand_as", "view_as", "reshape_as", "gather", "repeat_interleave", "tile",
     "as_strided", "alias", "lift_fresh_copy", "_to_copy", "to", "type_as",
 )
-STRUCTURAL = tuple(n for n in STRUCTURAL if n not in ("select", "slice"))
 
 
 def _structural_demand(node, d):
@@ -288,16 +290,10 @@ def _moved_block(node: Node, block, shape_arg):
         return (perm.index(dim), heads, per), shape_arg
     if name in ("reshape", "view", "_unsafe_view"):
         ins, outs = _static_factors(node.args[0]), _static_factors(node)
-
-        def prefix(f, k):
-            num, sym = 1, 0
-            for c, n in f[:k]:
-                num, sym = num * c, sym + n
-            return num, sym
         if ins[dim][1]:
             return None
         for j in range(len(outs)):
-            if prefix(outs, j) != prefix(ins, dim) or outs[j][1]:
+            if _prefix(outs, j) != _prefix(ins, dim) or outs[j][1]:
                 continue
             o, i = outs[j][0], ins[dim][0]
             if o % i == 0 or (i % o == 0 and o % heads == 0):

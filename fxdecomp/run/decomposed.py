@@ -183,8 +183,7 @@ def decompose_in_groups(model: nn.Module, example_input: torch.Tensor,
     check_model(model)
     check_input(example_input, what="example_input")
     captured = capture(model, example_input)
-    first = DecomposedModel(model, example_input, "blocks", None, backend, _captured=captured)
-    n = len(first.blocks)
+    n = len(Structure(walk(captured[0])).blocks)
     return [DecomposedModel(model, example_input, granularity,
                             list(range(start, min(start + group_size, n))), backend,
                             _captured=captured)

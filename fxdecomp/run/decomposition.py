@@ -132,7 +132,7 @@ class Decomposition:
     def sum_tokens(self) -> "Decomposition":
         """Merge per-token components into per-head components."""
         def key(lab: ComponentLabel) -> str:
-            return lab.name.rsplit(".t", 1)[0] if lab.kind == "attn_head_token" else lab.name
+            return f"{lab.module}.h{lab.head}" if lab.kind == "attn_head_token" else lab.name
         merged = self.group(key)
         labels = [ComponentLabel(l.name, l.module, "attn_head", l.layer, l.head)
                   if l.head is not None and l.token is None else l for l in merged.labels]
