@@ -142,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .interpret.cli import add_subcommands
     add_subcommands(sub)
+    from .store.cli import add_subcommands as add_store_subcommands
+    add_store_subcommands(sub)
     return parser
 
 

@@ -169,21 +169,44 @@ class _Session:
     def __init__(self, args):
         self.args = args
         self.decompose, self.load_model, self.load_clip = _engine()
-        if args.images:
+        self.store = None
+        if getattr(args, "store", None):         # components (and CLIP targets) read, not computed
+            from fxdecomp.store import open_store
+            self.store = open_store(args.store)
+            self.images, self.image_names = None, list(self.store.ids)
+            if args.subject and args.subject != self.store.model["spec"]:
+                raise InputError(f"--subject {args.subject} but store {args.store} holds "
+                                 f"components of {self.store.model['spec']} (drop --subject)")
+        elif not args.subject:
+            raise InputError("give --subject SPEC (the model to decompose) or --store PATH")
+        elif args.images:
             self.images, self.image_names = load_images(args.images, args.limit)
         else:
             n = args.synthetic or 32
             self.images = synthetic_images(n, seed=args.seed)
             self.image_names = [f"synthetic_{i:05d}" for i in range(n)]
-        self.subject_id = _model_id(args.subject, args.random_init, args.subject_checkpoint,
-                                    args.seed)
+        self.subject_id = (self.store.model["id"] if self.store is not None else
+                           _model_id(args.subject, args.random_init, args.subject_checkpoint,
+                                     args.seed))
         self.clip_id = _model_id(f"open_clip:{args.clip}", args.random_init,
                                  args.clip_checkpoint, args.seed)
         self._clip = None
 
+    @property
+    def n_images(self) -> int:
+        return len(self.image_names)
+
     def components(self) -> tuple[torch.Tensor, list]:
         """Components [C, N, d] of the subject's representation over all images, and labels."""
         a = self.args
+        if self.store is not None:
+            comps, labels = self.store.tensor().float(), list(self.store.labels)
+            if comps.ndim != 3:
+                raise InputError(f"the interpret commands need [C, N, d] components (a pooled "
+                                 f"representation); store {a.store} holds {tuple(comps.shape)}")
+            if a.from_layer is not None:
+                comps, labels = _merge_before(comps, labels, a.from_layer)
+            return comps, labels
         target, info = self.load_model(a.subject, random_init=a.random_init,
                                        checkpoint=a.subject_checkpoint, seed=a.seed)
         target.eval()
@@ -215,6 +238,16 @@ class _Session:
         return self._clip
 
     def clip_image_embeddings(self) -> torch.Tensor:
+        if self.store is not None:
+            stored = self.store.clip
+            if stored is None:
+                raise InputError(f"store {self.args.store} has no CLIP image embeddings; extract "
+                                 f"it with --clip {self.args.clip}")
+            if stored["id"] != self.clip_id:
+                raise InputError(f"store {self.args.store} holds image embeddings of "
+                                 f"{stored['id']}, this command uses {self.clip_id} (--clip, "
+                                 "--random-init, --clip-checkpoint must match the extraction)")
+            return self.store.targets().float()
         model, preprocess, _ = self.clip()
         transform = _clip_transform(model, preprocess)
         out = []
@@ -319,7 +352,7 @@ def cmd_align(args) -> CompAlign:
     al.save(args.out)
     rows = [{"key": k, "value": v} for k, v in al.stats.items()]
     print(f"CompAlign {s.subject_id} -> {s.clip_id}: {al.n_components} components, "
-          f"d_model={al.d_model}, d_clip={al.d_clip}, {len(s.images)} images")
+          f"d_model={al.d_model}, d_clip={al.d_clip}, {s.n_images} images")
     print(_format_table(rows, ["key", "value"]))
     print(f"saved {args.out}")
     _write_outputs(args, rows, {"aligner": str(args.out), **al.metadata()})
@@ -364,10 +397,10 @@ def cmd_rank(args) -> list[dict]:
     cols = list(rows[0])
     for fname, _ in features:
         print(f"\nfeature {fname!r} ({len(dict(features)[fname])} descriptions), "
-              f"top {args.top} of {len(names)} components, {len(s.images)} images")
+              f"top {args.top} of {len(names)} components, {s.n_images} images")
         print(_format_table([r for r in rows if r["feature"] == fname][:args.top], cols[1:]))
     _write_outputs(args, rows, {"subject": s.subject_id, "clip_model": s.clip_id,
-                                "features": dict(features), "n_images": len(s.images),
+                                "features": dict(features), "n_images": s.n_images,
                                 "rows": rows})
     return rows
 
@@ -403,8 +436,8 @@ def cmd_describe(args) -> dict:
 # ---------------------------------------------------------------------------- argparse
 def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("models")
-    g.add_argument("--subject", required=True,
-                   help='subject model spec, e.g. "timm:deit_tiny_patch16_224"')
+    g.add_argument("--subject", default=None,
+                   help='subject model spec, e.g. "timm:deit_tiny_patch16_224" (not with --store)')
     g.add_argument("--clip", default="ViT-B-32", help="open_clip model name (default ViT-B-32)")
     g.add_argument("--random-init", action="store_true",
                    help="random weights for subject and CLIP (no download; for testing)")
@@ -418,6 +451,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     src.add_argument("--images", default=None, help="folder of images")
     src.add_argument("--synthetic", type=int, default=None,
                      help="N seeded synthetic pattern images (default 32 when no --images)")
+    src.add_argument("--store", default=None,
+                     help="component store from `fxdecomp extract` (with --clip for align): "
+                          "the components are read, nothing is decomposed")
     d.add_argument("--limit", type=int, default=None, help="use at most this many images")
     d.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
     o = p.add_argument_group("output")
