@@ -5,11 +5,13 @@ from .run.decomposed import DecomposedModel, decompose, decompose_in_groups
 from .interpret import (FEATURES, AlignmentMismatchError, CompAlign, describe_component,
                         score_components, score_components_invariant, text_embeddings,
                         variance_explained)
+from .store import ComponentStore, open_store
 
 __all__ = [
     "decompose", "decompose_in_groups", "DecomposedModel", "Decomposition", "ComponentLabel", "KINDS",
     "FxDecompError", "UnsupportedGraphError", "InputError", "ModelLoadError",
     "CompAlign", "AlignmentMismatchError", "text_embeddings", "score_components",
     "score_components_invariant", "variance_explained", "describe_component", "FEATURES",
+    "open_store", "ComponentStore",
 ]
 __version__ = "0.1.0"

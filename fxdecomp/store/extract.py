@@ -337,8 +337,9 @@ def _scan(store: Path, config: dict, plan_ids: Callable[[int], list[str]], log) 
 
 
 def _prepare(opts: ExtractOptions, store: Path, config: dict, labels: list[dict],
-             plan_ids, log) -> list[int]:
-    """Rank 0: check the store against this run, verify shards, return the missing indices."""
+             plan_ids, log) -> dict[int, dict]:
+    """Rank 0: check the store against this run, verify the shards on disk, return the good
+    ones ({index: manifest entry}); the rest is to do."""
     manifest = fmt.read_manifest(store)
     ours = lambda name: name in (fmt.LOCK, fmt.SHARD_DIR) or name.startswith(f".{fmt.MANIFEST}.")
     if manifest is None and store.exists() and not all(ours(p.name) for p in store.iterdir()):
@@ -361,16 +362,30 @@ def _prepare(opts: ExtractOptions, store: Path, config: dict, labels: list[dict]
             "shards": [dict(good[k], ids=plan_ids(k)) for k in sorted(good)]})
     if good and pending:
         log(f"resuming {store}: {len(good)} of {config['n_shards']} shards already done")
-    return pending
+    return good
 
 
-def _finish(store: Path, config: dict, labels: list[dict], plan_ids, stats: dict, log) -> dict:
-    """Rank 0 after every rank is through: each shard exactly once, then the final manifest."""
-    good = _scan(store, config, plan_ids, log)
-    missing = [k for k in range(config["n_shards"]) if k not in good]
+def _finish(store: Path, config: dict, labels: list[dict], plan_ids, good: dict[int, dict],
+            written: list[dict], stats: dict) -> dict:
+    """Rank 0 after every rank is through: every planned shard exactly once (the ones verified
+    at the start plus the ones the ranks wrote, whose checksums they computed from the bytes
+    they wrote; here only their sizes are checked), then the final manifest."""
+    entries = dict(good)
+    for e in written:
+        if e["index"] in entries and entries[e["index"]]["sha256"] != e["sha256"]:
+            raise StoreCorruptError(f"{store}: shard {e['index']} was written twice with "
+                                    "different content")
+        entries[e["index"]] = e
+    missing = [k for k in range(config["n_shards"]) if k not in entries]
     if missing:
         raise StoreCorruptError(f"{store}: shards {missing[:10]} are missing after every process "
                                 "finished; run the same command again to redo them")
+    for e in entries.values():
+        c = fmt.check_shard(store / e["file"], e["sha256"], e["bytes"], full=False)
+        if not c.ok:
+            raise StoreCorruptError(f"{store}: shard {e['file']} {c.reason} right after it was "
+                                    "written; run the same command again")
+    good = entries
     manifest = {"format": fmt.FORMAT, "complete": True, "config": config, "labels": labels,
                 "shards": [dict(good[k], ids=plan_ids(k)) for k in sorted(good)],
                 "stats": stats}
@@ -429,6 +444,7 @@ def extract(opts: ExtractOptions) -> dict:
 
         # rank 0 takes the lock and decides what is left; everyone learns it (or the error)
         status: dict = {}
+        good: dict[int, dict] = {}
         if dist.rank == 0:
             try:
                 lock = StoreLock(store).acquire()
@@ -436,7 +452,8 @@ def extract(opts: ExtractOptions) -> dict:
                 if prev and prev.get("pid") and prev.get("pid") != os.getpid():
                     log(f"took over the lock of {store} left by pid {prev.get('pid')} on "
                         f"{prev.get('host')} (no longer running)")
-                status = {"pending": _prepare(opts, store, config, labels, plan_ids, log)}
+                good = _prepare(opts, store, config, labels, plan_ids, log)
+                status = {"pending": [k for k in range(n_shards) if k not in good]}
             except FxDecompError as err:
                 status = {"error": str(err), "error_type": type(err).__name__}
         status = dist.broadcast(status)
@@ -488,7 +505,7 @@ def extract(opts: ExtractOptions) -> dict:
             if bar is not None:
                 bar.close()
         loop_s = time.perf_counter() - t_loop
-        counts = dist.gather({"samples": n_mine, "loop_s": loop_s})
+        counts = dist.gather({"samples": n_mine, "loop_s": loop_s, "written": writer.written})
         dist.barrier()
         summary = {"store": str(store), "n_samples": len(ids), "extracted_now": sum(
             c["samples"] for c in counts), "processes": dist.world, "n_shards": n_shards,
@@ -499,7 +516,8 @@ def extract(opts: ExtractOptions) -> dict:
         status = {}
         if dist.rank == 0:
             try:
-                _finish(store, config, labels, plan_ids, summary, log)
+                _finish(store, config, labels, plan_ids, good,
+                        [e for c in counts for e in c["written"]], summary)
             except FxDecompError as err:
                 status = {"error": str(err), "error_type": type(err).__name__}
         status = dist.broadcast(status)
