@@ -20,6 +20,7 @@ POSIX), so a file with a shard name is either complete or detectably damaged, ne
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -215,7 +216,11 @@ class StoreLock:
         fd = os.open(str(self.path), os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as err:
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                os.close(fd)
+                raise StoreError(f"cannot lock {self.path}: {err} (this file system does not "
+                                 "support flock; put --out on a local disk or NFSv4)") from err
             holder = _read_holder(fd)
             os.close(fd)
             who = (f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('time')}"
