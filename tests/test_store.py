@@ -239,3 +239,14 @@ def test_align_and_rank_from_store_equal_recomputation(tmp_path, capsys):
 def _rank_rows(path: Path, argv: list[str]) -> list[dict]:
     assert main(argv + ["--json", str(path)]) == 0
     return json.loads(path.read_text())["rows"]
+
+
+def test_auto_shard_size_bounds_bytes_and_splits_small_collections():
+    from fxdecomp.store.extract import MIN_SHARDS, SHARD_TARGET_BYTES, auto_shard_size
+    per_image = 113 * 384 * 2                                      # deit_small heads, fp16
+    for n, batch in [(64, 32), (6400, 32), (10**6, 32), (10**6, 4096), (5, 1)]:
+        s = auto_shard_size(n, per_image, batch)
+        assert s * per_image <= max(SHARD_TARGET_BYTES, per_image)  # shards stay bounded
+        if n >= MIN_SHARDS * batch and (n // MIN_SHARDS) * per_image <= SHARD_TARGET_BYTES:
+            assert -(-n // s) >= MIN_SHARDS                         # enough shards to split
+        assert s >= min(batch, SHARD_TARGET_BYTES // per_image)     # batches are not cut up

@@ -52,7 +52,8 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--workers", type=int, default=None,
                    help="DataLoader processes decoding images (default min(4, CPUs - 1))")
     p.add_argument("--shard-size", type=int, default=None,
-                   help="images per shard file (default: about 128 MiB of components)")
+                   help="images per shard file (default: at most 128 MiB of components and at "
+                        "least 64 shards, not below --batch-size; a resumed store keeps its own)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--random-init", action="store_true",
                      help="seeded random weights for the model (and --clip); no download")

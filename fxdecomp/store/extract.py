@@ -43,6 +43,7 @@ IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SHARD_TARGET_BYTES = 128 << 20
+MIN_SHARDS = 64
 # what must be equal to resume into a store (dotted paths into the manifest's config)
 RESUME_KEYS = ("model.spec", "model.output", "model.model_kwargs", "model.weights_sha256",
                "preprocess", "granularity", "layers", "dtype", "clip.spec",
@@ -393,6 +394,23 @@ def _finish(store: Path, config: dict, labels: list[dict], plan_ids, good: dict[
     return manifest
 
 
+def auto_shard_size(n_samples: int, bytes_per_sample: int, batch_size: int) -> int:
+    """Images per shard when --shard-size is not given: at most ``SHARD_TARGET_BYTES`` of
+    components, and at least ``MIN_SHARDS`` shards (so torchrun has work to split even for a
+    small collection) unless that would make shards smaller than a batch."""
+    by_bytes = max(1, SHARD_TARGET_BYTES // max(1, bytes_per_sample))
+    return max(1, min(by_bytes, max(batch_size, -(-n_samples // MIN_SHARDS))))
+
+
+def _stored_shard_size(store: Path) -> int | None:
+    """A resumed store keeps its plan: its shard size (read-only; the manifest is atomic)."""
+    try:
+        manifest = fmt.read_manifest(store) if store.is_dir() else None
+    except StoreError:
+        return None                                  # reported properly by rank 0's checks
+    return int(manifest["config"]["shard_size"]) if manifest else None
+
+
 def extract(opts: ExtractOptions) -> dict:
     """Run (or resume) an extraction; returns a summary (samples, shards, seconds, images/s).
     Under torchrun every rank calls this with the same options."""
@@ -425,7 +443,8 @@ def extract(opts: ExtractOptions) -> dict:
         labels = [lab.to_dict() for lab in dm.labels]
         per_sample = len(labels) * max(1, int(torch.tensor(feature_shape).prod())) \
             * torch.empty((), dtype=store_dtype).element_size()
-        shard_size = opts.shard_size or max(1, SHARD_TARGET_BYTES // per_sample)
+        shard_size = opts.shard_size or _stored_shard_size(store) or auto_shard_size(
+            len(ids), per_sample, opts.batch_size)
         n_shards = (len(ids) + shard_size - 1) // shard_size
         config = {
             "model": model_record, "preprocess": preprocess, "granularity": opts.granularity,
