@@ -140,7 +140,8 @@ def main(argv=None) -> int:
         rows.append(row)
         print(f"rep {rep}: in-memory {row['in_memory_img_s']:.2f} img/s, extraction "
               f"{row['extract_img_s']:.2f} img/s (x{row['ratio']:.3f} the time), store "
-              f"{store_bytes / 2**20:.1f} MiB, extract incl. model build {summary['total_s']:.1f}s; "
+              f"{store_bytes / 2**20:.1f} MiB, extract incl. model build "
+              f"{summary['total_s']:.1f}s; "
               f"CPU s: in-memory {cpu_mem:.1f}, extraction incl. build {cpu_ext:.1f}",
               flush=True)
         shutil.rmtree(out, ignore_errors=True)

@@ -38,7 +38,8 @@ def add_subcommands(subparsers) -> None:
         "extract", help="decompose an image collection once, into a resumable component store",
         description=cmd_extract.__doc__ + " Run it under `torchrun --nproc-per-node N -m "
         "fxdecomp extract ...` to split the images over N processes.")
-    p.add_argument("--model", required=True, help="subject model spec, e.g. timm:deit_small_patch16_224")
+    p.add_argument("--model", required=True,
+                   help="subject model spec, e.g. timm:deit_small_patch16_224")
     p.add_argument("--data", required=True,
                    help="image folder (ImageFolder layout or flat, recursive) or a file list "
                         "(one path a line, relative to the list's folder)")
@@ -68,7 +69,8 @@ def add_subcommands(subparsers) -> None:
                    help="also store this open_clip model's image embeddings (CompAlign targets), "
                         "e.g. ViT-B-32")
     p.add_argument("--clip-checkpoint", default=None)
-    p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if available), cpu, cuda")
+    p.add_argument("--device", default="auto",
+                   help="auto (cuda:LOCAL_RANK if available), cpu, cuda")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_extract)
 

@@ -486,7 +486,8 @@ def extract(opts: ExtractOptions) -> dict:
         batches = [list(range(k * shard_size + lo, min((k * shard_size) + len(plan_ids(k)),
                                                        k * shard_size + lo + opts.batch_size)))
                    for k in mine for lo in range(0, len(plan_ids(k)), opts.batch_size)]
-        workers = opts.workers if opts.workers is not None else min(4, max(0, (os.cpu_count() or 1) - 1))
+        workers = (opts.workers if opts.workers is not None
+                   else min(4, max(0, (os.cpu_count() or 1) - 1)))
         loader = torch.utils.data.DataLoader(
             ImageDataset(root, ids, transform, clip_transform), batch_sampler=batches,
             num_workers=workers, collate_fn=_collate, pin_memory=device.type == "cuda",
