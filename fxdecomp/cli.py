@@ -142,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .interpret.cli import add_subcommands
     add_subcommands(sub)
+    from .apply.cli import add_subcommands as add_apply_subcommands
+    add_apply_subcommands(sub)
     return parser
 
 
