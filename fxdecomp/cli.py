@@ -144,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_subcommands(sub)
     from .store.cli import add_subcommands as add_store_subcommands
     add_store_subcommands(sub)
+    from .apply.cli import add_subcommands as add_apply_subcommands
+    add_apply_subcommands(sub)
     return parser
 
 
