@@ -220,7 +220,7 @@ def _render_chunk(seed: int, split: str, chunk: int, n: int, size: int, total: i
     start = chunk * _CHUNK
     # every draw is made for the whole chunk and then cut to n: image i never depends on n
     attrs = {k: v[:n] for k, v in _sample_attributes(rng, _CHUNK, split, start, total).items()}
-    radius = rng.uniform(0.2, 0.32, _CHUNK) * size
+    radius = rng.uniform(0.24, 0.38, _CHUNK) * size
     cx = rng.uniform(radius + 1, size - radius - 1)[:n]
     cy = rng.uniform(radius + 1, size - radius - 1)[:n]
     radius = radius[:n]
