@@ -73,7 +73,7 @@ def evaluate_world(n: int = 2000, seed: int = 0, k: int = 3, queries: int = 500,
     from fxdecomp.apply import precision_at_k, property_retrieval, select_components
     from fxdecomp.capture.adapters import load_clip, load_model
     from fxdecomp.interpret import CompAlign, score_components, text_embeddings
-    from fxdecomp.world.models import WORLD_FEATURES
+    from fxdecomp.world.models import WORLD_FEATURES, read_record
 
     t0 = time.perf_counter()
     timings = {}
@@ -165,6 +165,9 @@ def evaluate_world(n: int = 2000, seed: int = 0, k: int = 3, queries: int = 500,
         "n_components": len(labels), "n_candidates": int(len(cand_idx)),
         "random_draws": RANDOM_DRAWS, "seed": seed, "split": world.split,
         "layers": list(layers) if layers is not None else "all",
+        "subject_balanced_test": {k_: read_record("subject")["eval"].get(k_)
+                                  for k_ in ("accuracy", "worst_group_accuracy", "group_accuracy")},
+        "clip_zero_shot_accuracy": read_record("clip")["eval"]["zero_shot_accuracy"],
         "aligner": {k_: v for k_, v in aligner.stats.items() if isinstance(v, (int, float, str, bool))},
         "seconds": {k_: round(v, 2) for k_, v in timings.items()},
     }

@@ -7,7 +7,8 @@ Every image holds one object with independent, recorded attributes:
     texture    4: plain, striped, dotted, checkered (the pattern mixes the color with a contrast
                tone; "plain" pixels are exactly the object's color)
     background 4: grass, sand (land) | water, sky (water), each with its own colors and texture
-    x, y       the object's centre in pixels; size its radius in pixels
+    x, y       the object's centre in pixels; size its radius in pixels (every shape lies within
+               1.05 x size of the centre; the triangle's base is the widest)
 
 Images are uint8 ``[N, S, S, 3]`` and object masks bool ``[N, S, S]``; everything is a
 deterministic function of (split, seed, n, size): image i of a split depends only on

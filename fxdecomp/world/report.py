@@ -130,6 +130,12 @@ def write_report(ev: WorldEvaluation, out: str | Path) -> Path:
         f"the attribute's values; the k = {m['k']} components with the best score minus their "
         f"best score on another attribute are selected (`scores.png`).",
         "",
+        f"- the models (records in `fxdecomp/world/weights/*.json`): the subject's accuracy on "
+        f"the balanced test split is {m['subject_balanced_test']['accuracy']:.3f} (worst group "
+        f"{m['subject_balanced_test']['worst_group_accuracy']:.3f}); the tiny CLIP's zero-shot "
+        f"accuracy is " + ", ".join(f"{a} {v:.3f}" for a, v in m["clip_zero_shot_accuracy"].items())
+        + ".",
+        "",
         "## Property retrieval (precision@10)",
         "",
         f"For {m['n_queries']} query images, the 10 nearest images by cosine similarity of a sum "

@@ -53,7 +53,9 @@ def subject_accuracy(model, world: World, batch: int = 256) -> dict:
     """Accuracy on ``world``'s ``angular`` label, and per (label, background group) group."""
     model.eval()
     x = world.tensor()
-    pred = torch.cat([model(x[i:i + batch]).argmax(-1) for i in range(0, len(x), batch)]).numpy()
+    dev = next(model.parameters()).device
+    pred = torch.cat([model(x[i:i + batch].to(dev)).argmax(-1).cpu()
+                      for i in range(0, len(x), batch)]).numpy()
     y = world.codes("angular")
     land = np.array([r["background"] in ("grass", "sand") for r in world.records])
     groups = {}
@@ -71,11 +73,12 @@ def clip_zero_shot(clip, tokenizer, world: World, batch: int = 256) -> dict:
     """Zero-shot accuracy per attribute with ``attribute_prompts``."""
     clip.eval()
     x = world.tensor()
-    img = torch.cat([F.normalize(clip.encode_image(x[i:i + batch]), dim=-1)
+    dev = next(clip.parameters()).device
+    img = torch.cat([F.normalize(clip.encode_image(x[i:i + batch].to(dev)), dim=-1).cpu()
                      for i in range(0, len(x), batch)])
     out = {}
     for attr in ATTRIBUTES:
-        txt = F.normalize(clip.encode_text(tokenizer(attribute_prompts(attr))), dim=-1)
+        txt = F.normalize(clip.encode_text(tokenizer(attribute_prompts(attr)).to(dev)), dim=-1).cpu()
         pred = (img @ txt.T).argmax(-1).numpy()
         out[attr] = float((pred == world.codes(attr)).mean())
     return out
@@ -91,7 +94,7 @@ def _schedule(opt, step: int, total: int, lr: float, warmup: int) -> None:
 
 def train_subject(args) -> dict:
     test = generate(args.eval_n, seed=EVAL_SEED, split="balanced-test", workers=args.workers)
-    model = build_subject(args.seed)
+    model = build_subject(args.seed).to(args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
     g = torch.Generator().manual_seed(args.seed)
     total_epochs = args.pretrain_epochs + args.epochs
@@ -112,7 +115,7 @@ def train_subject(args) -> dict:
         for i in range(0, len(x), args.batch):
             idx = perm[i:i + args.batch]
             _schedule(opt, step, steps, args.lr, warmup=steps // 20)
-            loss = F.cross_entropy(model(x[idx]), y[idx])
+            loss = F.cross_entropy(model(x[idx].to(args.device)), y[idx].to(args.device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -170,7 +173,7 @@ def train_clip(args) -> dict:
     data = generate(args.n, seed=args.seed, split="train", workers=args.workers)
     test = generate(args.eval_n, seed=EVAL_SEED, split="test", workers=args.workers)
     tokenizer = WorldTokenizer()
-    clip = build_clip(tokenizer, args.seed)
+    clip = build_clip(tokenizer, args.seed).to(args.device)
     x = data.tensor()
     codes = torch.from_numpy(np.stack([data.codes(a) for a in ATTRIBUTES], 1))       # [N, 4]
     opt = torch.optim.AdamW(clip.parameters(), lr=args.lr, weight_decay=0.05)
@@ -189,8 +192,9 @@ def train_clip(args) -> dict:
             same = c[:, None, :] == c[None, :, :]                                    # [Bi, Bt, 4]
             positive = (same | ~torch.from_numpy(named)[None]).all(-1)
             _schedule(opt, step, steps, args.lr, warmup=steps // 20)
-            img = F.normalize(clip.encode_image(x[idx]), dim=-1)
-            txt = F.normalize(clip.encode_text(tokenizer(texts)), dim=-1)
+            img = F.normalize(clip.encode_image(x[idx].to(args.device)), dim=-1)
+            txt = F.normalize(clip.encode_text(tokenizer(texts).to(args.device)), dim=-1)
+            positive = positive.to(args.device)
             loss = multi_positive_clip_loss(img, txt, positive, clip.logit_scale.exp().clamp(max=100))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -219,7 +223,7 @@ def _save(state_dict: dict, which: str, record: dict, args) -> None:
     from safetensors.torch import save_file
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in state_dict.items()},
+    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()},
               str(out / f"{which}.safetensors"))
     record = {"command": "python -m fxdecomp.world.train " + " ".join(map(shlex.quote, args.argv)),
               "torch_threads": torch.get_num_threads(), "torch": torch.__version__, **record}
@@ -245,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--workers", type=int, default=1, help="processes generating the world")
         s.add_argument("--threads", type=int, default=1, help="torch CPU threads")
         s.add_argument("--out", default=str(WEIGHTS_DIR))
+        s.add_argument("--device", default="cpu", help="torch device to train on (cpu, cuda)")
         if which == "subject":
             s.add_argument("--pretrain-epochs", type=int, default=6,
                            help="epochs of the same label on the unbiased train split first")
