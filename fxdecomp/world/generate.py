@@ -31,8 +31,6 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
-
 import numpy as np
 
 from fxdecomp.errors import InputError
@@ -103,8 +101,8 @@ def caption(color: str, texture: str, shape: str, background: str) -> str:
 
 
 # ---------------------------------------------------------------------------- attributes
-def _sample_attributes(rng: np.random.Generator, n: int, split: str, start: int,
-                       total: int) -> dict[str, np.ndarray]:
+def _sample_attributes(rng: np.random.Generator, n: int, split: str,
+                       start: int) -> dict[str, np.ndarray]:
     color = rng.integers(0, len(COLORS), n)
     texture = rng.integers(0, len(TEXTURES), n)
     if split in ("train", "test"):
@@ -216,11 +214,11 @@ def _backgrounds(rng, background: np.ndarray, size: int, xx, yy, draws: int) -> 
     return out
 
 
-def _render_chunk(seed: int, split: str, chunk: int, n: int, size: int, total: int):
+def _render_chunk(seed: int, split: str, chunk: int, n: int, size: int):
     rng = np.random.default_rng([seed, _SPLIT_STREAM[split], chunk])
     start = chunk * _CHUNK
     # every draw is made for the whole chunk and then cut to n: image i never depends on n
-    attrs = {k: v[:n] for k, v in _sample_attributes(rng, _CHUNK, split, start, total).items()}
+    attrs = {k: v[:n] for k, v in _sample_attributes(rng, _CHUNK, split, start).items()}
     radius = rng.uniform(0.24, 0.38, _CHUNK) * size
     cx = rng.uniform(radius + 1, size - radius - 1)[:n]
     cy = rng.uniform(radius + 1, size - radius - 1)[:n]
@@ -261,7 +259,7 @@ def generate(n: int, seed: int = 0, split: str = "train", size: int = 64,
         raise InputError(f"n must be >= 1, got {n}")
     if size < 16:
         raise InputError(f"size must be >= 16 pixels, got {size}")
-    jobs = [(seed, split, c, min(_CHUNK, n - c * _CHUNK), size, n)
+    jobs = [(seed, split, c, min(_CHUNK, n - c * _CHUNK), size)
             for c in range((n + _CHUNK - 1) // _CHUNK)]
     if workers > 1 and len(jobs) > 1:
         from multiprocessing import get_context
@@ -325,9 +323,3 @@ def read_labels(path: str | Path) -> list[dict]:
         r["angular"] = r["angular"] == "True"
     return rows
 
-
-def attribute_values(attribute: str) -> Sequence[str]:
-    """The values of a categorical attribute (``ATTRIBUTES[attribute]``), with a clear error."""
-    if attribute not in ATTRIBUTES:
-        raise InputError(f"unknown attribute {attribute!r}; choose one of {sorted(ATTRIBUTES)}")
-    return ATTRIBUTES[attribute]

@@ -25,7 +25,6 @@ _METHOD_NAMES = {"top_components": "top-k components", "full_representation": "f
 def _plot_scores(ev: WorldEvaluation, path: Path) -> None:
     import matplotlib.pyplot as plt
     names = list(ev.metrics["component_scores"]["color"])
-    index = {lab.name: i for i, lab in enumerate(ev.labels)}
     fig, axes = plt.subplots(len(ATTRIBUTE_ORDER), 1, figsize=(max(6, 0.32 * len(names)), 7.5),
                              sharex=True)
     for ax, attr in zip(axes, ATTRIBUTE_ORDER):
@@ -42,7 +41,6 @@ def _plot_scores(ev: WorldEvaluation, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    del index
 
 
 def _plot_precision(ev: WorldEvaluation, path: Path) -> None:
