@@ -25,6 +25,7 @@ torch.Size([3, 5, 8])
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import time
@@ -229,8 +230,8 @@ class CompAlign(nn.Module):
     def fit(self, data, targets: torch.Tensor | None = None, *, lam: float = 1.0,
             warm_start: bool = True, ridge: float | None = None, max_warm_start_dim: int = 8192,
             lr: float = 1e-3, weight_decay: float = 1e-6, epochs: int | None = None,
-            max_steps: int | None = 1000, batch_size: int = 256, patience: int | None = 50,
-            min_delta: float = 0.0, rel_tol: float = 1e-4, val=None,
+            max_steps: int | None = 200, batch_size: int = 256, patience: int | None = 50,
+            min_delta: float = 0.0, rel_tol: float = 1e-3, val=None,
             val_fraction: float | None = None, eval_every: int = 10, ema: float = 0.9,
             seed: int = 0, progress: bool = True) -> "CompAlign":
         """Fit the maps and bias; returns self. The defaults fit any data size.
@@ -297,7 +298,7 @@ class CompAlign(nn.Module):
         monitor = "val" if val_batches is not None else "running"
 
         warm = self._warm_start(train_batches, val_batches, ridge, max_warm_start_dim, data,
-                                targets) if warm_start else {"used": False}
+                                targets, lam) if warm_start else {"used": False}
         self.__dict__.pop("_train_index", None)
         opt = torch.optim.Adam(self.parameters(), lr=lr, weight_decay=weight_decay)
 
@@ -347,7 +348,8 @@ class CompAlign(nn.Module):
                         if checked:
                             current = self._evaluate(val_batches, lam)
                             self.history["val"].append([step, current])
-                    if checked and current < best - max(min_delta, rel_tol * abs(best)):
+                    margin = max(min_delta, rel_tol * abs(best)) if math.isfinite(best) else 0.0
+                    if checked and current < best - margin:
                         best, since_best = current, 0
                         if monitor == "val":
                             best_state = copy.deepcopy(self.state_dict())
@@ -396,7 +398,8 @@ class CompAlign(nn.Module):
         }
         return self
 
-    def _warm_start(self, train_batches, val_batches, ridge, max_dim, data, targets) -> dict:
+    def _warm_start(self, train_batches, val_batches, ridge, max_dim, data, targets,
+                    lam: float) -> dict:
         """Set weight and bias to the (orthogonally rescaled) ridge solution; a summary dict."""
         from fxdecomp.interpret.warm_start import orthogonal_scale, ridge_warm_start
         tensor = isinstance(data, torch.Tensor)
@@ -412,10 +415,24 @@ class CompAlign(nn.Module):
             return {"used": False, "reason": sol}
         w = sol.weight.reshape(self.weight.shape[0], self.d_model, self.d_clip)
         alpha = orthogonal_scale(w)
+        # Two starts for the paper's loss: the rescaled least-squares maps, and each map's
+        # nearest (semi-)orthogonal matrix (polar factor U Vᵀ, penalty 0). The lower loss wins.
+        u, _, vh = torch.linalg.svd(w.double(), full_matrices=False)
+        starts = {"least_squares": (w * alpha, sol.bias * alpha),
+                  "polar": ((u @ vh).float(), sol.bias * alpha)}
+        check = val_batches if val_batches is not None else list(
+            itertools.islice(train_batches(0), 8))
+        losses = {}
         with torch.no_grad():
-            self.weight.copy_(w * alpha)
-            self.bias.copy_(sol.bias * alpha)
-        out = {"used": True, "form": sol.form, "ridge": sol.ridge, "scale": alpha}
+            for name, (weight, bias) in starts.items():
+                self.weight.copy_(weight)
+                self.bias.copy_(bias)
+                losses[name] = self._evaluate(check, lam)
+            chosen = min(losses, key=losses.get)
+            self.weight.copy_(starts[chosen][0])
+            self.bias.copy_(starts[chosen][1])
+        out = {"used": True, "form": sol.form, "ridge": sol.ridge, "scale": alpha,
+               "start": chosen, "start_losses": losses}
         if val_batches is not None:
             out["heldout_cos"] = self.mean_cosine(val_batches)
         return out

@@ -445,15 +445,15 @@ def add_subcommands(subparsers) -> None:
                    help="the subject is the CLIP image tower: save its projection, no training")
     p.add_argument("--epochs", type=int, default=None,
                    help="at most this many passes (default: until converged or --max-steps)")
-    p.add_argument("--max-steps", type=int, default=1000,
-                   help="at most this many refinement batches (default 1000; 0: warm start only)")
+    p.add_argument("--max-steps", type=int, default=200,
+                   help="at most this many refinement batches (default 200; 0: warm start only)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--lam", type=float, default=1.0, help="orthogonality penalty weight")
     p.add_argument("--weight-decay", type=float, default=1e-6)
     p.add_argument("--train-batch-size", type=int, default=256)
     p.add_argument("--patience", type=int, default=50,
                    help="stop after N batches without relative improvement > --rel-tol")
-    p.add_argument("--rel-tol", type=float, default=1e-4)
+    p.add_argument("--rel-tol", type=float, default=1e-3)
     p.add_argument("--val-fraction", type=float, default=None,
                    help="hold out this share of images for choosing the ridge and early "
                         "stopping (default 0.1 from 50 images on, else the running loss)")
