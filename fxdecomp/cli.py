@@ -153,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_subcommands(sub)
     from .world.cli import add_subcommands as add_world_subcommands
     add_world_subcommands(sub)
+    from .apply.cli import add_subcommands as add_apply_subcommands
+    add_apply_subcommands(sub)
     return parser
 
 

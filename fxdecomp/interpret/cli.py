@@ -403,9 +403,9 @@ def cmd_describe(args) -> dict:
 
 
 # ---------------------------------------------------------------------------- argparse
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, subject_required: bool = True) -> None:
     g = p.add_argument_group("models")
-    g.add_argument("--subject", required=True,
+    g.add_argument("--subject", required=subject_required, default=None,
                    help='subject model spec, e.g. "timm:deit_tiny_patch16_224"')
     g.add_argument("--clip", default="ViT-B-32", help="open_clip model name (default ViT-B-32)")
     g.add_argument("--random-init", action="store_true",
