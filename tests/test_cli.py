@@ -6,8 +6,33 @@ import json
 from fxdecomp.cli import main
 
 
-def test_default_main_job(capsys):
+def test_default_main_job(tmp_path, monkeypatch, capsys):
+    """`fxdecomp` with no arguments: the ground-truth world report (exactness, the retrieval
+    table, the alignment, the figures)."""
+    monkeypatch.chdir(tmp_path)
     assert main([]) == 0
+    out = capsys.readouterr().out
+    report = tmp_path / "fxdecomp-report"
+    assert str(report.resolve()) in out and "relative error" in out
+    for name in ("report.md", "metrics.json", "scores.png", "precision.png", "retrieval.png"):
+        assert (report / name).stat().st_size > 0, name
+    m = json.loads((report / "metrics.json").read_text())
+    assert m["exactness_max_relative_error"] <= 1e-5
+    prec = m["retrieval_precision_at_10"]
+    assert set(prec) == {"color", "shape", "texture", "background"}
+    for attr in prec:
+        assert set(prec[attr]) >= {"top_components", "full_representation", "random_components"}
+    for attr in prec:
+        assert all(0 <= prec[attr][meth] <= 1 for meth in prec[attr]), prec[attr]
+    # what the shipped models carry (see README, The ground-truth world): the components the
+    # text scores select for color and background retrieve those attributes far above chance
+    for attr in ("color", "background"):
+        assert prec[attr]["top_components"] >= 3 * m["chance_precision_at_10"][attr], prec[attr]
+    assert 0.7 <= m["alignment_heldout_cosine"] <= 1            # 0.757 measured
+
+
+def test_demo_of_any_model(capsys):
+    assert main(["demo", "--model", "timm:deit_tiny_patch16_224"]) == 0
     out = capsys.readouterr().out
     assert "relative error" in out and "attn_head" in out
 
