@@ -120,15 +120,16 @@ _FILL = {"y": float("nan"), "x": float("nan"), "b": -1, "tag": CONST}
 
 
 def _full(shape, tag: int) -> _Pos:
-    nan = torch.full(shape, float("nan"))
-    return _Pos(nan, nan.clone(), torch.full(shape, -1, dtype=torch.long),
-                torch.full(shape, tag, dtype=torch.long))
+    """Positions of a value that holds no image token (broadcast views: no memory)."""
+    shape = tuple(shape)
+    nan = torch.tensor(float("nan")).expand(shape)
+    return _Pos(nan, nan, torch.tensor(-1).expand(shape), torch.tensor(tag).expand(shape))
 
 
 class _Tracer:
     def __init__(self, gm: GraphModule, record: set[Node]):
         self.gm, self.record = gm, record
-        self.param_tags: dict[int, str] = {}
+        self.param_rows: list[tuple[int, int, str]] = []   # (first tag, rows, parameter)
         self.mixed_by: dict[Node, str] = {}
         self.recorded: dict[Node, _Pos] = {}
 
@@ -147,12 +148,17 @@ class _Tracer:
         if value.dim() == 0:
             return _full(value.shape, CONST)
         rows = int(math.prod(value.shape[:-1]))
-        base = len(self.param_tags) + 1
-        for r in range(rows):
-            self.param_tags[base + r] = f"{name}[{r}]"
+        base = (self.param_rows[-1][0] + self.param_rows[-1][1]) if self.param_rows else 1
+        self.param_rows.append((base, rows, name))
         tag = (torch.arange(rows) + base).view(tuple(value.shape[:-1]) + (1,)).expand(value.shape)
         res = _full(value.shape, CONST)
         return _Pos(res.y, res.x, res.b, tag)
+
+    def param_name(self, tag: int) -> str:
+        for base, rows, name in self.param_rows:
+            if base <= tag < base + rows:
+                return f"{name}[{tag - base}]"
+        return "?"
 
     # ------------------------------------------------------------------ the run
     def run(self, example: torch.Tensor) -> None:
@@ -326,8 +332,9 @@ class _Tracer:
         if not bool((img | (src.tag == CONST)).all()) or not bool(img.any()):
             return None                                   # only image cells and padding
         B = src.y.shape[0]
-        yrow = torch.where(img, src.y, float("nan")).nanmean(dim=(1, 3))              # [B, H]
-        xcol = torch.where(img, src.x, float("nan")).nanmean(dim=(1, 2))              # [B, W]
+        img0 = img[:, 0]                                          # channel 0: [B, H, W]
+        yrow = torch.where(img0, src.y[:, 0], float("nan")).nanmean(dim=2)            # [B, H]
+        xcol = torch.where(img0, src.x[:, 0], float("nan")).nanmean(dim=1)            # [B, W]
         ys = _axis_at(yrow, Ho, k[0], stride[0], padding[0], dilation[0])             # [B, Ho]
         xs = _axis_at(xcol, Wo, k[1], stride[1], padding[1], dilation[1])             # [B, Wo]
         shape = tuple(target.shape)
@@ -379,6 +386,8 @@ def _reduce(src: _Pos, dims, keepdim: bool) -> _Pos:
     """Several elements become one: mean image position; a single tag if all agree, else the
     image part if the rest is padding, else MIXED."""
     dims = [d % src.y.dim() for d in dims]
+    if len(dims) == 1 and _constant_along(src, dims[0]):      # the common case: one token
+        return src.map(lambda t, _: t.narrow(dims[0], 0, 1) if keepdim else t.select(dims[0], 0))
     img = src.tag == IMAGE
     y = torch.where(img, src.y, float("nan")).nanmean(dim=dims, keepdim=keepdim)
     x = torch.where(img, src.x, float("nan")).nanmean(dim=dims, keepdim=keepdim)
@@ -390,6 +399,20 @@ def _reduce(src: _Pos, dims, keepdim: bool) -> _Pos:
                       torch.where(any_img & only_img_or_const, IMAGE, MIXED))
     b = src.b.amax(dim=dims, keepdim=keepdim)
     return _Pos(y, x, b, tag)
+
+
+def _constant_along(src: _Pos, dim: int) -> bool:
+    if src.y.shape[dim] <= 1:
+        return True
+    for t in (src.tag, src.b):
+        if t.stride(dim) and not bool((t == t.narrow(dim, 0, 1)).all()):
+            return False
+    for t in (src.y, src.x):
+        if t.stride(dim):
+            t0 = t.narrow(dim, 0, 1)
+            if not bool(((t == t0) | (torch.isnan(t) & torch.isnan(t0))).all()):
+                return False
+    return True
 
 
 def _shape_like(out, tag):
@@ -473,7 +496,7 @@ def _table(attn: Node, v: Node, p, tracer: _Tracer, B: int, image_hw, prefix: st
                 row.append(TokenPosition("patch", r, c, grid, stride, box, None,
                                          w if nw > 1 else None))
             elif k > 0:
-                src = tracer.param_tags.get(k, "?")
+                src = tracer.param_name(k)
                 if prefix and src.startswith(prefix):
                     src = src[len(prefix):]
                 row.append(TokenPosition(_special_kind(src), source=src, window=w if nw > 1 else None))
