@@ -142,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .interpret.cli import add_subcommands
     add_subcommands(sub)
+    from .apply.heatmap_cli import add_subcommands as add_heatmap; add_heatmap(sub)  # issue 9
+    from .apply.ablate_cli import add_subcommands as add_ablate; add_ablate(sub)      # issue 9
     return parser
 
 
