@@ -1,7 +1,8 @@
 """The ``fxdecomp`` command.
 
-    fxdecomp                         # demo on an embedded default (random-weight DeiT-tiny)
-    fxdecomp demo [--model SPEC]     # the same, on any model
+    fxdecomp                         # the main job: the ground-truth world demo (fxdecomp.world)
+    fxdecomp demo [--out DIR]        # the same; --model SPEC summarises any model's decomposition
+    fxdecomp world --out DIR --n N   # write the generated world (images, masks, labels.csv)
     fxdecomp coverage MODEL... [--random-init | --checkpoint PATH]
     fxdecomp align / rank / describe # interpret components through CLIP (fxdecomp.interpret)
 """
@@ -75,7 +76,11 @@ def cmd_coverage(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """Decompose a model on synthetic images and show what each part contributes."""
+    """Without --model: the main job (``fxdecomp.world.cli.run_demo``). With --model: decompose
+    that model on synthetic images and show what each part contributes."""
+    if args.model is None:
+        from .world.cli import run_demo
+        return run_demo(args)
     from . import decompose
     from .capture.adapters import example_input
     target, info = _load(args.model, args)
@@ -123,8 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fxdecomp", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
-    p = sub.add_parser("demo", help="decompose a model on synthetic input and summarise it")
-    p.add_argument("--model", default=DEFAULT_MODEL)
+    p = sub.add_parser("demo", help="the main job (ground-truth world report), or with --model "
+                                    "a summary of any model's decomposition on synthetic input")
+    p.add_argument("--model", default=None,
+                   help=f"summarise this model's decomposition instead (e.g. {DEFAULT_MODEL})")
+    from .world.cli import add_demo_arguments
+    add_demo_arguments(p)
     p.add_argument("--granularity", default="heads", choices=("blocks", "heads", "tokens"))
     p.add_argument("--top", type=int, default=10)
     _model_args(p, random_default=True)
@@ -142,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .interpret.cli import add_subcommands
     add_subcommands(sub)
+    from .world.cli import add_subcommands as add_world_subcommands
+    add_world_subcommands(sub)
     from .apply.heatmap_cli import add_subcommands as add_heatmap; add_heatmap(sub)  # issue 9
     from .apply.ablate_cli import add_subcommands as add_ablate; add_ablate(sub)      # issue 9
     return parser

@@ -6,8 +6,31 @@ import json
 from fxdecomp.cli import main
 
 
-def test_default_main_job(capsys):
+def test_default_main_job(tmp_path, monkeypatch, capsys):
+    """`fxdecomp` with no arguments: the ground-truth world report, with what the issue promises
+    (exactness, the retrieval table, and that the text-scored components find the attributes)."""
+    monkeypatch.chdir(tmp_path)
     assert main([]) == 0
+    out = capsys.readouterr().out
+    report = tmp_path / "fxdecomp-report"
+    assert str(report.resolve()) in out and "relative error" in out
+    for name in ("report.md", "metrics.json", "scores.png", "precision.png", "retrieval.png"):
+        assert (report / name).stat().st_size > 0, name
+    m = json.loads((report / "metrics.json").read_text())
+    assert m["exactness_max_relative_error"] <= 1e-5
+    prec = m["retrieval_precision_at_10"]
+    assert set(prec) == {"color", "shape", "texture", "background"}
+    for attr in prec:
+        assert set(prec[attr]) >= {"top_components", "full_representation", "random_components"}
+    for attr in ("color", "shape"):
+        assert prec[attr]["top_components"] >= prec[attr]["random_components"] + 0.2, prec[attr]
+    assert any(prec[a]["top_components"] > prec[a]["full_representation"]
+               for a in ("color", "texture", "background")), prec
+    assert 0 < m["alignment_heldout_cosine"] <= 1
+
+
+def test_demo_of_any_model(capsys):
+    assert main(["demo", "--model", "timm:deit_tiny_patch16_224"]) == 0
     out = capsys.readouterr().out
     assert "relative error" in out and "attn_head" in out
 

@@ -104,6 +104,83 @@ def test_compalign_streaming_batches_with_validation_early_stop():
         CompAlign(6, 16, 24).fit(iter(batches), epochs=2, progress=False)
 
 
+# The paper's settings (ImageNet-size data); reachable by arguments.
+_PAPER = dict(warm_start=False, epochs=2, lr=3e-4, batch_size=32, patience=50, rel_tol=0.0,
+              val_fraction=0.0, max_steps=None)
+
+
+def _orthogonal_maps(c: int, d: int, e: int, g: torch.Generator) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(c, max(d, e), min(d, e), generator=g))
+    return q if d >= e else q.transpose(1, 2)
+
+
+@pytest.mark.parametrize("c,d,e,bias", [(5, 24, 12, 0.0),      # the issue's report
+                                        (5, 24, 12, 4.0),      # d_model > d_clip, large bias
+                                        (6, 16, 24, 4.0)])     # d_model < d_clip, large bias
+def test_compalign_defaults_fit_planted_orthogonal_maps(c, d, e, bias):
+    """2,500 training samples, default arguments: held-out cosine >= 0.99, maps orthogonal and
+    equal to the planted ones; the paper's settings on the same data leave the maps untrained."""
+    g = torch.Generator().manual_seed(7)
+    maps = _orthogonal_maps(c, d, e, g)
+    comps = torch.randn(c, 3000, d, generator=g)
+    offset = bias * torch.randn(e, generator=g)
+    targets = torch.einsum("cnd,cde->ne", comps, maps) + offset
+    train, test = slice(0, 2500), slice(2500, 3000)
+    al = CompAlign(c, d, e).fit(comps[:, train], targets[train], progress=False)
+    cos = _heldout_cos(al, comps[:, test], targets[test])
+    assert cos.min() >= 0.99, f"held-out cosine {cos.min():.4f} < 0.99"
+    assert al.stats["warm_start"]["used"] and al.stats["heldout_cos"] >= 0.99
+    w = al.weight.detach()
+    gram = w.transpose(1, 2) @ w if d >= e else w @ w.transpose(1, 2)
+    dev = (gram - torch.eye(min(d, e))).norm(dim=(1, 2)) / min(d, e) ** 0.5
+    assert dev.max() < 0.02, f"maps not near-orthogonal: {dev.tolist()}"
+    rel = (w - maps).norm(dim=(1, 2)) / maps.norm(dim=(1, 2))
+    assert rel.max() < 0.05, f"learnt maps differ from the planted ones: {rel.tolist()}"
+    # cosine is scale-free: the bias is recovered up to the maps' common scale (here 1)
+    assert (al.bias.detach() - offset).norm() <= 0.05 * max(offset.norm(), 1.0)
+    paper = CompAlign(c, d, e).fit(comps[:, train], targets[train], progress=False, **_PAPER)
+    assert _heldout_cos(paper, comps[:, test], targets[test]).mean() < 0.5
+
+
+def test_compalign_defaults_on_streamed_batches_accumulate_normal_equations():
+    g = torch.Generator().manual_seed(8)
+    maps = _orthogonal_maps(4, 20, 10, g)
+    comps = torch.randn(4, 2600, 20, generator=g)
+    targets = torch.einsum("cnd,cde->ne", comps, maps) + 2.0
+    batches = [(comps[:, s:s + 100], targets[s:s + 100]) for s in range(0, 2000, 100)]
+    al = CompAlign(4, 20, 10).fit(batches, progress=False)            # no validation data
+    assert al.stats["warm_start"]["form"] == "primal" and al.stats["monitor"] == "running"
+    assert _heldout_cos(al, comps[:, 2000:], targets[2000:]).min() >= 0.99
+    assert ((al.weight.detach() - maps).norm() / maps.norm()) < 0.05
+    al2 = CompAlign(4, 20, 10).fit(lambda: iter(batches), val=(comps[:, 2000:], targets[2000:]),
+                                   progress=False)
+    assert al2.stats["heldout_cos"] >= 0.99 and al2.stats["warm_start"]["heldout_cos"] >= 0.99
+
+
+def test_ridge_warm_start_dual_form_equals_primal_form():
+    """Fewer images than the joint width: the kernel form X_cᵀ(X_cX_cᵀ + λI)⁻¹Y_c must give the
+    primal (S_xx + λI)⁻¹S_xy solution (same λ)."""
+    from fxdecomp.interpret.warm_start import ridge_warm_start
+    g = torch.Generator().manual_seed(9)
+    comps, targets = torch.randn(6, 80, 20, generator=g), torch.randn(80, 7, generator=g) + 1
+    dual = ridge_warm_start(None, False, ridge=1e-2, tensor_data=comps, tensor_targets=targets)
+    primal = ridge_warm_start([(comps[:, :40], targets[:40]), (comps[:, 40:], targets[40:])],
+                              False, ridge=1e-2)
+    assert dual.form == "dual" and primal.form == "primal"
+    torch.testing.assert_close(dual.weight, primal.weight, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(dual.bias, primal.bias, rtol=1e-4, atol=1e-5)
+
+
+def test_compalign_without_a_warm_start_warns_and_still_trains():
+    comps, targets, _ = _planted(16, 24, n=512)
+    batches = [(comps[:, s:s + 64], targets[s:s + 64]) for s in range(0, 512, 64)]
+    with pytest.warns(UserWarning, match="exceeds max_warm_start_dim|max_dim"):
+        al = CompAlign(6, 16, 24).fit(batches, max_warm_start_dim=50, max_steps=20,
+                                      progress=False)
+    assert al.stats["warm_start"]["used"] is False and al.stats["steps"] == 20
+    assert "max_dim = 50" in al.stats["warm_start"]["reason"]
+
+
 def test_compalign_forward_matches_per_component_reference_and_sums_exactly():
     labels = _labels()
     al = CompAlign(labels, 8, 5, seed=3)

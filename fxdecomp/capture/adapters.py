@@ -36,7 +36,7 @@ __all__ = [
     "load_model", "load_clip", "example_input", "export_friendly", "parse_spec",
 ]
 
-FAMILIES = ("timm", "open_clip", "torchvision")
+FAMILIES = ("timm", "open_clip", "torchvision", "world")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _OFFLINE_HINT = ("use --random-init for seeded random weights, or --checkpoint PATH to load a local "
@@ -260,7 +260,8 @@ def load_model(spec: str, random_init: bool = False, checkpoint: str | None = No
                model_kwargs: dict | None = None) -> tuple[nn.Module, dict]:
     """Build the target module for ``spec`` and describe it.
 
-    spec:        "timm:NAME", "open_clip:NAME[:TAG]" or "torchvision:NAME".
+    spec:        "timm:NAME", "open_clip:NAME[:TAG]", "torchvision:NAME", or "world:subject" /
+                 "world:clip" (the ground-truth world's tiny models, weights shipped).
     random_init: seeded random weights (``torch.manual_seed(seed)`` before construction, so two
                  calls give identical weights).
     checkpoint:  a local state_dict file (.safetensors, .pt, .pth, .bin) loaded strictly; for
@@ -278,6 +279,8 @@ def load_model(spec: str, random_init: bool = False, checkpoint: str | None = No
     if random_init and checkpoint:
         raise ModelLoadError("random_init and checkpoint are mutually exclusive")
     family, name, tag = parse_spec(spec)
+    if family == "world":
+        return _load_world(name, random_init, checkpoint, seed, output)
     if tag and (random_init or checkpoint):
         raise ModelLoadError(f"spec {spec!r} names the pretrained tag {tag!r}, which cannot be "
                              f"combined with random_init or checkpoint")
@@ -305,6 +308,11 @@ def load_clip(name: str, random_init: bool = False, checkpoint: str | None = Non
     name: "ViT-B-16", "ViT-B-16:laion2b_s34b_b88k" or the same with an "open_clip:" prefix.
     Returns (clip_model in eval mode, preprocess or None, tokenizer).
     """
+    if name in ("world", "world:clip"):      # the tiny CLIP shipped with fxdecomp.world
+        from fxdecomp.world.models import load_world_clip
+        if random_init:
+            raise ModelLoadError("the world CLIP is a trained model; random_init does not apply")
+        return load_world_clip(checkpoint)
     spec = name if ":" in name and name.split(":", 1)[0].lower() in ("open_clip", "openclip") \
         else f"open_clip:{name}"
     _, model_name, tag = parse_spec(spec)
@@ -497,6 +505,28 @@ def _load_open_clip(name, tag, random_init, checkpoint, seed, output, normalize,
              "std": tuple(pp.get("std", getattr(visual, "image_std", ()))),
              "module_prefix": "visual.", "pretrained_tag": used_tag}
     return OpenClipImageTarget(visual.eval(), output, normalize), extra
+
+
+# --- world (the ground-truth world's tiny models, shipped with the package) ---------------------
+
+def _load_world(name, random_init, checkpoint, seed, output):
+    """``world:subject``: the subject ViT trained on the world's spurious split (a TimmTarget);
+    ``world:clip``: the tiny CLIP's image tower. Weights ship in ``fxdecomp/world/weights``."""
+    from fxdecomp.world import models
+    if name not in ("subject", "clip"):
+        raise ModelLoadError(f"world models are 'world:subject' and 'world:clip', not {name!r}")
+    if name == "subject":
+        return models.load_subject(output or "pre_logits", checkpoint,
+                                   random_init_seed=seed if random_init else None)
+    if random_init:
+        raise ModelLoadError("world:clip is a trained model; random_init does not apply")
+    clip, _, _ = models.load_world_clip(checkpoint)
+    target = OpenClipImageTarget(clip.visual.eval(), output or "embedding").eval()
+    info = {"spec": "world:clip", "family": "world", "name": "clip", "output": target.output,
+            "weights": str(checkpoint) if checkpoint else "shipped",
+            "input_size": (3, models.IMAGE_SIZE, models.IMAGE_SIZE), "mean": models.MEAN,
+            "std": models.STD, "module_prefix": "visual.", "pretrained_tag": None}
+    return target, info
 
 
 # --- torchvision ------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import copy
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -226,50 +227,106 @@ class CompAlign(nn.Module):
 
     # ------------------------------------------------------------------ training
     def fit(self, data, targets: torch.Tensor | None = None, *, lam: float = 1.0,
-            lr: float = 3e-4, weight_decay: float = 1e-6, epochs: int = 2, batch_size: int = 32,
-            patience: int | None = 50, min_delta: float = 0.0, val=None,
-            val_fraction: float = 0.0, eval_every: int = 10, ema: float = 0.9, seed: int = 0,
-            progress: bool = True) -> "CompAlign":
-        """Train the maps and bias with Adam; returns self. Defaults are the paper's.
+            warm_start: bool = True, ridge: float | None = None, max_warm_start_dim: int = 8192,
+            lr: float = 1e-3, weight_decay: float = 1e-6, epochs: int | None = None,
+            max_steps: int | None = 1000, batch_size: int = 256, patience: int | None = 50,
+            min_delta: float = 0.0, rel_tol: float = 1e-4, val=None,
+            val_fraction: float | None = None, eval_every: int = 10, ema: float = 0.9,
+            seed: int = 0, progress: bool = True) -> "CompAlign":
+        """Fit the maps and bias; returns self. The defaults fit any data size.
+
+        1. Warm start (``warm_start``): the closed-form ridge least-squares solution of the joint
+           map [C·d -> E] plus bias (``fxdecomp.interpret.warm_start``), its relative strength
+           ``ridge`` chosen on held-out cosine from a grid when None and validation data exist,
+           then rescaled globally (the cosine is scale-invariant) to be as orthogonal as possible.
+           Skipped with a warning when C·d exceeds ``max_warm_start_dim`` (for tensor data only
+           if N does too: the dual form is used otherwise).
+        2. Refinement: Adam on the paper's loss 1 − cos + λ‖G − I‖²/(C·r) (``lam``; see the
+           module docstring), until convergence: training stops once the monitored loss has
+           not improved by more than max(``min_delta``, ``rel_tol`` · |best|) for ``patience``
+           consecutive batches, after ``epochs`` passes (None: no limit) or after ``max_steps``
+           batches (None: no limit), whichever comes first.
+
+        Least squares fixes only the sum Σ_i W_iᵀc_i on the data: with correlated components
+        (or C·d ≥ N) the split between maps is not identified and ridge returns the minimum-norm
+        one. The orthogonality term of step 2 is what makes each W_i meaningful (near an
+        isometry, so every component keeps its geometry and relative size); with ``lam=0`` the
+        per-component maps carry no meaning beyond their sum.
 
         Data, either
           - ``data`` = components [C, N, d_model] and ``targets`` = CLIP image embeddings [N, E]
-            (shuffled each epoch with ``seed``; ``val_fraction`` of N held out first), or
+            (shuffled each epoch with ``seed``; ``val_fraction`` of N held out first; None means
+            0.1 when N >= 50, else 0), or
           - ``data`` = an iterable of (components [C, B, d], targets [B, E]) batches (streaming;
-            ``batch_size`` is then the iterable's). For epochs > 1 it must be re-iterable (a
-            list, a DataLoader) or a callable returning a fresh iterable per epoch.
+            ``batch_size`` is then the iterable's). The warm start takes one pass (accumulating
+            XᵀX and XᵀY); refinement needs it to be re-iterable (a list, a DataLoader) or a
+            callable returning a fresh iterable per pass.
         Validation data: ``val`` = (components, targets) tensors or an iterable of batches.
 
-        Early stopping (``patience`` batches; None disables it) watches
-          - the held-out loss when there is validation data (``val`` or ``val_fraction``),
-            evaluated every ``eval_every`` batches; the best weights are restored at the end;
-          - otherwise the running training loss, an exponential moving average (factor ``ema``,
-            bias-corrected) of the batch losses; the final weights are kept.
-        Training stops once that loss has not dropped below its best − ``min_delta`` for
-        ``patience`` consecutive batches. ``self.history`` keeps every batch's loss, cosine term
-        and penalty (and (step, val loss) pairs); ``self.stats`` summarises the run.
+        The monitored loss is the held-out loss when there is validation data (evaluated every
+        ``eval_every`` batches; the best weights, the warm start included, are restored at the
+        end), else a bias-corrected exponential moving average (``ema``) of the batch losses.
+
+        The paper's settings: ``warm_start=False, epochs=2, lr=3e-4, batch_size=32,
+        patience=50, rel_tol=0, val_fraction=0, max_steps=None`` (they assume ImageNet-size
+        data; on a few thousand images they leave the maps untrained).
+
+        ``self.history`` keeps every batch's loss, cosine term and penalty (and (step, val loss)
+        pairs); ``self.stats`` summarises the run (``warm_start``, ``heldout_cos`` when there is
+        validation data, steps, why it stopped).
         """
         try:
             from tqdm.auto import tqdm
         except ImportError:                                          # pragma: no cover
             tqdm = None
-        if epochs < 1 or batch_size < 1:
+        if (epochs is not None and epochs < 1) or batch_size < 1:
             raise InputError(f"epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
+        if max_steps is not None and max_steps < 0:
+            raise InputError(f"max_steps must be >= 0 or None, got {max_steps}")
+        if epochs is None and max_steps is None and patience is None:
+            raise InputError("with epochs=None and max_steps=None, patience is the only stop: "
+                             "give at least one of them")
         started = time.perf_counter()
+        if val_fraction is None:
+            val_fraction = 0.1 if (isinstance(data, torch.Tensor) and val is None
+                                   and data.ndim == 3 and data.shape[1] >= 50) else 0.0
+        passes = None if epochs is None else epochs
         train_batches, n_per_epoch, val_batches = self._prepare_data(
-            data, targets, batch_size, val, val_fraction, seed, epochs)
+            data, targets, batch_size, val, val_fraction, seed,
+            (passes or 2) + (1 if warm_start else 0))
         monitor = "val" if val_batches is not None else "running"
+
+        warm = self._warm_start(train_batches, val_batches, ridge, max_warm_start_dim, data,
+                                targets) if warm_start else {"used": False}
+        self.__dict__.pop("_train_index", None)
         opt = torch.optim.Adam(self.parameters(), lr=lr, weight_decay=weight_decay)
 
         best, best_state, since_best = math.inf, None, 0
-        ema_value, step, seen, stopped = 0.0, 0, 0, False
-        bar = (tqdm(total=n_per_epoch * epochs if n_per_epoch else None, disable=not progress,
-                    desc="CompAlign", unit="batch", leave=False) if tqdm else None)
+        if monitor == "val":
+            best = self._evaluate(val_batches, lam)
+            self.history["val"].append([0, best])
+            best_state = copy.deepcopy(self.state_dict())
+        ema_value, step, seen, stopped, epoch, passes = 0.0, 0, 0, None, -1, 0
+        total = None
+        if n_per_epoch and epochs is not None:
+            total = n_per_epoch * epochs
+        if max_steps is not None:
+            total = max_steps if total is None else min(total, max_steps)
+        bar = (tqdm(total=total, disable=not progress, desc="CompAlign", unit="batch",
+                    leave=False) if tqdm else None)
         self.train()
         try:
-            for epoch in range(epochs):
+            while stopped is None:
+                epoch += 1
+                if epochs is not None and epoch >= epochs:
+                    stopped = "epochs"
+                    break
+                if max_steps is not None and step >= max_steps:
+                    stopped = "max_steps"
+                    break
                 n_this_epoch = 0
-                for comps, tgt in train_batches(epoch):
+                passes += 1
+                for comps, tgt in train_batches(epoch + (1 if warm_start else 0)):
                     opt.zero_grad(set_to_none=True)
                     loss, cos_loss, ortho = self.loss(comps, tgt, lam)
                     loss.backward()
@@ -290,46 +347,92 @@ class CompAlign(nn.Module):
                         if checked:
                             current = self._evaluate(val_batches, lam)
                             self.history["val"].append([step, current])
-                    if checked and current < best - min_delta:
+                    if checked and current < best - max(min_delta, rel_tol * abs(best)):
                         best, since_best = current, 0
                         if monitor == "val":
                             best_state = copy.deepcopy(self.state_dict())
                     else:
                         since_best += 1
+                        if checked and monitor == "val" and current < best:
+                            best, best_state = current, copy.deepcopy(self.state_dict())
                     if bar is not None:
                         bar.update(1)
                         if step % 10 == 0:
                             bar.set_postfix(loss=f"{value:.4f}", best=f"{best:.4f}")
                     if patience is not None and since_best >= patience:
-                        stopped = True
+                        stopped = "converged"
                         break
-                if stopped:
-                    break
-                if n_this_epoch == 0:
-                    raise InputError(f"epoch {epoch + 1} received no batches: a one-shot "
-                                     "iterator can only feed one epoch; pass a list, a DataLoader "
+                    if max_steps is not None and step >= max_steps:
+                        stopped = "max_steps"
+                        break
+                if n_this_epoch == 0 and stopped is None:
+                    raise InputError(f"pass {epoch + 1} received no batches: a one-shot "
+                                     "iterator can only feed one pass; pass a list, a DataLoader "
                                      "or a callable returning a fresh iterable")
         finally:
             if bar is not None:
                 bar.close()
             self.eval()
+        heldout = None
         if monitor == "val":
             if step % eval_every != 0:                             # score the final weights too
                 final = self._evaluate(val_batches, lam)
                 self.history["val"].append([step, final])
-                if final < best - min_delta:
+                if final < best:
                     best, best_state = final, None
             if best_state is not None:
                 self.load_state_dict(best_state)
+            heldout = self.mean_cosine(val_batches)
         self.stats = {
-            "steps": step, "epochs_started": epoch + 1, "samples_seen": seen,
-            "stopped_early": stopped, "monitor": monitor, "best_monitored_loss": best,
+            "warm_start": warm, "steps": step, "epochs_started": passes,
+            "samples_seen": seen, "stopped": stopped,
+            "stopped_early": stopped == "converged", "monitor": monitor,
+            "best_monitored_loss": best, "heldout_cos": heldout,
             "final_batch_loss": self.history["loss"][-1] if self.history["loss"] else None,
             "lam": lam, "lr": lr, "weight_decay": weight_decay, "epochs": epochs,
-            "batch_size": batch_size, "patience": patience, "min_delta": min_delta,
+            "max_steps": max_steps, "batch_size": batch_size, "patience": patience,
+            "min_delta": min_delta, "rel_tol": rel_tol, "val_fraction": val_fraction,
             "seconds": round(time.perf_counter() - started, 3),
         }
         return self
+
+    def _warm_start(self, train_batches, val_batches, ridge, max_dim, data, targets) -> dict:
+        """Set weight and bias to the (orthogonally rescaled) ridge solution; a summary dict."""
+        from fxdecomp.interpret.warm_start import orthogonal_scale, ridge_warm_start
+        tensor = isinstance(data, torch.Tensor)
+        train_x = train_y = None
+        if tensor:
+            idx = self.__dict__["_train_index"]
+            train_x, train_y = data[:, idx], targets[idx]
+        sol = ridge_warm_start(train_batches(0), self.shared, val=val_batches, ridge=ridge,
+                               max_dim=max_dim, tensor_data=train_x, tensor_targets=train_y)
+        if isinstance(sol, str):
+            warnings.warn(f"CompAlign: {sol}; refining from the orthogonal initialisation "
+                          "(raise max_warm_start_dim, or give more steps)", stacklevel=3)
+            return {"used": False, "reason": sol}
+        w = sol.weight.reshape(self.weight.shape[0], self.d_model, self.d_clip)
+        alpha = orthogonal_scale(w)
+        with torch.no_grad():
+            self.weight.copy_(w * alpha)
+            self.bias.copy_(sol.bias * alpha)
+        out = {"used": True, "form": sol.form, "ridge": sol.ridge, "scale": alpha}
+        if val_batches is not None:
+            out["heldout_cos"] = self.mean_cosine(val_batches)
+        return out
+
+    @torch.no_grad()
+    def mean_cosine(self, data, targets: torch.Tensor | None = None) -> float:
+        """Mean cos(total(components), target) over images: tensors [C, N, d] and [N, E], or an
+        iterable of (components, targets) batches."""
+        batches = [(data, targets)] if isinstance(data, torch.Tensor) else data
+        total, count = 0.0, 0
+        for comps, tgt in batches:
+            if tgt is None:
+                raise InputError("mean_cosine(components, targets): targets are missing")
+            pred = self.total(comps)
+            total += float(F.cosine_similarity(pred, tgt.to(pred), dim=-1, eps=1e-8).sum())
+            count += tgt.shape[0]
+        return total / max(count, 1)
 
     def _prepare_data(self, data, targets, batch_size, val, val_fraction, seed, epochs):
         """-> (epoch -> iterable of batches, batches per epoch or None, val batches or None)."""
@@ -355,6 +458,7 @@ class CompAlign(nn.Module):
                 val_batches = self._as_batches((data[:, vi], targets[vi]), batch_size)
                 perm = perm[:n - n_val]
             train_idx = perm
+            self._train_index = train_idx
             n_train = train_idx.numel()
 
             def batches(epoch: int):

@@ -310,9 +310,11 @@ def cmd_align(args) -> CompAlign:
         targets = s.clip_image_embeddings()
         al = CompAlign(labels, comps.shape[-1], targets.shape[-1], subject=s.subject_id,
                        clip_model=s.clip_id, seed=args.seed)
-        al.fit(comps, targets, lam=args.lam, lr=args.lr, weight_decay=args.weight_decay,
-               epochs=args.epochs, batch_size=args.train_batch_size, patience=args.patience,
-               val_fraction=args.val_fraction, seed=args.seed, progress=not args.no_progress)
+        al.fit(comps, targets, lam=args.lam, warm_start=args.warm_start, ridge=args.ridge,
+               lr=args.lr, weight_decay=args.weight_decay, epochs=args.epochs,
+               max_steps=args.max_steps, batch_size=args.train_batch_size,
+               patience=args.patience, rel_tol=args.rel_tol, val_fraction=args.val_fraction,
+               seed=args.seed, progress=not args.no_progress)
         with torch.no_grad():
             cos = torch.nn.functional.cosine_similarity(al.total(comps), targets, dim=-1)
         al.stats["mean_cos_all_images"] = float(cos.mean())
@@ -441,14 +443,26 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--out", required=True, help="output .safetensors path")
     p.add_argument("--identity", action="store_true",
                    help="the subject is the CLIP image tower: save its projection, no training")
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--epochs", type=int, default=None,
+                   help="at most this many passes (default: until converged or --max-steps)")
+    p.add_argument("--max-steps", type=int, default=1000,
+                   help="at most this many refinement batches (default 1000; 0: warm start only)")
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--lam", type=float, default=1.0, help="orthogonality penalty weight")
     p.add_argument("--weight-decay", type=float, default=1e-6)
-    p.add_argument("--train-batch-size", type=int, default=32)
-    p.add_argument("--patience", type=int, default=50, help="early stop after N batches")
-    p.add_argument("--val-fraction", type=float, default=0.0,
-                   help="hold out this share of images for early stopping (else running loss)")
+    p.add_argument("--train-batch-size", type=int, default=256)
+    p.add_argument("--patience", type=int, default=50,
+                   help="stop after N batches without relative improvement > --rel-tol")
+    p.add_argument("--rel-tol", type=float, default=1e-4)
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help="hold out this share of images for choosing the ridge and early "
+                        "stopping (default 0.1 from 50 images on, else the running loss)")
+    p.add_argument("--no-warm-start", dest="warm_start", action="store_false",
+                   help="skip the closed-form ridge warm start (the paper's setting: "
+                        "--no-warm-start --epochs 2 --lr 3e-4 --train-batch-size 32 "
+                        "--rel-tol 0 --val-fraction 0)")
+    p.add_argument("--ridge", type=float, default=None,
+                   help="relative ridge of the warm start (default: chosen on held-out images)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_align)
 

@@ -1,0 +1,267 @@
+"""Train the world's two tiny models on CPU and write their weights + records into the package.
+
+    python -m fxdecomp.world.train subject [--n 8000 --epochs 6 --seed 0]
+    python -m fxdecomp.world.train clip    [--n 20000 --epochs 8 --seed 0]
+
+subject: a timm ViT (``SUBJECT_CONFIG``) trained with cross-entropy on one binary label only,
+angular vs round shape: first ``--pretrain-epochs`` on the unbiased ``train`` split (a stand-in
+for the generic pretraining Waterbirds models start from; a ViT trained from scratch on the
+spurious split alone learns only the background cue: balanced accuracy 0.50 after 10 epochs),
+then ``--epochs`` on the ``spurious-train`` split. It is never told color, texture or background.
+Evaluated on the balanced test split (accuracy and worst-group accuracy over the four label x
+background-group groups).
+
+clip: the tiny CLIP (``CLIP_CONFIG``) trained contrastively on texts about the training images:
+each image gets either its full caption or one attribute phrase ("red color", ...), at random.
+The loss is a multi-positive InfoNCE: text j is a positive for image i whenever every attribute
+the text names has i's value (so "red color" is a positive for every red image in the batch).
+Evaluated by zero-shot classification of each attribute on the test split with
+``attribute_prompts`` (one phrase per value, no template).
+
+Each run writes ``weights/{subject,clip}.safetensors`` and a JSON record: the exact command,
+seed, data sizes, seconds, accuracies on the evaluation set, and the same accuracies on its first
+``CHECK_N`` images (what ``tests/test_world.py`` re-evaluates).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fxdecomp.world.generate import ATTRIBUTES, World, generate
+from fxdecomp.world.models import (CLIP_CONFIG, SUBJECT_CONFIG, WEIGHTS_DIR, WorldTokenizer,
+                                   attribute_prompts, build_clip, build_subject)
+
+EVAL_SEED = 1
+CHECK_N = 512
+#: how often each attribute's phrase is the text of an image (color, texture, shape, background):
+#: shape is the hardest to see, so it is named most often
+PHRASE_WEIGHTS = (0.15, 0.25, 0.4, 0.2)
+
+
+# ---------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def subject_accuracy(model, world: World, batch: int = 256) -> dict:
+    """Accuracy on ``world``'s ``angular`` label, and per (label, background group) group."""
+    model.eval()
+    x = world.tensor()
+    pred = torch.cat([model(x[i:i + batch]).argmax(-1) for i in range(0, len(x), batch)]).numpy()
+    y = world.codes("angular")
+    land = np.array([r["background"] in ("grass", "sand") for r in world.records])
+    groups = {}
+    for label in (0, 1):
+        for g, name in ((True, "land"), (False, "water")):
+            sel = (y == label) & (land == g)
+            if sel.any():
+                groups[f"{'angular' if label else 'round'}/{name}"] = float((pred[sel] == y[sel]).mean())
+    return {"accuracy": float((pred == y).mean()), "worst_group_accuracy": min(groups.values()),
+            "group_accuracy": groups, "n": len(y)}
+
+
+@torch.no_grad()
+def clip_zero_shot(clip, tokenizer, world: World, batch: int = 256) -> dict:
+    """Zero-shot accuracy per attribute with ``attribute_prompts``."""
+    clip.eval()
+    x = world.tensor()
+    img = torch.cat([F.normalize(clip.encode_image(x[i:i + batch]), dim=-1)
+                     for i in range(0, len(x), batch)])
+    out = {}
+    for attr in ATTRIBUTES:
+        txt = F.normalize(clip.encode_text(tokenizer(attribute_prompts(attr))), dim=-1)
+        pred = (img @ txt.T).argmax(-1).numpy()
+        out[attr] = float((pred == world.codes(attr)).mean())
+    return out
+
+
+# ---------------------------------------------------------------------------- training
+def _schedule(opt, step: int, total: int, lr: float, warmup: int) -> None:
+    scale = step / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup)
+                                                                   / max(1, total - warmup)))
+    for g in opt.param_groups:
+        g["lr"] = lr * scale
+
+
+def train_subject(args) -> dict:
+    test = generate(args.eval_n, seed=EVAL_SEED, split="balanced-test", workers=args.workers)
+    model = build_subject(args.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
+    g = torch.Generator().manual_seed(args.seed)
+    total_epochs = args.pretrain_epochs + args.epochs
+    steps = total_epochs * math.ceil(args.n / args.batch)
+    step, t0 = 0, time.perf_counter()
+    for epoch in range(total_epochs):
+        # phase 1 (pretrain_epochs): the same binary label on the unbiased train split, standing
+        # in for the generic pretraining of Waterbirds models; phase 2: the spurious split.
+        # A fresh draw every epoch (seed, epoch): the 5% of spurious images that contradict the
+        # background cue cannot be memorised, only learned from their shape.
+        split = "train" if epoch < args.pretrain_epochs else "spurious-train"
+        data = generate(args.n, seed=args.seed * 1000 + epoch, split=split,
+                        workers=args.workers)
+        x, y = data.tensor(), torch.from_numpy(data.codes("angular"))
+        model.train()
+        perm = torch.randperm(len(x), generator=g)
+        losses = []
+        for i in range(0, len(x), args.batch):
+            idx = perm[i:i + args.batch]
+            _schedule(opt, step, steps, args.lr, warmup=steps // 20)
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            step += 1
+        print(f"epoch {epoch + 1}/{total_epochs} ({split}) loss {np.mean(losses):.4f} "
+              f"({time.perf_counter() - t0:.0f}s)", flush=True)
+        if epoch + 1 == args.pretrain_epochs:
+            pre = subject_accuracy(model, test)
+            print(f"after pretraining: balanced accuracy {pre['accuracy']:.3f}", flush=True)
+    seconds = time.perf_counter() - t0
+    model.eval()
+    metrics = subject_accuracy(model, test)
+    check = subject_accuracy(model, generate(CHECK_N, seed=EVAL_SEED, split="balanced-test"))
+    train_acc = subject_accuracy(model, generate(2000, seed=args.seed * 1000,
+                                                 split="spurious-train"))
+    record = {"model": "subject", "config": SUBJECT_CONFIG, "train_split": "spurious-train",
+              "pretrain_split": "train", "pretrain_epochs": args.pretrain_epochs,
+              "train_n_per_epoch": args.n, "train_seeds": "seed * 1000 + epoch", "epochs": args.epochs, "batch": args.batch, "lr": args.lr,
+              "seed": args.seed, "seconds": round(seconds, 1),
+              "eval": {"split": "balanced-test", "seed": EVAL_SEED, **metrics},
+              "check": {"split": "balanced-test", "seed": EVAL_SEED, **check},
+              "train_accuracy_first_2000": train_acc["accuracy"]}
+    _save(model.state_dict(), "subject", record, args)
+    return record
+
+
+def _texts(records: list[dict], rng: np.random.Generator, p_full: float):
+    """One text per image (full caption or one attribute phrase) and which attributes it names."""
+    attrs = list(ATTRIBUTES)
+    texts, named = [], np.zeros((len(records), len(attrs)), bool)
+    for i, r in enumerate(records):
+        if rng.random() < p_full:
+            texts.append(r["caption"])
+            named[i] = True
+        else:
+            a = int(rng.choice(len(attrs), p=PHRASE_WEIGHTS))
+            texts.append(attribute_prompts(attrs[a])[ATTRIBUTES[attrs[a]].index(r[attrs[a]])])
+            named[i, a] = True
+    return texts, named
+
+
+def multi_positive_clip_loss(img: torch.Tensor, txt: torch.Tensor, positive: torch.Tensor,
+                             logit_scale: torch.Tensor) -> torch.Tensor:
+    """InfoNCE in both directions with uniform targets over the positives.
+    img, txt [B, E] unit rows; positive [B_img, B_txt] bool (the diagonal is always True)."""
+    logits = logit_scale * img @ txt.T
+    target = positive.float()
+    i2t = -(target / target.sum(1, keepdim=True) * F.log_softmax(logits, 1)).sum(1).mean()
+    t2i = -(target / target.sum(0, keepdim=True) * F.log_softmax(logits, 0)).sum(0).mean()
+    return (i2t + t2i) / 2
+
+
+def train_clip(args) -> dict:
+    data = generate(args.n, seed=args.seed, split="train", workers=args.workers)
+    test = generate(args.eval_n, seed=EVAL_SEED, split="test", workers=args.workers)
+    tokenizer = WorldTokenizer()
+    clip = build_clip(tokenizer, args.seed)
+    x = data.tensor()
+    codes = torch.from_numpy(np.stack([data.codes(a) for a in ATTRIBUTES], 1))       # [N, 4]
+    opt = torch.optim.AdamW(clip.parameters(), lr=args.lr, weight_decay=0.05)
+    g = torch.Generator().manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    steps = args.epochs * (len(x) // args.batch)
+    step, t0 = 0, time.perf_counter()
+    for epoch in range(args.epochs):
+        clip.train()
+        perm = torch.randperm(len(x), generator=g)
+        losses = []
+        for i in range(0, len(x) - args.batch + 1, args.batch):
+            idx = perm[i:i + args.batch]
+            texts, named = _texts([data.records[j] for j in idx.tolist()], rng, args.p_full)
+            c = codes[idx]
+            same = c[:, None, :] == c[None, :, :]                                    # [Bi, Bt, 4]
+            positive = (same | ~torch.from_numpy(named)[None]).all(-1)
+            _schedule(opt, step, steps, args.lr, warmup=steps // 20)
+            img = F.normalize(clip.encode_image(x[idx]), dim=-1)
+            txt = F.normalize(clip.encode_text(tokenizer(texts)), dim=-1)
+            loss = multi_positive_clip_loss(img, txt, positive, clip.logit_scale.exp().clamp(max=100))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            step += 1
+        print(f"epoch {epoch + 1}/{args.epochs} loss {np.mean(losses):.4f} "
+              f"({time.perf_counter() - t0:.0f}s)", flush=True)
+    seconds = time.perf_counter() - t0
+    record = {"model": "clip", "config": CLIP_CONFIG, "train_split": "train", "train_n": args.n,
+              "epochs": args.epochs, "batch": args.batch, "lr": args.lr, "p_full": args.p_full,
+              "seed": args.seed, "seconds": round(seconds, 1),
+              "tokenizer": {"words": tokenizer.vocab[3:-1],
+                            "context_length": tokenizer.context_length},
+              "prompts": {a: attribute_prompts(a) for a in ATTRIBUTES},
+              "eval": {"split": "test", "seed": EVAL_SEED, "n": args.eval_n,
+                       "zero_shot_accuracy": clip_zero_shot(clip, tokenizer, test)},
+              "check": {"split": "test", "seed": EVAL_SEED, "n": CHECK_N,
+                        "zero_shot_accuracy": clip_zero_shot(
+                            clip, tokenizer, generate(CHECK_N, seed=EVAL_SEED, split="test"))}}
+    _save(clip.state_dict(), "clip", record, args)
+    return record
+
+
+def _save(state_dict: dict, which: str, record: dict, args) -> None:
+    from safetensors.torch import save_file
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in state_dict.items()},
+              str(out / f"{which}.safetensors"))
+    record = {"command": "python -m fxdecomp.world.train " + " ".join(map(shlex.quote, args.argv)),
+              "torch_threads": torch.get_num_threads(), "torch": torch.__version__, **record}
+    (out / f"{which}.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps({k: record[k] for k in ("eval", "check", "seconds")}, indent=2))
+    print(f"wrote {out / (which + '.safetensors')} and {which}.json")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m fxdecomp.world.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="which", required=True)
+    for which, n, epochs, batch, lr in (("subject", 4096, 6, 64, 1e-3),
+                                        ("clip", 12000, 8, 256, 2e-3)):
+        s = sub.add_parser(which)
+        s.add_argument("--n", type=int, default=n,
+                       help="training images (subject: per epoch, freshly drawn each epoch)")
+        s.add_argument("--eval-n", type=int, default=2000, help="evaluation images")
+        s.add_argument("--epochs", type=int, default=epochs)
+        s.add_argument("--batch", type=int, default=batch)
+        s.add_argument("--lr", type=float, default=lr)
+        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--workers", type=int, default=1, help="processes generating the world")
+        s.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+        s.add_argument("--out", default=str(WEIGHTS_DIR))
+        if which == "subject":
+            s.add_argument("--pretrain-epochs", type=int, default=6,
+                           help="epochs of the same label on the unbiased train split first")
+        if which == "clip":
+            s.add_argument("--p-full", type=float, default=0.5,
+                           help="share of texts that are full captions (else one phrase)")
+    return p
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    torch.set_num_threads(args.threads)
+    (train_subject if args.which == "subject" else train_clip)(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""The ground-truth world: the generator's attributes are true, the splits have their designed
+statistics, and the shipped models still do what their training records say."""
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from fxdecomp.errors import InputError
+from fxdecomp.world import (ANGULAR, BACKGROUNDS, COLOR_RGB, LAND_BACKGROUNDS,
+                            SPURIOUS_AGREEMENT, generate, read_labels, write_world)
+from fxdecomp.world.models import read_record
+
+
+@pytest.fixture(scope="module")
+def world():
+    return generate(600, seed=5, split="train")
+
+
+def test_generator_is_deterministic_and_prefix_stable(world):
+    again = generate(600, seed=5, split="train")
+    assert np.array_equal(world.images, again.images) and np.array_equal(world.masks, again.masks)
+    assert world.records == again.records
+    head = generate(40, seed=5, split="train")                  # image i does not depend on n
+    assert np.array_equal(head.images, world.images[:40]) and head.records == world.records[:40]
+    other = generate(40, seed=6, split="train")
+    assert not np.array_equal(other.images, head.images)
+    assert not np.array_equal(generate(40, seed=5, split="test").images, head.images)
+
+
+def test_object_pixels_have_the_recorded_color_and_texture(world):
+    n_plain = 0
+    for img, mask, rec in zip(world.images, world.masks, world.records):
+        rgb = np.rint(np.array(COLOR_RGB[rec["color"]]) * 255)
+        pixels = img[mask].astype(float)
+        assert mask.sum() > 30, rec                                   # the object is visible
+        is_color = np.all(pixels == rgb, axis=1)
+        if rec["texture"] == "plain":
+            n_plain += 1
+            assert is_color.all(), rec                                # exactly the object's color
+        else:                                  # the color plus one pattern tone, both present
+            assert 0.1 < is_color.mean() < 0.9, rec
+            assert len(np.unique(pixels[~is_color], axis=0)) == 1, rec
+    assert n_plain > 100
+
+
+def test_object_geometry_matches_the_labels(world):
+    for mask, rec in zip(world.masks, world.records):
+        ys, xs = np.nonzero(mask)
+        if rec["shape"] in ("circle", "square", "cross", "ellipse"):      # centred shapes
+            assert abs(xs.mean() + 0.5 - rec["x"]) < 1.0 and abs(ys.mean() + 0.5 - rec["y"]) < 1.0
+        if rec["shape"] == "circle":
+            assert abs(mask.sum() / (np.pi * rec["size"] ** 2) - 1) < 0.1
+        assert xs.min() >= rec["x"] - rec["size"] - 1 and xs.max() <= rec["x"] + rec["size"] + 1
+
+
+def test_background_kinds_differ_in_pixel_statistics(world):
+    """Mean color and luminance spread of the background pixels identify the kind."""
+    feats = []
+    for img, mask in zip(world.images, world.masks):
+        bg = img[~mask].astype(float) / 255
+        feats.append(np.concatenate([bg.mean(0), [bg.mean(1).std()]]))
+    feats = np.array(feats)
+    kinds = np.array(world.codes("background"))
+    centres = np.stack([feats[kinds == k].mean(0) for k in range(len(BACKGROUNDS))])
+    dist = np.linalg.norm(centres[:, None] - centres[None], axis=-1)
+    assert dist[~np.eye(len(BACKGROUNDS), dtype=bool)].min() > 0.1
+    nearest = np.linalg.norm(feats[:, None] - centres[None], axis=-1).argmin(1)
+    assert (nearest == kinds).mean() > 0.97
+
+
+def test_spurious_and_balanced_splits():
+    spur = generate(3000, seed=0, split="spurious-train")
+    angular = np.array([r["shape"] in ANGULAR for r in spur.records])
+    land = np.array([r["background"] in LAND_BACKGROUNDS for r in spur.records])
+    assert np.array_equal(angular, spur.codes("angular").astype(bool))
+    agree = (angular == land).mean()
+    assert abs(agree - SPURIOUS_AGREEMENT) < 0.015          # binomial sd 0.004
+    assert abs(angular.mean() - 0.5) < 0.04
+    bal = generate(1000, seed=0, split="balanced-test")
+    angular = np.array([r["angular"] for r in bal.records])
+    land = np.array([r["background"] in LAND_BACKGROUNDS for r in bal.records])
+    groups = [int(((angular == a) & (land == g)).sum()) for a in (0, 1) for g in (0, 1)]
+    assert groups == [250, 250, 250, 250]
+    assert set(bal.labels("background")) == set(BACKGROUNDS)
+
+
+def test_bad_arguments_are_input_errors():
+    with pytest.raises(InputError, match="split"):
+        generate(4, split="validation")
+    with pytest.raises(InputError, match="n must be"):
+        generate(0)
+
+
+def test_world_cli_writes_pngs_masks_and_labels(tmp_path):
+    from PIL import Image
+    from fxdecomp.cli import main
+    assert main(["world", "--out", str(tmp_path), "--n", "12", "--seed", "3",
+                 "--split", "balanced-test"]) == 0
+    w = generate(12, seed=3, split="balanced-test")
+    with open(tmp_path / "labels.csv") as f:
+        header = next(csv.reader(f))
+    for col in ("file", "shape", "color", "texture", "background", "x", "y", "size",
+                "mask_file", "caption"):
+        assert col in header
+    rows = read_labels(tmp_path / "labels.csv")
+    assert len(rows) == 12
+    for i, row in enumerate(rows):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / row["file"])), w.images[i])
+        assert np.array_equal(np.asarray(Image.open(tmp_path / row["mask_file"])) > 0, w.masks[i])
+        rec = w.records[i]
+        assert row["caption"] == rec["caption"] and row["shape"] == rec["shape"]
+        assert f"{rec['color']} {rec['texture']} {rec['shape']} on a {rec['background']}" \
+            in row["caption"]
+
+
+# ------------------------------------------------------------------------ the shipped models
+def test_shipped_subject_reaches_its_recorded_accuracy():
+    from fxdecomp.capture.adapters import load_model
+    from fxdecomp.world.train import CHECK_N, EVAL_SEED, subject_accuracy
+    rec = read_record("subject")
+    target, info = load_model("world:subject", output="logits")
+    assert info["input_size"] == (3, 64, 64)
+    got = subject_accuracy(target, generate(CHECK_N, seed=EVAL_SEED, split="balanced-test"))
+    # the same images as recorded: only float summation order may differ (a flip or two)
+    assert abs(got["accuracy"] - rec["check"]["accuracy"]) <= 0.005
+    assert abs(got["worst_group_accuracy"] - rec["check"]["worst_group_accuracy"]) <= 0.02
+    assert rec["eval"]["accuracy"] >= 0.85          # it learned its label
+
+
+def test_shipped_clip_reaches_its_recorded_zero_shot_accuracy():
+    from fxdecomp.capture.adapters import load_clip
+    from fxdecomp.world.train import CHECK_N, EVAL_SEED, clip_zero_shot
+    rec = read_record("clip")
+    clip, preprocess, tokenizer = load_clip("world")
+    got = clip_zero_shot(clip, tokenizer, generate(CHECK_N, seed=EVAL_SEED, split="test"))
+    for attr, acc in rec["check"]["zero_shot_accuracy"].items():
+        assert abs(got[attr] - acc) <= 0.005, (attr, got[attr], acc)
+    zs = rec["eval"]["zero_shot_accuracy"]
+    assert zs["color"] >= 0.9 and zs["background"] >= 0.9 and zs["shape"] >= 0.5, zs
+    # the preprocessing of a PIL image is the generator's normalisation
+    from PIL import Image
+    w = generate(2, seed=0, split="test")
+    assert torch.allclose(preprocess(Image.fromarray(w.images[0])), w.tensor()[0])
+
+
+def test_shipped_subject_decomposes_exactly():
+    from fxdecomp import decompose
+    from fxdecomp.capture.adapters import load_model
+    target, _ = load_model("world:subject")
+    x = generate(32, seed=9, split="test").tensor()
+    dm = decompose(target, x[:2], granularity="heads")
+    with torch.no_grad():
+        d = dm(x)
+        assert dm.verify(x) <= 1e-5
+    assert torch.allclose(d.components.sum(0), target(x), rtol=0, atol=1e-4)
+    assert sum(lab.kind == "attn_head" for lab in d.labels) == 4 * 4     # depth 4 x 4 heads
