@@ -12,30 +12,32 @@ from PIL import Image
 from fxdecomp.cli import main
 
 
-def _square(path, top, left, size=224):
+SUBJECT = "world:subject"      # the world's tiny 64 px ViT, here with seeded random weights
+
+
+def _square(path, top, left, size=64):
     a = np.full((size, size, 3), 110, np.uint8)
-    a[top:top + 48, left:left + 48] = (220, 30, 30)
+    a[top:top + 16, left:left + 16] = (220, 30, 30)
     Image.fromarray(a).save(path)
 
 
 def test_heatmap_verb_writes_overlays(tmp_path):
-    _square(tmp_path / "a.png", 32, 144)
-    _square(tmp_path / "b.png", 160, 16)
+    _square(tmp_path / "a.png", 8, 40)
+    _square(tmp_path / "b.png", 40, 4)
     out = tmp_path / "maps"
     assert main(["heatmap", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--subject",
-                 "timm:deit_tiny_patch16_224", "--random-init", "--layers", "-1",
-                 "--out", str(out)]) == 0
+                 SUBJECT, "--random-init", "--layers", "-1", "--out", str(out)]) == 0
     summary = json.loads((out / "heatmaps.json").read_text())
-    assert [r["grid"] for r in summary["images"]] == [[14, 14], [14, 14]]
+    assert [r["grid"] for r in summary["images"]] == [[4, 4], [4, 4]]
     assert (out / "a.png").stat().st_size > 1000 and (out / "b.png").stat().st_size > 1000
     assert set(summary["images"][0]["special"]) == {"cls_token[0]"}
 
 
 def test_heatmap_verb_query_needs_aligner(tmp_path):
     from fxdecomp.errors import InputError
-    _square(tmp_path / "a.png", 32, 144)
+    _square(tmp_path / "a.png", 8, 40)
     with pytest.raises(InputError, match="--aligner"):
-        main(["heatmap", str(tmp_path / "a.png"), "--subject", "timm:deit_tiny_patch16_224",
+        main(["heatmap", str(tmp_path / "a.png"), "--subject", SUBJECT,
               "--random-init", "--query", "a red square", "--out", str(tmp_path / "o")])
 
 
@@ -57,12 +59,12 @@ def test_ablate_verb(tmp_path):
     from fxdecomp import decompose
     from fxdecomp.capture.adapters import load_model
     from fxdecomp.interpret.align import CompAlign
-    target, _ = load_model("timm:deit_tiny_patch16_224", random_init=True)
-    labels = decompose(target.eval(), torch.randn(2, 3, 224, 224), granularity="heads").labels
-    CompAlign(labels, 192, 512, subject="timm:deit_tiny_patch16_224#random-init-seed0",
+    target, _ = load_model(SUBJECT, random_init=True)
+    labels = decompose(target.eval(), torch.randn(2, 3, 64, 64), granularity="heads").labels
+    CompAlign(labels, 96, 512, subject=f"{SUBJECT}#random-init-seed0",
               clip_model="open_clip:ViT-B-32#random-init-seed0").save(tmp_path / "al.safetensors")
     out = tmp_path / "ablate.json"
-    main(["ablate", "--subject", "timm:deit_tiny_patch16_224", "--random-init",
+    main(["ablate", "--subject", SUBJECT, "--random-init",
           "--images", str(imgs), "--labels", str(tmp_path / "labels.csv"),
           "--aligner", str(tmp_path / "al.safetensors"), "--templates", "single",
           "--spurious", "color", "--core", "shape", "--k", "3", "--json", str(out)])

@@ -37,7 +37,10 @@ class ComponentLabel:
     position: "TokenPosition | None" = field(default=None, compare=False)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["position"] is None:      # labels without a position read as they always did
+            del d["position"]
+        return d
 
 
 def _matches(label: ComponentLabel, kind, layer, head, token, module) -> bool:
