@@ -263,10 +263,7 @@ class _Tracer:
                     continue
         if not cands:
             return None
-        res = cands[0]
-        for c in cands[1:]:
-            better = _rank(c.tag) > _rank(res.tag)
-            res = _Pos(*(torch.where(better, getattr(c, f), getattr(res, f)) for f in ("y", "x", "b", "tag")))
+        res = _merge(cands)
         if isinstance(out, (tuple, list)):
             return (res,) + tuple(_shape_like(o, MIXED) for o in out[1:])
         return res
@@ -373,9 +370,44 @@ def _axis_at(coord: torch.Tensor, n_out: int, k: int, s: int, p: int, d: int) ->
     return origin + (c.view(1, -1) - i0) * step
 
 
+def _uniform(t: torch.Tensor) -> int | None:
+    """The value of a tensor that is one scalar broadcast (all strides 0), else None."""
+    if t.dim() == 0 or all(st == 0 for st in t.stride()):
+        return int(t[(0,) * t.dim()]) if t.numel() else None
+    return None
+
+
+def _rank_of(tag: int) -> int:
+    return 3 if tag == IMAGE else 2 if tag > 0 else 1 if tag == CONST else 0
+
+
+def _merge(cands: list[_Pos]) -> _Pos:
+    """Elementwise: each element keeps the best-ranked input's token (``_rank``). Fast paths:
+    an input that is one broadcast constant (a bias, a norm weight) only fills lower-ranked
+    cells, and nothing replaces cells that already hold image tokens."""
+    res = cands[0]
+    for c in cands[1:]:
+        cval, rval = _uniform(c.tag), _uniform(res.tag)
+        if cval is not None and rval is not None:
+            if _rank_of(cval) > _rank_of(rval):
+                res = c
+            continue
+        if rval == IMAGE or (cval is not None and _rank_of(cval) <= 1
+                             and not bool((res.tag == MIXED).any())):
+            continue
+        if not bool((res.tag != IMAGE).any()):
+            continue
+        better = _rank(c.tag) > _rank(res.tag)
+        if not bool(better.any()):
+            continue
+        res = _Pos(*(torch.where(better, getattr(c, f), getattr(res, f)) for f in ("y", "x", "b", "tag")))
+    return res
+
+
 def _rank(tag: torch.Tensor) -> torch.Tensor:
     """Preference when two inputs meet elementwise: image > parameter token > constant > mixed."""
-    return torch.where(tag == IMAGE, 3, torch.where(tag > 0, 2, torch.where(tag == CONST, 1, 0)))
+    return ((tag == IMAGE).to(torch.int8) * 3 + (tag > 0).to(torch.int8) * 2
+            + (tag == CONST).to(torch.int8))
 
 
 def _has_image(p) -> bool:
