@@ -73,3 +73,22 @@ def test_ablate_verb(tmp_path):
     assert res["n_reference"] == 10 and res["n_test"] == 6
     for key in ("worst_group_before", "worst_group_after", "average_before", "average_after"):
         assert 0.0 <= res[key] <= 1.0
+
+
+def test_read_labels_columns_and_world_paths(tmp_path):
+    """Rows match on paths relative to the CSV's folder; string values are numbered in order."""
+    from fxdecomp.apply.ablate_cli import read_labels
+    (tmp_path / "images").mkdir()
+    with open(tmp_path / "labels.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file", "angular", "background"])
+        w.writerows([["images/0.png", "True", "water"], ["images/1.png", "False", "sand"],
+                     ["images/2.png", "True", "sand"]])
+    y, g, split = read_labels(tmp_path / "labels.csv", ["2.png", "0.png", "1.png"], "angular",
+                              ["angular", "background"], tmp_path / "images")
+    assert y.tolist() == [1, 1, 0]                    # False < True
+    # groups: sorted (angular, background) tuples: (False,sand)=0, (True,sand)=1, (True,water)=2
+    assert g.tolist() == [1, 2, 0] and split == ["", "", ""]
+    from fxdecomp.errors import InputError
+    with pytest.raises(InputError, match="no row"):
+        read_labels(tmp_path / "labels.csv", ["9.png"], "angular", ["background"], tmp_path / "images")

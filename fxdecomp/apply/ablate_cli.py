@@ -4,8 +4,9 @@
         --labels labels.csv --spurious location --core animal --k 10 --json out.json
 
 ``labels.csv`` has a header and one row per image: ``file`` (path relative to ``--images``),
-``label`` (class index), ``group`` (group index, e.g. class × background) and optionally
-``split`` (``train``/``test``). Components (heads mode) are computed over every image; each
+``label`` (class), ``group`` (e.g. class × background) and optionally ``split``
+(``train``/``test``); ``--label-column`` / ``--group-columns`` pick other columns (the world's
+``labels.csv``: ``--label-column angular --group-columns angular background``). Components (heads mode) are computed over every image; each
 component is scored for the spurious and the core feature (``score_components`` on the aligned
 components of the reference images) and the top-k by score_spurious − score_core are
 mean-ablated (means over the reference images). A logistic-regression head is fitted on the
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -26,24 +28,51 @@ from fxdecomp.errors import InputError
 __all__ = ["add_subcommands", "cmd_ablate", "read_labels"]
 
 
-def read_labels(path: str | Path, names: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """(labels [N], groups [N], splits [N]) for the image ``names`` from the CSV."""
+def read_labels(path: str | Path, names: list[str], label_column: str = "label",
+                group_columns: Sequence[str] = ("group",), images_dir: str | Path | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """(labels [N], groups [N], splits [N]) for the image ``names`` (paths relative to
+    ``images_dir``) from the CSV. Rows are matched on ``file`` as given or relative to the CSV's
+    folder (``fxdecomp world`` writes ``images/NNN.png``). Values of the label column and the
+    group columns may be any strings: labels are numbered in sorted order of their values (ints
+    by value), groups by the sorted tuples of the group columns' values."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"labels file {path} does not exist")
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-    need = {"file", "label", "group"}
+    need = {"file", label_column, *group_columns}
     if not rows or not need <= set(rows[0]):
         raise InputError(f"{path} needs a header with columns {sorted(need)} (+ optional split); "
                          f"got {sorted(rows[0]) if rows else 'no rows'}")
     by_file = {r["file"]: r for r in rows}
-    missing = [n for n in names if n not in by_file]
+    base = Path(images_dir).resolve() if images_dir is not None else None
+
+    def row_of(name: str):
+        if name in by_file:
+            return by_file[name]
+        if base is not None:
+            try:
+                rel = (base / name).relative_to(path.parent.resolve()).as_posix()
+            except ValueError:
+                return None
+            return by_file.get(rel)
+        return None
+
+    found = [row_of(n) for n in names]
+    missing = [n for n, r in zip(names, found) if r is None]
     if missing:
         raise InputError(f"{len(missing)} images have no row in {path}, e.g. {missing[:3]}")
-    labels = torch.tensor([int(by_file[n]["label"]) for n in names])
-    groups = torch.tensor([int(by_file[n]["group"]) for n in names])
-    splits = [(by_file[n].get("split") or "").strip().lower() for n in names]
+
+    def numbered(values: list) -> torch.Tensor:
+        key = lambda v: (0, int(v), "") if str(v).lstrip("-").isdigit() else (1, 0, str(v))  # noqa: E731
+        index = {v: i for i, v in enumerate(sorted(set(values), key=key))}
+        return torch.tensor([index[v] for v in values])
+
+    labels = numbered([r[label_column] for r in found])
+    groups = numbered([tuple(r[c] for c in group_columns) if len(group_columns) > 1
+                       else r[group_columns[0]] for r in found])
+    splits = [(r.get("split") or "").strip().lower() for r in found]
     return labels, groups, splits
 
 
@@ -56,7 +85,8 @@ def cmd_ablate(args) -> dict:
     if not args.images:
         raise InputError("ablate needs --images DIR and --labels CSV (labels and groups per image)")
     s = _Session(args)
-    labels, groups, splits = read_labels(args.labels, s.image_names)
+    labels, groups, splits = read_labels(args.labels, s.image_names, args.label_column,
+                                         args.group_columns, args.images)
     comps, comp_labels = s.components()
     al = s.aligner(comp_labels, comps.shape[-1])
     has_split = any(splits)
@@ -104,6 +134,11 @@ def add_subcommands(subparsers) -> None:
     _common(p)
     _text_args(p)
     p.add_argument("--labels", required=True, help="CSV: file,label,group[,split]")
+    p.add_argument("--label-column", default="label",
+                   help="CSV column with the class (default label; e.g. angular for the world)")
+    p.add_argument("--group-columns", nargs="+", default=["group"],
+                   help="CSV column(s) whose values form the groups (default group; e.g. "
+                        "angular background)")
     p.add_argument("--spurious", required=True, help="spurious feature (preset or 'name=a,b')")
     p.add_argument("--core", required=True, help="core feature (preset or 'name=a,b')")
     p.add_argument("--k", type=int, default=10, help="components to remove (default 10)")
