@@ -173,3 +173,30 @@ def test_heatmap_errors():
         token_heatmap(d, torch.ones(4), layer=5)
     with pytest.raises(InputError, match="direction"):
         token_heatmap(d, torch.ones(3))
+
+
+class _TokenMixingValues(torch.nn.Module):
+    """Attention whose values are a running sum over the token dim: no key is one image token."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Conv2d(3, 8, 4, 4)
+        self.blocks = torch.nn.ModuleList([torch.nn.Linear(8, 8)])
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)                    # [B, N, 8]
+        q = self.blocks[0](t).unsqueeze(1)
+        v = t.cumsum(1).unsqueeze(1)
+        attn = torch.nn.functional.scaled_dot_product_attention(q, q, v)
+        return (t + attn.squeeze(1)).mean(1)
+
+
+@torch.no_grad()
+def test_positions_error_names_the_op():
+    model = _TokenMixingValues().eval()
+    x = torch.randn(2, 3, 16, 16)
+    dm = fxdecomp.decompose(model, x, granularity="tokens")
+    d = dm(x)
+    assert d.reconstruction_error() <= 1e-5         # the decomposition itself is unaffected
+    with pytest.raises(PositionUnavailableError, match="'cumsum' mixes tokens"):
+        token_heatmap(d, "norm")

@@ -57,6 +57,10 @@ CONTRACT_LAST = {"linear", "matmul", "bmm", "mm", "addmm", "scaled_dot_product_a
 SPATIAL = {"conv2d", "convolution", "avg_pool2d", "max_pool2d", "max_pool2d_with_indices",
            "adaptive_avg_pool2d", "_adaptive_avg_pool2d", "adaptive_max_pool2d"}
 REDUCE = {"mean", "sum", "amax", "amin"}
+# same shape in and out, but each output mixes elements along ``dim``: a token keeps its place
+# only when that dim is the last (channels / keys), never along the token dims
+ALONG_DIM = {"softmax", "_softmax", "_safe_softmax", "log_softmax", "_log_softmax", "cumsum",
+             "cumprod", "cummax", "cummin", "logcumsumexp", "sort", "argsort"}
 
 
 class PositionError(ValueError):
@@ -68,7 +72,8 @@ class TokenPosition:
     """Where one source token sits.
 
     kind:   "patch" (a cell of a spatial grid), "cls", "distillation", "register", "token"
-            (another inserted parameter token), "pad" (a padding/constant cell)
+            (another inserted parameter token), "pad" (a padding/constant cell), "unknown"
+            (positions could not be derived; ``source`` says why, naming the op)
     row, col: the cell on the grid of its attention (patch only)
     grid:   (rows, cols) of that grid; stride: pixels per cell (y, x)
     box:    (y0, x0, y1, x1) pixel box of the cell on the input image (patch only)
@@ -248,6 +253,13 @@ class _Tracer:
                 dims = list(range(src.y.dim()))
             dims = [dims] if isinstance(dims, int) else list(dims)
             return _reduce(src, dims, keep)
+        if name in ALONG_DIM:
+            dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", -1)
+            src = pos[n.args[0]]
+            if not isinstance(src, _Pos) or dim % src.y.dim() != src.y.dim() - 1:
+                return None                           # mixes tokens
+            return src if not isinstance(out, (tuple, list)) else \
+                (src,) + tuple(_shape_like(o, MIXED) for o in out[1:])
         # elementwise / broadcasting: every output of the op's shape keeps its token
         target = out[0] if isinstance(out, (tuple, list)) else out
         if not isinstance(target, torch.Tensor):

@@ -141,10 +141,10 @@ def token_values(d: Decomposition, direction: torch.Tensor | None = None, *,
 
 
 def _missing_position(lab: ComponentLabel) -> PositionUnavailableError:
+    why = lab.position.source if lab.position is not None and lab.position.source else \
+        "the label carries no position (was it made in tokens mode by this fxdecomp?)"
     return PositionUnavailableError(
-        f"token component {lab.name} has no position on the image: the positions of its "
-        "attention's keys could not be derived from the graph. See "
-        "fxdecomp.analyse.positions.token_tables(...)[node].error for the op that mixes tokens.")
+        f"token component {lab.name} has no position on the image: {why}")
 
 
 def place(values: torch.Tensor, labels: Sequence[ComponentLabel],
@@ -157,7 +157,7 @@ def place(values: torch.Tensor, labels: Sequence[ComponentLabel],
     cells: dict[tuple[int, int], list[tuple[int, int]]] = {}
     for i, lab in enumerate(labels):
         pos = lab.position
-        if pos is None:
+        if pos is None or pos.kind == "unknown":
             raise _missing_position(lab)
         if pos.kind == "patch":
             grids.setdefault(pos.grid, values.new_zeros((B,) + tuple(pos.grid)))

@@ -226,7 +226,11 @@ class Emitter:
         windows = table.windows if ok else 1
         if windows > 1:
             t = self.call(_split_windows, t, windows)
-        where = (lambda w, tok: table.positions[w][tok]) if ok else (lambda w, tok: None)
+        if ok:
+            where = lambda w, tok: table.positions[w][tok]  # noqa: E731
+        else:   # no position; keep the reason (which op mixes tokens) for whoever needs one
+            unknown = None if table is None else _unknown_position(table.error)
+            where = lambda w, tok: unknown  # noqa: E731
         ids = tuple(self._label(name=f"{site.name}.h{h}.t{tok}" + (f".w{w}" if windows > 1 else ""),
                                 kind="attn_head_token", head=h, token=tok,
                                 position=where(w, tok), **base)
@@ -289,6 +293,11 @@ class Emitter:
 
 def _index_tensor(index, like):
     return torch.tensor(index, dtype=torch.long, device=like.device)
+
+
+def _unknown_position(error):
+    from ..analyse.positions import TokenPosition
+    return TokenPosition("unknown", source=error)
 
 
 def _split_windows(t, windows: int):
