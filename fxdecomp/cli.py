@@ -157,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_world_subcommands(sub)
     from .apply.cli import add_subcommands as add_apply_subcommands
     add_apply_subcommands(sub)
+    from .apply.heatmap_cli import add_subcommands as add_heatmap_subcommands
+    add_heatmap_subcommands(sub)
+    from .apply.ablate_cli import add_subcommands as add_ablate_subcommands
+    add_ablate_subcommands(sub)
     return parser
 
 

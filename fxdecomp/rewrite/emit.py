@@ -45,9 +45,10 @@ GROUP_INDEX = "_fxdecomp_group_index"
 
 class Emitter:
     def __init__(self, gm: GraphModule, walk: Walk, structure: Structure, policy: Policy,
-                 backend: str = "auto"):
+                 backend: str = "auto", token_tables: dict | None = None):
         self.gm, self.walk, self.structure, self.policy = gm, walk, structure, policy
         self.backend = backend
+        self.token_tables = token_tables or {}   # attention node -> analyse.positions.AttentionTokens
         self.facts = walk.facts
         self.graph = Graph()
         self.env: dict[Node, Node] = {}
@@ -218,10 +219,23 @@ class Emitter:
         else:
             return [Chunk(self.call(rt.as_terms, value), (self._label(name=site.name, kind="attn", **base),))]
         t = self.call(rt.split_heads_tokens, probs, vals, head_dim, value)
-        ids = tuple(self._label(name=f"{site.name}.h{h}.t{tok}", kind="attn_head_token",
-                                head=h, token=tok, **base)
-                    for h in range(heads) for tok in range(n_tok))
-        return [Chunk(t, ids, None if head_dim is None else (head_dim, heads, n_tok))]
+        # window attention folds windows into the batch: split each key per window too, so every
+        # component is one source token on the image (analyse.positions derives the layout)
+        table = self.token_tables.get(n)
+        ok = table is not None and table.error is None and len(table.positions) == table.windows
+        windows = table.windows if ok else 1
+        if windows > 1:
+            t = self.call(_split_windows, t, windows)
+        if ok:
+            where = lambda w, tok: table.positions[w][tok]  # noqa: E731
+        else:   # no position; keep the reason (which op mixes tokens) for whoever needs one
+            unknown = None if table is None else _unknown_position(table.error)
+            where = lambda w, tok: unknown  # noqa: E731
+        ids = tuple(self._label(name=f"{site.name}.h{h}.t{tok}" + (f".w{w}" if windows > 1 else ""),
+                                kind="attn_head_token", head=h, token=tok,
+                                position=where(w, tok), **base)
+                    for h in range(heads) for tok in range(n_tok) for w in range(windows))
+        return [Chunk(t, ids, None if head_dim is None else (head_dim, heads, n_tok * windows))]
 
     def _dedupe(self, n: Node, chunks: list[Chunk]) -> list[Chunk]:
         """Keep each raw label once per node: where a component reaches a node along two paths
@@ -279,6 +293,22 @@ class Emitter:
 
 def _index_tensor(index, like):
     return torch.tensor(index, dtype=torch.long, device=like.device)
+
+
+def _unknown_position(error):
+    from ..analyse.positions import TokenPosition
+    return TokenPosition("unknown", source=error)
+
+
+def _split_windows(t, windows: int):
+    """Terms [K, B·windows, ...] (batch row b' = image b'//windows, window b' % windows) ->
+    [K·windows, B·windows, ...]: term k·windows + w keeps only the rows of window w. Exact: the
+    sum over w is the input."""
+    rows = t.shape[1]
+    win = torch.arange(rows, device=t.device) % windows
+    mask = (win.view(1, rows) == torch.arange(windows, device=t.device).view(windows, 1))
+    mask = mask.to(t.dtype).view((1, windows, rows) + (1,) * (t.dim() - 2))
+    return (t.unsqueeze(1) * mask).reshape((t.shape[0] * windows,) + tuple(t.shape[1:]))
 
 
 def _repeat_kv(v, q):

@@ -52,7 +52,11 @@ def _build(model: nn.Module, example: torch.Tensor, granularity: str, layers, dy
             return "init"
         return granularity if site.block in expanded else "blocks"
 
-    graph_module, labels = Emitter(gm, w, structure, Policy(expand), backend).run()
+    tables = None
+    if granularity == "tokens":
+        from ..analyse.positions import token_tables_for
+        tables = token_tables_for(gm, w, example, dynamic, prefix=facts.prefix)
+    graph_module, labels = Emitter(gm, w, structure, Policy(expand), backend, tables).run()
     return graph_module, labels, blocks, dynamic
 
 

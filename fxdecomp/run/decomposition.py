@@ -1,10 +1,13 @@
 """What a decomposed forward returns: the output, its additive components and their labels."""
 from __future__ import annotations
 
-from dataclasses import dataclass, asdict
-from typing import Callable, Iterable, Sequence
+from dataclasses import dataclass, asdict, field
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import torch
+
+if TYPE_CHECKING:
+    from ..analyse.positions import TokenPosition
 
 KINDS = ("embed", "attn", "attn_head", "attn_head_token", "mlp", "conv", "bias", "init", "other")
 
@@ -20,6 +23,9 @@ class ComponentLabel:
             terms that join before the first block, and for init)
     head:   attention head index (attn_head / attn_head_token), else None
     token:  source token index (attn_head_token), else None
+    position: where that source token sits on the input (attn_head_token): a
+            ``fxdecomp.analyse.positions.TokenPosition`` (grid row/col and pixel box, or
+            "cls"/"register"/"distillation"/...); None where it cannot be derived
     """
 
     name: str
@@ -28,9 +34,13 @@ class ComponentLabel:
     layer: int | None = None
     head: int | None = None
     token: int | None = None
+    position: "TokenPosition | None" = field(default=None, compare=False)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["position"] is None:      # labels without a position read as they always did
+            del d["position"]
+        return d
 
 
 def _matches(label: ComponentLabel, kind, layer, head, token, module) -> bool:
