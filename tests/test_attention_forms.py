@@ -13,31 +13,40 @@ B, N, D, H = 2, 5, 8, 2
 DH = D // H
 
 
-class EinsumAttentionNet(nn.Module):
-    """embed -> h + proj(attention(h)) -> h + mlp(h) -> norm -> token 0; attention in einsums."""
-
+class EinsumAttention(nn.Module):
     def __init__(self, pv_equation: str):
         super().__init__()
         self.pv_equation = pv_equation
-        self.embed = nn.Linear(D, D)
         self.qkv = nn.Linear(D, 3 * D)
         self.proj = nn.Linear(D, D)
-        self.mlp = nn.Sequential(nn.Linear(D, 16), nn.GELU(), nn.Linear(16, D))
-        self.norm = nn.LayerNorm(D)
 
-    def attention_parts(self, h):
+    def parts(self, h):
         q, k, v = self.qkv(h).unflatten(-1, (3, H, DH)).permute(2, 0, 3, 1, 4)   # [B, H, N, dh]
         probs = torch.softmax(torch.einsum("bhqd,bhkd->bhqk", q, k) * DH ** -0.5, dim=-1)
         return probs, v
 
-    def forward(self, x):
-        h = self.embed(x)
-        probs, v = self.attention_parts(h)
+    def forward(self, h):
+        probs, v = self.parts(h)
         if self.pv_equation == "bhqk,bhkd->bhqd":
             o = torch.einsum(self.pv_equation, probs, v)
         else:  # the same product, written with V transposed
             o = torch.einsum(self.pv_equation, probs, v.transpose(-1, -2))
-        h = h + self.proj(o.transpose(1, 2).flatten(2))
+        return self.proj(o.transpose(1, 2).flatten(2))
+
+
+class EinsumAttentionNet(nn.Module):
+    """embed -> h + attn(h) -> h + mlp(h) -> norm -> token 0; attention written in einsums."""
+
+    def __init__(self, pv_equation: str):
+        super().__init__()
+        self.embed = nn.Linear(D, D)
+        self.attn = EinsumAttention(pv_equation)
+        self.mlp = nn.Sequential(nn.Linear(D, 16), nn.GELU(), nn.Linear(16, D))
+        self.norm = nn.LayerNorm(D)
+
+    def forward(self, x):
+        h = self.embed(x)
+        h = h + self.attn(h)
         h = h + self.mlp(h)
         return self.norm(h)[:, 0]
 
@@ -53,7 +62,7 @@ def test_einsum_attention_split_per_head_and_token():
     dh = fxdecomp.decompose(model, x, granularity="heads")
     with torch.no_grad():
         t, h, ref = dt(x), dh(x), model(x)
-        probs, v = model.attention_parts(model.embed(x))
+        probs, v = model.attn.parts(model.embed(x))
     scale = float(ref.abs().max())
     assert float((t.components.sum(0) - ref).abs().max()) <= 1e-5 * scale
     toks = [lab for lab in t.labels if lab.kind == "attn_head_token"]
@@ -65,12 +74,11 @@ def test_einsum_attention_split_per_head_and_token():
         assert float((merged[name] - h[name]).abs().max()) <= 1e-5 * scale
     # one (head, token) term against P[h, 0, t] · V[h, t] through proj and the frozen final norm
     with torch.no_grad():
-        stream = model.embed(x) + model.proj(torch.einsum("bhqk,bhkd->bhqd", probs, v)
-                                              .transpose(1, 2).flatten(2))
+        stream = model.embed(x) + model.attn(model.embed(x))
         y = (stream + model.mlp(stream))[:, 0]
         sigma = torch.sqrt(y.var(-1, unbiased=False, keepdim=True) + model.norm.eps)
         for i, j in [(0, 0), (1, 3)]:
-            c = (probs[:, i, 0, j, None] * v[:, i, j]) @ model.proj.weight[:, i * DH:(i + 1) * DH].T
+            c = (probs[:, i, 0, j, None] * v[:, i, j]) @ model.attn.proj.weight[:, i * DH:(i + 1) * DH].T
             want = (c - c.mean(-1, keepdim=True)) / sigma * model.norm.weight
             got = t[next(lab.name for lab in toks if (lab.head, lab.token) == (i, j))]
             assert float((got - want).abs().max()) <= 1e-5 * scale
