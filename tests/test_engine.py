@@ -2,6 +2,8 @@
 Decomposition helpers and the errors bad input gets."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -121,6 +123,9 @@ def test_argument_errors_name_what_is_expected(deit_small):
         fxdecomp.decompose(model, x, granularity="head")
     with pytest.raises(fxdecomp.InputError, match="backend"):
         fxdecomp.decompose(model, x, backend="cuda")
+    if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        with pytest.raises(fxdecomp.InputError, match="triton"):   # not the kernels' RuntimeError
+            fxdecomp.decompose(model, x, backend="triton")
     # ValueError too, where Python users expect one
     with pytest.raises(ValueError):
         fxdecomp.decompose(model, x, layers=[])

@@ -103,6 +103,12 @@ class DecomposedModel(nn.Module):
             raise InputError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
         check_model(model)
         check_input(example, what="example_input", like=model_tensor(model))
+        if backend == "triton":  # the kernels' own errors (no triton, no CUDA) are RuntimeErrors
+            from fxdecomp_kernels import resolve_backend
+            try:
+                resolve_backend("triton", example)
+            except RuntimeError as err:
+                raise InputError(str(err)) from err
         self.granularity, self.layers, self.backend = granularity, layers, backend
         self.input_shape = tuple(example.shape[1:])
         self.input_dtype, self.input_device = example.dtype, example.device
