@@ -46,7 +46,9 @@ def test_align_then_rank(tmp_path, capsys):
     assert [r["rank"] for r in rows] == list(range(1, len(names) + 1))
     scores = [r["score"] for r in rows]
     assert scores == sorted(scores, reverse=True)
-    printed = [line.split()[1] for line in out.splitlines()[-5:]]  # rank, component, ...
+    lines = out.splitlines()
+    rule = next(i for i, line in enumerate(lines) if set(line) <= {"-", " "} and "-" in line)
+    printed = [line.split()[1] for line in lines[rule + 1:rule + 6]]  # rank, component, ...
     assert printed == [r["component"] for r in rows[:5]]
 
 
