@@ -16,6 +16,8 @@ from collections import Counter
 
 import torch
 
+from .errors import FxDecompError, one_line
+
 DEFAULT_MODEL = "timm:deit_tiny_patch16_224"
 REL_TOL = 1e-5
 
@@ -171,7 +173,11 @@ def main(argv=None) -> int:
         args = parser.parse_args(["demo"])
     if getattr(args, "checkpoint", None):
         args.random_init = False
-    result = args.func(args)  # the interpret commands return what they computed
+    try:
+        result = args.func(args)  # the interpret commands return what they computed
+    except FxDecompError as err:  # one clear line, no traceback
+        print(f"fxdecomp: error: {one_line(err)}", file=sys.stderr)
+        return 2
     return result if isinstance(result, int) else 0
 
 

@@ -1,4 +1,9 @@
-"""The one exception family fxdecomp raises for bad models and bad inputs."""
+"""The one exception family fxdecomp raises on purpose: every such error is an ``FxDecompError``.
+
+Where Python users expect a built-in type the subclass is also one: ``InputError`` is a
+``ValueError`` (bad input, bad arguments), ``ModelLoadError`` a ``RuntimeError``,
+``ComponentNotFoundError`` a ``KeyError``, ``RuleError`` a ``TypeError``.
+"""
 from __future__ import annotations
 
 
@@ -28,8 +33,26 @@ class UnsupportedGraphError(FxDecompError):
 
 
 class InputError(FxDecompError, ValueError):
-    """An input the decomposed model cannot take (wrong shape, non-finite values, ...)."""
+    """An input or argument the library cannot take (wrong shape, dtype or device, non-finite
+    values, an unknown granularity, a layer out of range, ...)."""
 
 
 class ModelLoadError(FxDecompError, RuntimeError):
     """A model could not be built or its weights could not be loaded."""
+
+
+class ComponentNotFoundError(FxDecompError, KeyError):
+    """No component of a decomposition has the requested name."""
+
+    def __str__(self) -> str:  # KeyError would print the message quoted
+        return str(self.args[0]) if self.args else ""
+
+
+class RuleError(FxDecompError, TypeError):
+    """A decomposition rule was registered wrongly (not an ATen op, a key taken twice, ...)."""
+
+
+def one_line(err: BaseException) -> str:
+    """The error as one line for a command-line tool: its type and its message's lines joined."""
+    text = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    return f"{type(err).__name__}: {text}"

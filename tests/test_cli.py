@@ -51,11 +51,40 @@ def test_coverage_reports_pass_and_fail(tmp_path, capsys):
 
 
 def test_align_then_rank(tmp_path, capsys):
-    path = tmp_path / "align.safetensors"
+    """align writes an aligner; rank scores every component of the subject's decomposition for
+    the feature, sorted, and prints the top rows of that ranking."""
+    path, table = tmp_path / "align.safetensors", tmp_path / "rank.json"
     common = ["--subject", "timm:deit_tiny_patch16_224", "--clip", "ViT-B-32", "--random-init",
               "--synthetic", "16"]
     assert main(["align", *common, "--out", str(path)]) == 0
     assert path.exists()
+    capsys.readouterr()
     assert main(["rank", *common, "--aligner", str(path), "--feature", "color",
-                 "--templates", "single"]) == 0
-    assert "blocks" in capsys.readouterr().out
+                 "--templates", "single", "--top", "5", "--json", str(table)]) == 0
+    out = capsys.readouterr().out
+    rows = json.loads(table.read_text())["rows"]
+    from fxdecomp import decompose
+    from fxdecomp.capture.adapters import example_input, load_model
+    model, info = load_model("timm:deit_tiny_patch16_224", random_init=True)
+    names = [lab.name for lab in decompose(model, example_input(info), granularity="heads").labels]
+    assert sorted(r["component"] for r in rows) == sorted(names)      # every component, once
+    assert [r["rank"] for r in rows] == list(range(1, len(names) + 1))
+    scores = [r["score"] for r in rows]
+    assert scores == sorted(scores, reverse=True)
+    lines = out.splitlines()
+    rule = next(i for i, line in enumerate(lines) if set(line) <= {"-", " "} and "-" in line)
+    printed = [line.split()[1] for line in lines[rule + 1:rule + 6]]  # rank, component, ...
+    assert printed == [r["component"] for r in rows[:5]]
+
+
+def test_errors_are_one_line_and_exit_2(capsys):
+    """Both entry points print an FxDecompError as one line on stderr and exit non-zero."""
+    from fxdecomp.interpret.cli import main as interpret_main
+    assert main(["demo", "--model", "timm:no_such_model_xyz"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fxdecomp: error: ModelLoadError:") and "no_such_model_xyz" in err
+    assert len(err.splitlines()) == 1
+    assert interpret_main(["rank", "--subject", "timm:no_such_model_xyz", "--random-init",
+                           "--synthetic", "4", "--aligner", "missing.safetensors"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fxdecomp-interpret: error:") and len(err.splitlines()) == 1

@@ -21,6 +21,7 @@ from fxdecomp.apply.heatmap import PositionUnavailableError, place, token_heatma
 from fxdecomp.capture.adapters import timm_target
 from fxdecomp.capture.export import capture
 from fxdecomp.errors import InputError
+from fxdecomp.rewrite.rules import RULES
 
 
 def _target(name, output="pre_logits", **kw):
@@ -32,7 +33,7 @@ def _target(name, output="pre_logits", **kw):
 def _tables(target, size):
     x = torch.randn(2, 3, size, size)
     gm, dynamic = capture(target, x)
-    w = walk(gm, GraphFacts(gm, "tokens"))
+    w = walk(gm, GraphFacts(gm, RULES, "tokens"))
     tables = P.token_tables_for(gm, w, x, dynamic, prefix="model.")
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     return [tables[a] for a in sorted(tables, key=order.get)]   # in forward order

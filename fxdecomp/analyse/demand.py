@@ -4,23 +4,19 @@ A representation usually reads one token (CLS) or a slice of tokens. Per-token o
 taking rows, so terms only need computing for those rows: a ViT's attention heads then cost one
 query row each instead of N, and per-token contributions are formed for the needed rows only.
 
-A demand is ``None`` (every element) or ``(dim, indices)``: only ``indices`` along ``dim`` are
-needed. It is propagated backwards from the output through rules that declare how (``Plan.info
-["demand"]``); a rule without one asks for everything from its inputs and its own output is
-narrowed afterwards. The union of the demands of a node's consumers is what it computes.
+A demand is ``None`` (every element) or ``Rows(dim, index, group)``. It is propagated backwards
+from the output through the rules' ``Plan.demand`` functions; a rule without one asks for
+everything from its inputs and its own output is narrowed afterwards. The union of the demands of
+a node's consumers is what it computes. The protocol is written down in ``fxdecomp.graph.plan``.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 from torch.fx import Node
 
-from ..rewrite.rules import sizes
+from ..errors import FxDecompError
+from ..graph.plan import Demand, PlanKind, Rows
+from ..graph.shapes import sizes
 from .walk import Walk
-
-Demand = Optional[tuple]  # None, or (dim, indices, group)
-# group None: rows ``indices`` of ``dim``. group g: ``dim`` is g outer rows times an inner
-# (symbolic) size, and the outer rows ``indices`` are needed with all their inner elements.
 
 
 def union(demands: list[Demand]) -> Demand:
@@ -30,7 +26,7 @@ def union(demands: list[Demand]) -> Demand:
     if len(keys) != 1:
         return None
     (dim, group), = keys
-    return dim, tuple(sorted(set(i for d in demands for i in d[1]))), group
+    return Rows(dim, tuple(sorted(set(i for d in demands for i in d[1]))), group)
 
 
 def compute(w: Walk) -> tuple[dict[Node, Demand], dict[Node, dict]]:
@@ -47,10 +43,9 @@ def compute(w: Walk) -> tuple[dict[Node, Demand], dict[Node, dict]]:
             d = None
         demand[n] = d
         plan = w.plans[n]
-        if plan.kind != "linear":
+        if plan.kind != PlanKind.LINEAR:
             continue
-        fn = plan.info.get("demand")
-        req = fn(n, d) if fn is not None else None
+        req = plan.demand(n, d) if plan.demand is not None else None
         if req is None:
             for i in plan.inputs:
                 contributions[i].append(None)
@@ -66,11 +61,11 @@ def positions(have: Demand, want: Demand):
     if want == have:
         return None
     if want is None:
-        raise ValueError("cannot widen a narrowed value")
+        raise FxDecompError(f"internal: cannot widen a value narrowed to {have}")
     dim, idx, group = want
     if have is None:
-        return want
+        return Rows(*want)
     if have[0] != dim or have[2] != group:
-        raise ValueError(f"layout mismatch {have} -> {want}")
+        raise FxDecompError(f"internal: layout mismatch {have} -> {want}")
     where = {j: k for k, j in enumerate(have[1])}
-    return dim, tuple(where[i] for i in idx), None if group is None else len(have[1])
+    return Rows(dim, tuple(where[i] for i in idx), None if group is None else len(have[1]))

@@ -1,5 +1,8 @@
 """Facts about an exported graph that the rules and the walk need: which nodes carry data, which
-are constants, which are attention probabilities, and which module each node came from."""
+are constants, which are attention probabilities, and which module each node came from.
+
+What an op *is* (shape-only, probability-transparent, ...) is a property of its rule; the facts
+ask the ``RuleTable`` they are given (``fxdecomp.rewrite.rules.RULES``)."""
 from __future__ import annotations
 
 import re
@@ -8,30 +11,16 @@ from functools import cached_property
 import torch
 from torch.fx import GraphModule, Node
 
-from ..rewrite.rules import op_name
-
-# Ops whose value does not depend on the *values* of their inputs, only on shapes.
-SHAPE_ONLY = {
-    "sym_size", "sym_numel", "sym_stride", "sym_storage_offset", "zeros_like", "ones_like",
-    "empty_like", "full_like", "new_zeros", "new_ones", "new_empty", "new_full", "arange", "zeros",
-    "ones", "full", "empty", "scalar_tensor", "_assert_tensor_metadata", "eye",
-}
-
-# Ops that keep "these are attention probabilities" (used to recognise P @ V).
-PROBS_TRANSPARENT = {
-    "dropout", "view", "reshape", "_unsafe_view", "permute", "transpose", "expand", "clone",
-    "contiguous", "to", "_to_copy", "type_as", "masked_fill", "unsqueeze", "squeeze", "select",
-    "slice", "flatten", "unflatten", "detach", "alias", "narrow", "index", "mul", "div", "linear",
-    "add",
-}
-SOFTMAX = {"softmax", "_softmax", "_safe_softmax"}
+from ..graph.rule import RuleTable
 
 _AT_SUFFIX = re.compile(r"@\d+$")
 
 
 class GraphFacts:
-    def __init__(self, gm: GraphModule, granularity: str = "heads", prefix: str = ""):
+    def __init__(self, gm: GraphModule, rules: RuleTable, granularity: str = "heads",
+                 prefix: str = ""):
         self.gm = gm
+        self.rules = rules
         self.granularity = granularity
         self.prefix = prefix
         self.nodes: list[Node] = list(gm.graph.nodes)
@@ -42,10 +31,11 @@ class GraphFacts:
                 if isinstance(n.meta.get("val"), torch.Tensor):
                     self.data.add(n)
             elif n.op == "call_function":
-                if op_name(n) in SHAPE_ONLY:
+                if rules.has(n, "shape_only"):
                     continue
                 if any(a in self.data for a in n.all_input_nodes):
                     self.data.add(n)
+        self._probs: dict = {}
         self.module_class: dict[str, str] = {}
         for n in self.nodes:
             for path, cls in self._stack(n):
@@ -64,16 +54,15 @@ class GraphFacts:
         (CaiT's talking heads)?"""
         if not isinstance(n, Node) or depth <= 0 or n.op != "call_function":
             return False
-        name = op_name(n)
-        if name in SOFTMAX:
+        if self.rules.has(n, "makes_probs"):
             return True
-        if name not in PROBS_TRANSPARENT:
+        if not self.rules.has(n, "prob_transparent"):
             return False
-        if name == "linear":
-            return not self.is_data(n.args[1]) and self.is_probs(n.args[0], depth - 1)
-        if name in ("mul", "add"):
-            return any(self.is_probs(a, depth - 1) for a in n.args[:2] if self.is_data(a))
-        return self.is_probs(n.args[0], depth - 1)
+        key = (n, depth)
+        if key not in self._probs:
+            self._probs[key] = any(self.is_probs(a, depth - 1) for a in n.all_input_nodes
+                                   if self.is_data(a))
+        return self._probs[key]
 
     def in_attention(self, n: Node) -> bool:
         """Does ``n`` run inside a module whose name or class says attention?"""

@@ -35,7 +35,8 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
-from ..rewrite.rules import op_name
+from ..graph.labels import TokenPosition
+from ..graph.ops import op_name
 
 IMAGE, CONST, MIXED = 0, -1, -2
 _DEBUG = False  # print why an op could not be mapped (development aid)
@@ -67,32 +68,6 @@ class PositionError(ValueError):
     """Token positions cannot be derived (raised by users of the tables; see ``AttentionTokens``)."""
 
 
-@dataclass(frozen=True)
-class TokenPosition:
-    """Where one source token sits.
-
-    kind:   "patch" (a cell of a spatial grid), "cls", "distillation", "register", "token"
-            (another inserted parameter token), "pad" (a padding/constant cell), "unknown"
-            (positions could not be derived; ``source`` says why, naming the op)
-    row, col: the cell on the grid of its attention (patch only)
-    grid:   (rows, cols) of that grid; stride: pixels per cell (y, x)
-    box:    (y0, x0, y1, x1) pixel box of the cell on the input image (patch only)
-    source: the parameter an inserted token comes from, with its row (``cls_token[0]``)
-    window: the window (batch-folded group) the key belongs to, for window attention
-    """
-
-    kind: str
-    row: int | None = None
-    col: int | None = None
-    grid: tuple[int, int] | None = None
-    stride: tuple[float, float] | None = None
-    box: tuple[int, int, int, int] | None = None
-    source: str | None = None
-    window: int | None = None
-
-    @property
-    def spatial(self) -> bool:
-        return self.kind == "patch"
 
 
 @dataclass

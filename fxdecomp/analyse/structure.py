@@ -12,14 +12,11 @@ from dataclasses import dataclass
 
 from torch.fx import Node
 
-from ..rewrite.rules import op_name
 from .walk import Walk
 
 _MLP_WORDS = ("mlp", "ffn", "feedforward", "feed_forward", "fc2")
 _CONV_WORDS = ("conv", "mixer", "dw", "bottleneck", "mbconv")
 _ATTN_WORDS = ("attn", "attention")
-_CONV_OPS = {"conv1d", "conv2d", "conv3d", "convolution", "batch_norm",
-             "_native_batch_norm_legit_no_training", "avg_pool2d", "max_pool2d"}
 
 
 @dataclass(frozen=True)
@@ -92,10 +89,8 @@ class Structure:
             return "attn"
         if any(w in words for w in _CONV_WORDS):
             return "conv"
-        branch_ops = {op_name(n) for n in self.walk.order
-                      if self.walk.branch_merge.get(n) is self.walk.branch_merge.get(node)
-                      and n.op == "call_function"}
-        node_ops = {op_name(a) for a in node.all_input_nodes if a.op == "call_function"}
-        if (branch_ops | node_ops) & _CONV_OPS:
+        branch = [n for n in self.walk.order
+                  if self.walk.branch_merge.get(n) is self.walk.branch_merge.get(node)]
+        if any(self.facts.rules.has(n, "conv_like") for n in branch + node.all_input_nodes):
             return "conv"
         return "other"

@@ -1,6 +1,6 @@
 """Walk backwards from the output and find the linear path, its roots and the residual blocks.
 
-Every node on the linear path gets a ``Plan`` (from the rule table). Nodes where the walk stops
+Every node on the linear path gets a ``Plan`` (from the rule table the facts carry). Nodes where the walk stops
 are *roots*: the input, constants (parameters and what is computed from them alone), nonlinear
 values and attention outputs. Residual branches fall out of the graph: an add whose two inputs
 both carry data is a *merge*; the side that depends on the other (the branch reads the stream) is
@@ -14,8 +14,11 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ..errors import UnsupportedGraphError
-from ..rewrite.rules import Plan, op_name, plan_for
+from ..graph.ops import aten, op_key
+from ..graph.plan import DATA_ROOT_KINDS, Plan, PlanKind
 from .facts import GraphFacts
+
+MERGE_OPS = (aten.add, aten.sub)   # an add/sub of two data values is a residual merge
 
 
 @dataclass
@@ -27,9 +30,6 @@ class Walk:
     merges: list[Node] = field(default_factory=list)
     branch_merge: dict[Node, Node] = field(default_factory=dict)  # node -> first branch merge
     stream_sides: dict[Node, list[Node]] = field(default_factory=dict)
-
-    def is_root(self, n: Node) -> bool:
-        return self.plans[n].kind in ("root", "attention", "const", "input")
 
 
 def output_node(gm: GraphModule) -> Node:
@@ -46,9 +46,8 @@ def output_node(gm: GraphModule) -> Node:
     return val
 
 
-def walk(gm: GraphModule, facts: GraphFacts | None = None, cut: frozenset = frozenset()) -> Walk:
+def walk(gm: GraphModule, facts: GraphFacts, cut: frozenset = frozenset()) -> Walk:
     """Find the linear path from the output. ``cut`` nodes are forced roots (the ``init`` term)."""
-    facts = facts or GraphFacts(gm)
     target = output_node(gm)
     need = {target}
     plans: dict[Node, Plan] = {}
@@ -56,13 +55,13 @@ def walk(gm: GraphModule, facts: GraphFacts | None = None, cut: frozenset = froz
         if n not in need:
             continue
         if n in cut:
-            plans[n] = Plan("root", info=dict(reason="init"))
+            plans[n] = Plan(PlanKind.INIT, reason="init")
         elif not facts.is_data(n):
-            plans[n] = Plan("const")
+            plans[n] = Plan(PlanKind.CONST)
         elif n.op == "placeholder":
-            plans[n] = Plan("input")
+            plans[n] = Plan(PlanKind.INPUT)
         elif n.op == "call_function":
-            plan = plan_for(n, facts)
+            plan = facts.rules.plan_for(n, facts)
             plans[n] = plan
             for i in plan.inputs:
                 if not facts.is_tensor(i):
@@ -89,11 +88,11 @@ def _find_merges(w: Walk) -> None:
     assigned = 0
     data_roots = 0
     for n in w.order:
-        if w.plans[n].kind in ("root", "attention", "input"):
+        if w.plans[n].kind in DATA_ROOT_KINDS:
             data_roots |= 1 << idx[n]
     for n in w.order:
         plan = w.plans[n]
-        if plan.kind != "linear" or op_name(n) not in ("add", "sub"):
+        if plan.kind != PlanKind.LINEAR or op_key(n) not in MERGE_OPS:
             continue
         sides = [i for i in plan.inputs if facts.is_data(i)]
         if len(sides) != 2 or sides[0] is sides[1]:

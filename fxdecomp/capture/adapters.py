@@ -19,16 +19,15 @@ Every target wraps the library's model in one attribute (``model`` for timm and 
 """
 from __future__ import annotations
 
-import contextlib
 import os
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fxdecomp.capture.export import export_friendly
-from fxdecomp.errors import ModelLoadError
+from fxdecomp.errors import InputError, ModelLoadError
 
 __all__ = [
     "TimmTarget", "OpenClipImageTarget", "TorchvisionTarget",
@@ -171,7 +170,7 @@ def torchvision_target(model: nn.Module, output: str = "pre_logits") -> Torchvis
 
 def _check_output(output: str, allowed: tuple[str, ...], what: str) -> None:
     if output not in allowed:
-        raise ValueError(f"output={output!r} is not available for {what}; choose one of {allowed}")
+        raise InputError(f"output={output!r} is not available for {what}; choose one of {allowed}")
 
 
 def _torchvision_kind(model: nn.Module) -> str | None:
@@ -285,7 +284,7 @@ def load_model(spec: str, random_init: bool = False, checkpoint: str | None = No
         raise ModelLoadError(f"spec {spec!r} names the pretrained tag {tag!r}, which cannot be "
                              f"combined with random_init or checkpoint")
     if normalize and family != "open_clip":
-        raise ValueError("normalize=True is only meaningful for open_clip embeddings")
+        raise InputError("normalize=True is only meaningful for open_clip embeddings")
     kwargs = dict(model_kwargs or {})
     weights = f"random(seed={seed})" if random_init else (str(checkpoint) if checkpoint else "pretrained")
     if family == "timm":

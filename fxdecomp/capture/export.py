@@ -35,7 +35,7 @@ def export_friendly(model: nn.Module | None = None, *, fused_attn: bool | None =
     try:
         if fused_attn is not None:
             if model is None:
-                raise ValueError("export_friendly(fused_attn=...) needs the model whose attention "
+                raise InputError("export_friendly(fused_attn=...) needs the model whose attention "
                                  "modules to switch")
             for mod in model.modules():
                 if isinstance(getattr(mod, "fused_attn", None), bool):
@@ -48,7 +48,21 @@ def export_friendly(model: nn.Module | None = None, *, fused_attn: bool | None =
         torch.backends.mha.set_fastpath_enabled(previous)
 
 
-def check_input(x, expected_shape=None, what: str = "input") -> None:
+def model_tensor(model: nn.Module) -> torch.Tensor | None:
+    """The model's first floating-point parameter or buffer (its dtype and device are what the
+    model expects of its input), or None for a model without any."""
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point():
+            return t
+    return None
+
+
+def check_input(x, expected_shape=None, what: str = "input", *, like: torch.Tensor | None = None,
+                dtype: torch.dtype | None = None, device: torch.device | None = None) -> None:
+    """Refuse an input the decomposition cannot take, naming what it expects: not a tensor, no
+    batch dim, another size (``expected_shape``), another dtype or device than the model's
+    (``like``: a parameter of the model) or than the decomposition was built for (``dtype``,
+    ``device``), non-finite values."""
     if not isinstance(x, torch.Tensor):
         raise InputError(f"{what} must be a tensor, got {type(x).__name__}")
     if x.dim() < 1 or x.shape[0] < 1:
@@ -58,6 +72,15 @@ def check_input(x, expected_shape=None, what: str = "input") -> None:
             f"{what} has shape {tuple(x.shape)}; this decomposition was built for "
             f"[B, {', '.join(map(str, expected_shape))}] (only the batch size may change). "
             "Call fxdecomp.decompose again with an example of the new size.")
+    if like is not None:
+        dtype, device = like.dtype, like.device
+    if dtype is not None and x.dtype != dtype:
+        raise InputError(f"{what} has dtype {x.dtype}; the model expects {dtype} "
+                         f"(convert it: x.to({dtype}), images scaled and normalised as the model "
+                         "was trained)")
+    if device is not None and x.device != torch.device(device):
+        raise InputError(f"{what} is on {x.device}; the model expects it on {device} "
+                         f"(x.to({str(device)!r}))")
     if x.is_floating_point() and not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).sum())
         raise InputError(f"{what} has {bad} non-finite values (NaN or inf); the decomposition of a "

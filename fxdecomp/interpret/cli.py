@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from fxdecomp.errors import FxDecompError, InputError
+from fxdecomp.errors import FxDecompError, InputError, one_line
 from fxdecomp.interpret.align import CompAlign
 from fxdecomp.interpret.describe import default_text_pool, describe_component, load_text_pool
 from fxdecomp.interpret.score import (FEATURES, feature_descriptions, retrieval_scores,
@@ -530,8 +530,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except FxDecompError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except FxDecompError as err:  # one clear line, no traceback
+        print(f"fxdecomp-interpret: error: {one_line(err)}", file=sys.stderr)
         return 2
     return 0
 

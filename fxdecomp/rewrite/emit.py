@@ -18,9 +18,10 @@ from ..analyse import demand
 from ..analyse.structure import Site, Structure
 from ..analyse.walk import Walk
 from ..errors import UnsupportedGraphError
-from ..run.decomposition import ComponentLabel
+from ..graph.labels import ComponentLabel, TokenPosition
+from ..graph.plan import Demand, Plan, PlanKind
 from . import runtime as rt
-from .rules import op_name
+from .rules.attention import is_pv_equation
 
 
 @dataclass(frozen=True)
@@ -61,10 +62,10 @@ class Emitter:
         self._head_counter: dict[str, int] = {}
         self._separate_heads: Counter = Counter(
             structure.site(n).name for n, p in walk.plans.items()
-            if p.kind == "attention" and len(n.meta["val"].shape) < 4)
+            if p.kind == PlanKind.ATTENTION and len(n.meta["val"].shape) < 4)
 
     # --------------------------------------------------------------------- helpers for rules
-    def layout(self, n: Node):
+    def layout(self, n: Node) -> Demand:
         """The rows of ``n`` the rule being emitted works on (None: all)."""
         return self._view.get(n)
 
@@ -150,18 +151,18 @@ class Emitter:
         value = self.value_at(n, layout)
         site = self.structure.site(n)
         mode = self.policy.expand(site, n)
-        if plan.kind == "const":
+        if plan.kind == PlanKind.CONST:
             return [Chunk(self.call(rt.as_terms, value), (self._const_label(_param_name(n, self.facts) or n.name, n),))]
-        if mode == "init" or plan.info.get("reason") == "init":
+        if mode == "init" or plan.kind == PlanKind.INIT:
             return [Chunk(self.call(rt.as_terms, value), (self._label(name="init", module="", kind="init"),))]
-        if plan.kind == "input":
+        if plan.kind == PlanKind.INPUT:
             name = self.structure.embed_name(n)
             return [Chunk(self.call(rt.as_terms, value), (self._label(name=name, module=name, kind="embed"),))]
         if site.layer is None:
             kind = "embed" if self.structure.before_first_merge(n) else "other"
             name = site.name if site.name != "<root>" else n.name
             return [Chunk(self.call(rt.as_terms, value), (self._label(name=name, module=site.module, kind=kind),))]
-        if plan.kind == "root":
+        if plan.kind == PlanKind.ROOT:
             kind = self.structure.classify(n, site)
             return [Chunk(self.call(rt.as_terms, value),
                           (self._label(name=site.name, module=site.module, kind=kind, layer=site.layer),))]
@@ -173,7 +174,7 @@ class Emitter:
         chunks = self._attention_terms(n, plan, site, mode, None)
         return self._narrow(chunks, None, layout)
 
-    def _attention_terms(self, n: Node, plan, site: Site, mode: str, layout) -> list[Chunk]:
+    def _attention_terms(self, n: Node, plan: Plan, site: Site, mode: str, layout) -> list[Chunk]:
         """Split an attention output per head (and per source token). ``layout``: None, or
         query rows only (heads: rows of the output; tokens: rows of P), or another dim for
         per-head splits (which commute with it)."""
@@ -196,7 +197,8 @@ class Emitter:
                         for h in range(heads))
             return [Chunk(t, ids, (head_dim, heads, 1))]
         # tokens: frozen probabilities P and values V, split per head and per source token
-        if plan.info["form"] == "sdpa":
+        form = plan.attention
+        if form.form == "sdpa":
             q, k, v = n.args[:3]
             kw = dict(zip(("attn_mask", "dropout_p", "is_causal"), n.args[3:6]))
             kw.update(n.kwargs)
@@ -205,19 +207,20 @@ class Emitter:
             probs = self.call(rt.attention_probs, self.env[q], self.env[k],
                               self.orig_arg(kw.get("attn_mask")), bool(kw.get("is_causal", False)),
                               kw.get("scale"), bool(kw.get("enable_gqa", False)))
-            if layout is not None:
-                probs = self.call(rt.take, probs, *layout)
             vals = self.env[v]
             if kw.get("enable_gqa"):
-                vals = self.call(_repeat_kv, vals, self.env[q])
+                vals = self.call(rt.repeat_kv, vals, self.env[q])
             n_tok = int(k.meta["val"].shape[-2])
-        elif plan.info["form"] == "matmul":
-            probs, vals = self.env[plan.info["probs"]], self.env[plan.info["values"]]
-            if layout is not None:
-                probs = self.call(rt.take, probs, *layout)
-            n_tok = int(plan.info["probs"].meta["val"].shape[-1])
+        elif form.form == "matmul" or (form.form == "einsum" and is_pv_equation(form.equation)):
+            probs, vals = self.env[form.probs], self.env[form.values]
+            n_tok = int(form.probs.meta["val"].shape[-1])
         else:
-            return [Chunk(self.call(rt.as_terms, value), (self._label(name=site.name, kind="attn", **base),))]
+            raise UnsupportedGraphError(
+                f"einsum attention with equation {form.equation!r} cannot be split per source "
+                "token: granularity='tokens' needs P @ V in the form '...qk,...kd->...qd' "
+                "(use granularity='heads' for this model)", n)
+        if layout is not None:
+            probs = self.call(rt.take, probs, *layout)
         t = self.call(rt.split_heads_tokens, probs, vals, head_dim, value)
         # window attention folds windows into the batch: split each key per window too, so every
         # component is one source token on the image (analyse.positions derives the layout)
@@ -225,7 +228,7 @@ class Emitter:
         ok = table is not None and table.error is None and len(table.positions) == table.windows
         windows = table.windows if ok else 1
         if windows > 1:
-            t = self.call(_split_windows, t, windows)
+            t = self.call(rt.split_windows, t, windows)
         if ok:
             where = lambda w, tok: table.positions[w][tok]  # noqa: E731
         else:   # no position; keep the reason (which op mixes tokens) for whoever needs one
@@ -247,7 +250,7 @@ class Emitter:
         unique = list(dict.fromkeys(seen))
         pos = {lab: k for k, lab in enumerate(unique)}
         cat = self.call(rt.cat_chunks, [self.densify(c).node for c in chunks], self.orig(n))
-        index = self.call(_index_tensor, [pos[i] for i in seen], cat)
+        index = self.call(rt.index_tensor, [pos[i] for i in seen], cat)
         out = self.call(rt.group_components, cat, index, len(unique))
         return [Chunk(out, tuple(unique))]
 
@@ -262,7 +265,7 @@ class Emitter:
             self.anchor = n
             plan = self.walk.plans[n]
             layout = self.demand[n]
-            if self.walk.is_root(n) or plan.info.get("reason") == "init":
+            if plan.is_root:
                 self.terms_of[n] = self._root_terms(n)
             elif n in self.requests:      # the rule computes only the rows needed
                 self._view = dict(self.requests[n])
@@ -291,28 +294,8 @@ class Emitter:
         return new, labels
 
 
-def _index_tensor(index, like):
-    return torch.tensor(index, dtype=torch.long, device=like.device)
-
-
-def _unknown_position(error):
-    from ..analyse.positions import TokenPosition
+def _unknown_position(error) -> TokenPosition:
     return TokenPosition("unknown", source=error)
-
-
-def _split_windows(t, windows: int):
-    """Terms [K, B·windows, ...] (batch row b' = image b'//windows, window b' % windows) ->
-    [K·windows, B·windows, ...]: term k·windows + w keeps only the rows of window w. Exact: the
-    sum over w is the input."""
-    rows = t.shape[1]
-    win = torch.arange(rows, device=t.device) % windows
-    mask = (win.view(1, rows) == torch.arange(windows, device=t.device).view(windows, 1))
-    mask = mask.to(t.dtype).view((1, windows, rows) + (1,) * (t.dim() - 2))
-    return (t.unsqueeze(1) * mask).reshape((t.shape[0] * windows,) + tuple(t.shape[1:]))
-
-
-def _repeat_kv(v, q):
-    return v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
 
 
 def _param_name(n, facts) -> str | None:

@@ -5,6 +5,9 @@ individual components to some value of the original graph, plus *frozen* values 
 original forward, which runs alongside), and returns the terms of the op's output. They are plain
 torch code so the rewritten GraphModule prints readably, runs eagerly and compiles with
 torch.compile. The identity each relies on is stated in its docstring.
+
+Every function the rewritten graph calls lives here (besides torch's own ops and ``operator``):
+rules build graphs only out of these, so ``print(dm.code)`` names nothing private.
 """
 from __future__ import annotations
 
@@ -18,7 +21,9 @@ __all__ = [
     "layer_norm_terms", "rms_norm_terms", "group_norm_terms", "batch_norm_terms",
     "batch_norm_shift", "bias_terms", "head_blocks", "densify_heads", "blocked_linear",
     "attention_probs", "split_heads_tokens", "where_terms", "max_pool2d_terms", "max_dim_terms",
-    "group_components",
+    "group_components", "pusher", "multi_pusher", "einsum_pusher", "addmm_bias", "scalar_terms",
+    "where_scalar", "masked_value", "pad_border", "unsqueeze_terms", "index_tensor", "repeat_kv",
+    "split_windows",
 ]
 
 
@@ -114,7 +119,7 @@ def group_norm_terms(t: torch.Tensor, x: torch.Tensor, num_groups: int, weight, 
     return out.to(t.dtype)
 
 
-def _bn_scale(weight, running_var, eps, like: torch.Tensor):
+def _bn_scale(weight, running_var, eps):
     scale = torch.rsqrt(running_var.float() + eps)
     if weight is not None:
         scale = scale * weight.float()
@@ -123,14 +128,14 @@ def _bn_scale(weight, running_var, eps, like: torch.Tensor):
 
 def batch_norm_terms(t: torch.Tensor, weight, running_mean, running_var, eps: float):
     """Eval BatchNorm is affine per channel: x ↦ (x − μ)·γ/√(v+ε) + β. Linear part: x·γ/√(v+ε)."""
-    scale = _bn_scale(weight, running_var, eps, t)
+    scale = _bn_scale(weight, running_var, eps)
     shape = (t.shape[2],) + (1,) * (t.dim() - 3)
     return (t.float() * scale.reshape(shape)).to(t.dtype)
 
 
 def batch_norm_shift(x: torch.Tensor, weight, bias, running_mean, running_var, eps: float):
     """The constant part of eval BatchNorm, β − μ·γ/√(v+ε), as one component [1, *x.shape]."""
-    scale = _bn_scale(weight, running_var, eps, x)
+    scale = _bn_scale(weight, running_var, eps)
     shift = -running_mean.float() * scale
     if bias is not None:
         shift = shift + bias.float()
@@ -208,7 +213,6 @@ def split_heads_tokens(probs: torch.Tensor, v: torch.Tensor, head_dim: int | Non
     contrib = contrib.expand((contrib.shape[0],) + tuple(out.shape))
     if head_dim is None:
         return contrib
-    n = contrib.shape[0]
     blocked = contrib.movedim(1 + head_dim, 0)                 # [H, N, ..., Q, dh]
     return blocked.reshape((-1,) + tuple(blocked.shape[2:])).unsqueeze(1 + head_dim)
 
@@ -259,3 +263,109 @@ def group_components(terms: torch.Tensor, index: torch.Tensor, n_groups: int) ->
     """Sum raw terms that share a final label: out[g] = Σ_{i: index[i]=g} terms[i]."""
     out = terms.new_zeros((n_groups,) + tuple(terms.shape[1:]))
     return out.index_add_(0, index.to(terms.device), terms)
+
+
+# -------------------------------------------------------------------------------- pushers
+# Named per op so the rewritten graph reads ``push_linear(t, ...)``; cached so one op gets one
+# function object.
+_PUSHERS: dict = {}
+
+
+def _op_label(op) -> str:
+    return str(getattr(op, "__name__", op)).replace(".", "_")
+
+
+def pusher(op, pos: int = 0):
+    """A function f(t, args, kwargs) applying ``op`` to every component of ``t`` at arg ``pos``
+    (see ``push``)."""
+    key = (op, pos)
+    if key not in _PUSHERS:
+        def f(t, args, kwargs):
+            return push(op, t, pos, args, kwargs)
+        name = "push_" + _op_label(op)
+        f.__name__ = f.__qualname__ = name if pos == 0 else f"{name}_arg{pos}"
+        _PUSHERS[key] = f
+    return _PUSHERS[key]
+
+
+def multi_pusher(op, index: int):
+    """Like ``pusher`` for output ``index`` of a multi-output op (see ``push_multi``)."""
+    key = (op, "multi", index)
+    if key not in _PUSHERS:
+        def f(t, args, kwargs):
+            return push_multi(op, index, t, args, kwargs)
+        f.__name__ = f.__qualname__ = f"push_{_op_label(op)}_out{index}"
+        _PUSHERS[key] = f
+    return _PUSHERS[key]
+
+
+def einsum_pusher(equation: str, k: int):
+    """f(t, operands): einsum(equation, *operands) with operand ``k`` replaced by every component
+    of ``t`` (einsum is linear in each operand)."""
+    key = ("einsum", equation, k)
+    if key not in _PUSHERS:
+        def push_einsum(t, operands):
+            ops = list(operands)
+
+            def one(x):
+                ops[k] = x
+                return torch.einsum(equation, *ops)
+            return torch.vmap(one)(t)
+        _PUSHERS[key] = push_einsum
+    return _PUSHERS[key]
+
+
+# -------------------------------------------------------------------------------- constants
+def addmm_bias(bias: torch.Tensor, ref: torch.Tensor, beta) -> torch.Tensor:
+    """The β·bias term of addmm/baddbmm as one component broadcast to the output."""
+    return (bias * beta).expand(ref.shape).unsqueeze(0)
+
+
+def scalar_terms(ref: torch.Tensor, value: float) -> torch.Tensor:
+    """A scalar added to a value (x + c) as one constant component."""
+    return torch.full_like(ref, value).unsqueeze(0)
+
+
+def where_scalar(cond: torch.Tensor, ref: torch.Tensor, value: float, keep: bool) -> torch.Tensor:
+    """A scalar branch of where(cond, a, b) as one constant component (value where it is taken)."""
+    full = torch.full_like(ref, value)
+    zero = torch.zeros_like(ref)
+    return (torch.where(cond, full, zero) if keep else torch.where(cond, zero, full)).unsqueeze(0)
+
+
+def masked_value(mask: torch.Tensor, ref: torch.Tensor, value) -> torch.Tensor:
+    """The fill value of masked_fill(x, mask, v) as one constant component (v where mask)."""
+    return torch.where(mask, torch.as_tensor(value, dtype=ref.dtype, device=ref.device),
+                       torch.zeros((), dtype=ref.dtype, device=ref.device)).expand(ref.shape).unsqueeze(0)
+
+
+def pad_border(x: torch.Tensor, pad, value: float) -> torch.Tensor:
+    """The constant the border of a constant pad adds: pad(0, value) as one component."""
+    return F.pad(torch.zeros_like(x), pad, value=value).unsqueeze(0)
+
+
+def unsqueeze_terms(t: torch.Tensor, dim: int, ref: torch.Tensor) -> torch.Tensor:
+    """Terms of x -> terms of x.unsqueeze(dim) (what stack does to each input)."""
+    t = expand_terms(t, ref)
+    return t.unsqueeze(1 + dim % (ref.dim() + 1))
+
+
+def index_tensor(index, like: torch.Tensor) -> torch.Tensor:
+    """A static index list as a long tensor on ``like``'s device."""
+    return torch.tensor(index, dtype=torch.long, device=like.device)
+
+
+def repeat_kv(v: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Grouped-query attention: repeat the key/value heads to the number of query heads."""
+    return v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
+
+
+def split_windows(t, windows: int):
+    """Terms [K, B·windows, ...] (batch row b' = image b'//windows, window b' % windows) ->
+    [K·windows, B·windows, ...]: term k·windows + w keeps only the rows of window w. Exact: the
+    sum over w is the input."""
+    rows = t.shape[1]
+    win = torch.arange(rows, device=t.device) % windows
+    mask = (win.view(1, rows) == torch.arange(windows, device=t.device).view(windows, 1))
+    mask = mask.to(t.dtype).view((1, windows, rows) + (1,) * (t.dim() - 2))
+    return (t.unsqueeze(1) * mask).reshape((t.shape[0] * windows,) + tuple(t.shape[1:]))

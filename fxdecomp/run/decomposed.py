@@ -10,9 +10,11 @@ from torch.fx import GraphModule
 from ..analyse.facts import GraphFacts
 from ..analyse.structure import Site, Structure
 from ..analyse.walk import Walk, walk
-from ..capture.export import capture, check_input, check_model, export_friendly
+from ..capture.export import capture, check_input, check_model, export_friendly, model_tensor
 from ..errors import FxDecompError, InputError, UnsupportedGraphError
+from ..graph.plan import PlanKind
 from ..rewrite.emit import Emitter, Policy
+from ..rewrite.rules import RULES
 from .decomposition import ComponentLabel, Decomposition
 
 Granularity = Literal["blocks", "heads", "tokens"]
@@ -22,12 +24,12 @@ GRANULARITIES = ("blocks", "heads", "tokens")
 def _build(model: nn.Module, example: torch.Tensor, granularity: str, layers, dynamic_batch=True,
            backend: str = "auto", captured=None):
     gm, dynamic = captured or capture(model, example, dynamic_batch)
-    facts = GraphFacts(gm, granularity, prefix=getattr(model, "module_prefix", ""))
+    facts = GraphFacts(gm, RULES, granularity, prefix=getattr(model, "module_prefix", ""))
     w = walk(gm, facts)
     structure = Structure(w)
     blocks = structure.blocks
     if not blocks:
-        roots = [n for n in w.order if w.plans[n].kind in ("root", "attention")]
+        roots = [n for n in w.order if w.plans[n].kind in (PlanKind.ROOT, PlanKind.ATTENTION)]
         raise UnsupportedGraphError(
             "no residual block was found on the path to the output: nothing to decompose. The "
             "output depends on everything upstream through this nonlinear op; decompose a "
@@ -69,10 +71,11 @@ def _resolve_layers(layers, n_blocks: int) -> list[int]:
     for i in layers:
         j = i + n_blocks if i < 0 else i
         if not 0 <= j < n_blocks:
-            raise ValueError(f"layer {i} out of range: the model has {n_blocks} residual blocks")
+            raise InputError(f"layers=: layer {i} out of range: the model has {n_blocks} residual "
+                             f"blocks (layers 0..{n_blocks - 1}, or -{n_blocks}..-1 from the end)")
         out.append(j)
     if not out:
-        raise ValueError("layers= selects no block")
+        raise InputError("layers= selects no block")
     return sorted(set(out))
 
 
@@ -98,13 +101,21 @@ class DecomposedModel(nn.Module):
                  layers=None, backend: str = "auto", _captured=None):
         super().__init__()
         if granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+            hint = " (did you mean 'heads'?)" if granularity == "head" else ""
+            raise InputError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}{hint}")
         if backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+            raise InputError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
         check_model(model)
-        check_input(example, what="example_input")
+        check_input(example, what="example_input", like=model_tensor(model))
+        if backend == "triton":  # the kernels' own errors (no triton, no CUDA) are RuntimeErrors
+            from fxdecomp_kernels import resolve_backend
+            try:
+                resolve_backend("triton", example)
+            except RuntimeError as err:
+                raise InputError(str(err)) from err
         self.granularity, self.layers, self.backend = granularity, layers, backend
         self.input_shape = tuple(example.shape[1:])
+        self.input_dtype, self.input_device = example.dtype, example.device
         self.model = model
         gm, labels, blocks, dynamic = _build(model, example, granularity, layers, backend=backend,
                                              captured=_captured)
@@ -120,7 +131,8 @@ class DecomposedModel(nn.Module):
         if self.dynamic_batch:
             return self.graph_module
         if batch not in self._static:
-            ex = torch.zeros((batch,) + self.input_shape, dtype=next(self.model.parameters()).dtype)
+            ex = torch.zeros((batch,) + self.input_shape, dtype=self.input_dtype,
+                             device=self.input_device)
             gm, labels, _, _ = _build(self.model, ex, self.granularity, self.layers,
                                       dynamic_batch=False, backend=self.backend)
             if [l.name for l in labels] != [l.name for l in self.labels]:
@@ -129,7 +141,7 @@ class DecomposedModel(nn.Module):
         return self._static[batch]
 
     def forward(self, x: torch.Tensor) -> Decomposition:
-        check_input(x, self.input_shape)
+        check_input(x, self.input_shape, dtype=self.input_dtype, device=self.input_device)
         gm = self._compiled if self._compiled is not None else self._graph_for(int(x.shape[0]))
         out, components = gm(x)
         return Decomposition(out, components, self.labels)
@@ -185,9 +197,9 @@ def decompose_in_groups(model: nn.Module, example_input: torch.Tensor,
     ...     d = dm(x); keep(d.select(layer=dm.expanded_layers))
     """
     check_model(model)
-    check_input(example_input, what="example_input")
+    check_input(example_input, what="example_input", like=model_tensor(model))
     captured = capture(model, example_input)
-    n = len(Structure(walk(captured[0])).blocks)
+    n = len(Structure(walk(captured[0], GraphFacts(captured[0], RULES, granularity))).blocks)
     return [DecomposedModel(model, example_input, granularity,
                             list(range(start, min(start + group_size, n))), backend,
                             _captured=captured)

@@ -1,46 +1,15 @@
 """What a decomposed forward returns: the output, its additive components and their labels."""
 from __future__ import annotations
 
-from dataclasses import dataclass, asdict, field
-from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-if TYPE_CHECKING:
-    from ..analyse.positions import TokenPosition
+from ..errors import ComponentNotFoundError, InputError
+from ..graph.labels import KINDS, ComponentLabel  # re-exported: the public home of both
 
-KINDS = ("embed", "attn", "attn_head", "attn_head_token", "mlp", "conv", "bias", "init", "other")
-
-
-@dataclass(frozen=True)
-class ComponentLabel:
-    """Static description of one component.
-
-    name:   unique, readable (``blocks.7.attn.h3``, ``blocks.7.mlp``, ``blocks.7.attn.proj.bias``)
-    module: owning module path in the original model ("" for the root module)
-    kind:   one of ``KINDS``
-    layer:  index of the residual block the component joins the stream in (None for embed/bias
-            terms that join before the first block, and for init)
-    head:   attention head index (attn_head / attn_head_token), else None
-    token:  source token index (attn_head_token), else None
-    position: where that source token sits on the input (attn_head_token): a
-            ``fxdecomp.analyse.positions.TokenPosition`` (grid row/col and pixel box, or
-            "cls"/"register"/"distillation"/...); None where it cannot be derived
-    """
-
-    name: str
-    module: str
-    kind: str
-    layer: int | None = None
-    head: int | None = None
-    token: int | None = None
-    position: "TokenPosition | None" = field(default=None, compare=False)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        if d["position"] is None:      # labels without a position read as they always did
-            del d["position"]
-        return d
+__all__ = ["Decomposition", "ComponentLabel", "KINDS"]
 
 
 def _matches(label: ComponentLabel, kind, layer, head, token, module) -> bool:
@@ -72,7 +41,7 @@ class Decomposition:
 
     def __post_init__(self):
         if self.components.shape[0] != len(self.labels):
-            raise ValueError(f"{self.components.shape[0]} components but {len(self.labels)} labels")
+            raise InputError(f"{self.components.shape[0]} components but {len(self.labels)} labels")
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -85,7 +54,7 @@ class Decomposition:
         for i, lab in enumerate(self.labels):
             if lab.name == name:
                 return i
-        raise KeyError(f"no component named {name!r}; some names: {self.names[:8]}")
+        raise ComponentNotFoundError(f"no component named {name!r}; some names: {self.names[:8]}")
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.components[self.index(name)]

@@ -1,0 +1,452 @@
+"""Layout, indexing and joining ops: linear in their data argument, everything else frozen.
+
+``op(Σ x_i) = Σ op(x_i)`` for views, permutations, copies, indexing, padding, concatenation and
+splitting. Under a row demand the rows map through the op (``transpose`` moves the dim,
+``reshape`` may merge it with its neighbours, ``select`` asks for one row); head-blocked terms
+(per-head components stored without zero padding) stay blocked through the pure layout ops.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.fx import Node
+
+from ...errors import UnsupportedGraphError
+from ...graph.ops import aten, op_key, op_name
+from ...graph.plan import Demand, Plan, Requests, Rows
+from ...graph.rule import Rule
+from ...graph.shapes import factors, norm_dim, prefix, sizes
+from .. import runtime as rt
+from . import RULES
+from .common import Tail, arg, identity_emit, mapped, ops, push_emit, same_rows
+
+# (node, block, shape argument) -> (block after the op, rewritten shape argument or None) or
+# None: the op cannot keep the blocks (the terms are densified first).
+BlockMove = Callable[[Node, tuple, object], Optional[tuple]]
+
+RULES.register(Rule(
+    "shape_only", ops("sym_size", "sym_numel", "sym_stride", "sym_storage_offset", "zeros_like",
+                      "ones_like", "empty_like", "full_like", "new_zeros", "new_ones", "new_empty",
+                      "new_full", "arange", "zeros", "ones", "full", "empty", "scalar_tensor",
+                      "_assert_tensor_metadata", "eye"),
+    shape_only=True, doc="Values that depend on their inputs' shapes only: never data."))
+
+
+def layout_emit(move_block: BlockMove | None = None, shape_arg: bool = False):
+    """Emit: apply the op to every component. ``shape_arg``: argument 1 is a size list whose
+    entry at the narrowed dim becomes the number of rows kept under a row demand. Head-blocked
+    terms stay blocked where ``move_block`` says where the blocks go; otherwise they are
+    densified. (view runs as reshape: components need not be contiguous.)"""
+    def emit(em, node):
+        layout = em.layout(node)
+        target = aten.reshape.default if op_key(node) in (aten.view, aten._unsafe_view) else node.target
+        args = [None] + [em.orig_arg(a) for a in node.args[1:]]
+        if layout is not None and shape_arg:
+            shape = list(args[1])
+            if shape[layout.dim] != -1:
+                # grouped rows: the kept outer factors times the (symbolic) inner size
+                shape[layout.dim] = len(layout.index) if layout.group is None else -1
+            args[1] = shape
+        c = em.merged(node.args[0], blocked_ok=True)
+        block = None
+        if c.block is not None:
+            moved = move_block(node, c.block, args[1] if len(args) > 1 else None) if move_block else None
+            if moved is None:
+                c = em.densify(c)
+            else:
+                block, new_shape = moved
+                if new_shape is not None:
+                    args[1] = new_shape
+        out = em.call(rt.pusher(target, 0), c.node, tuple(args),
+                      {k: em.orig_arg(v) for k, v in node.kwargs.items()})
+        return [em.chunk(out, c.labels, block)]
+    return emit
+
+
+# ------------------------------------------------------------------------------ views
+def _reshape_demand(node: Node, d: Demand) -> Requests | None:
+    """Demand through a reshape. The narrowed output dim either comes from one input dim
+    unchanged, or is the outer factor of a merged input dim (then the input demand is *grouped*:
+    rows ``i·inner + j``), or is a merged dim whose outer factor is narrowed (grouped demand on
+    the output: MultiheadAttention's [N, B, ...] -> [N·B, D] layout)."""
+    if d is None:
+        return {}
+    x = node.args[0]
+    dim, idx, group = d
+    ins, outs = sizes(x), sizes(node)
+    target = prefix(factors(outs), dim)
+    for k in range(len(ins)):
+        if prefix(factors(ins), k) != target:
+            continue
+        if group is None and ins[k] == outs[dim] and ins[k] is not None:
+            return {x: Rows(k, idx, None)}
+        if group is None and outs[dim] is not None and ins[k] is None:
+            return {x: Rows(k, idx, outs[dim])}      # output dim = outer factor of input dim k
+        if group is not None and ins[k] == group:
+            return {x: Rows(k, idx, None)}           # merged output dim: narrow its outer factor
+        if group is not None and ins[k] is None:
+            return {x: Rows(k, idx, group)}          # same grouped dim, unchanged
+    return None
+
+
+def _reshape_blocks(node: Node, block, shape_arg):
+    """Head blocks through a reshape that keeps the heads as an outer factor of one dim."""
+    dim, heads, per = block
+    ins, outs = factors(node.args[0]), factors(node)
+    if ins[dim][1]:
+        return None
+    for j in range(len(outs)):
+        if prefix(outs, j) != prefix(ins, dim) or outs[j][1]:
+            continue
+        o, i = outs[j][0], ins[dim][0]
+        if o % i == 0 or (i % o == 0 and o % heads == 0):
+            shape = list(shape_arg)
+            if not isinstance(shape[j], int):
+                return None
+            if shape[j] != -1:
+                shape[j] = shape[j] // heads
+            return (j, heads, per), shape
+    return None
+
+
+@RULES.rule(aten.reshape, aten.view, aten._unsafe_view, name="view", moves_layout=True,
+            prob_transparent=True,
+            examples=(lambda: Tail(lambda m, x: x.reshape(x.shape[0], 4, 32).view(-1, 16, 2, 4)),))
+def plan_view(node, facts):
+    """A reshape is linear: reshape(Σ x_i) = Σ reshape(x_i)."""
+    return Plan.linear([node.args[0]], layout_emit(_reshape_blocks, shape_arg=True),
+                       demand=_reshape_demand)
+
+
+def _flatten_demand(node: Node, d: Demand) -> Requests | None:
+    x = node.args[0]
+    if d is None:
+        return {}
+    rank_in = len(sizes(x))
+    start = norm_dim(arg(node, 1, "start_dim", 0), rank_in)
+    end = norm_dim(arg(node, 2, "end_dim", -1), rank_in)
+    if d.dim < start:
+        return mapped(x, d, d.dim)
+    if d.dim > start:
+        return mapped(x, d, d.dim + (end - start))
+    return mapped(x, d, d.dim) if start == end else None
+
+
+@RULES.rule(aten.flatten, moves_layout=True, prob_transparent=True,
+            examples=(lambda: Tail(lambda m, x: x.flatten(1)),))
+def plan_flatten(node, facts):
+    """flatten is a reshape: linear; rows of the dims it keeps map through."""
+    return Plan.linear([node.args[0]], layout_emit(), demand=_flatten_demand)
+
+
+@RULES.rule(aten.unflatten, moves_layout=True, prob_transparent=True,
+            examples=(lambda: Tail(lambda m, x: x.unflatten(-1, (2, 4))),))
+def plan_unflatten(node, facts):
+    """unflatten is a reshape: linear."""
+    return Plan.linear([node.args[0]], layout_emit())
+
+
+# ------------------------------------------------------------------------------ permutations
+def _transpose_dims(node: Node) -> tuple[int, int]:
+    rank_in = len(sizes(node.args[0]))
+    return tuple(norm_dim(a, rank_in) for a in node.args[1:3])
+
+
+def _transpose_demand(node: Node, d: Demand) -> Requests | None:
+    d0, d1 = _transpose_dims(node)
+    return mapped(node.args[0], d, None if d is None else
+                  d1 if d.dim == d0 else d0 if d.dim == d1 else d.dim)
+
+
+def _transpose_blocks(node: Node, block, shape_arg):
+    d0, d1 = _transpose_dims(node)
+    dim, heads, per = block
+    return (d1 if dim == d0 else d0 if dim == d1 else dim, heads, per), None
+
+
+@RULES.rule(aten.transpose, moves_layout=True, prob_transparent=True,
+            examples=(lambda: Tail(lambda m, x: x.transpose(1, 2)),))
+def plan_transpose(node, facts):
+    """transpose is a permutation of positions: linear; rows follow the swapped dims."""
+    return Plan.linear([node.args[0]], layout_emit(_transpose_blocks), demand=_transpose_demand)
+
+
+def _perm(node: Node) -> list[int]:
+    rank_in = len(sizes(node.args[0]))
+    return [norm_dim(p, rank_in) for p in node.args[1]]
+
+
+@RULES.rule(aten.permute, moves_layout=True, prob_transparent=True,
+            examples=(lambda: Tail(lambda m, x: x.permute(0, 2, 1)),))
+def plan_permute(node, facts):
+    """permute is a permutation of positions: linear; rows follow their dim."""
+    return Plan.linear(
+        [node.args[0]],
+        layout_emit(lambda node, block, shape: ((_perm(node).index(block[0]),) + block[1:], None)),
+        demand=lambda node, d: mapped(node.args[0], d, None if d is None else _perm(node)[d.dim]))
+
+
+RULES.register(Rule(
+    "copy", ops("contiguous", "clone", "alias", "lift_fresh_copy", "_to_copy", "to", "type_as"),
+    plan=lambda node, facts: Plan.linear(
+        [node.args[0]], layout_emit(lambda node, block, shape: (block, None)),
+        demand=lambda node, d: same_rows(node.args[0], d)),
+    moves_layout=True, prob_transparent=True,
+    doc="Copies and dtype casts keep every value where it is: linear, rows and blocks unchanged.",
+    examples=(lambda: Tail(lambda m, x: x.clone().contiguous().to(torch.float32)),)))
+
+
+# ------------------------------------------------------------------------------ dims
+def _unsqueeze_demand(node: Node, d: Demand) -> Requests | None:
+    if d is None:
+        return {}
+    k = norm_dim(node.args[1], len(sizes(node.args[0])) + 1)
+    return None if d.dim == k else mapped(node.args[0], d, d.dim if d.dim < k else d.dim - 1)
+
+
+@RULES.rule(aten.unsqueeze, prob_transparent=True,
+            examples=(lambda: Tail(lambda m, x: x.unsqueeze(1)),))
+def plan_unsqueeze(node, facts):
+    """unsqueeze adds a size-1 dim: linear; rows of the other dims map through."""
+    return Plan.linear([node.args[0]], layout_emit(), demand=_unsqueeze_demand)
+
+
+@RULES.rule(aten.squeeze, prob_transparent=True,
+            examples=(lambda: Tail(lambda m, x: x[:, :, None].squeeze(2)),))
+def plan_squeeze(node, facts):
+    """squeeze drops size-1 dims: linear."""
+    return Plan.linear([node.args[0]], layout_emit())
+
+
+def _expand_demand(node: Node, d: Demand) -> Requests | None:
+    if d is None:
+        return {}
+    x = node.args[0]
+    k = d.dim - (len(sizes(node)) - len(sizes(x)))
+    if k < 0 or sizes(x)[k] == 1:
+        return {}
+    return {x: Rows(k, d.index, d.group)}
+
+
+@RULES.rule(aten.expand, prob_transparent=True,
+            examples=(lambda: Tail(lambda m, x: x[:, :1].expand(-1, 4, -1)),))
+def plan_expand(node, facts):
+    """expand repeats size-1 dims: linear; a broadcast dim needs its one row."""
+    return Plan.linear([node.args[0]], layout_emit(shape_arg=True), demand=_expand_demand)
+
+
+@RULES.rule(aten.narrow, prob_transparent=True,
+            examples=(lambda: Tail(lambda m, x: x.narrow(1, 2, 5)),))
+def plan_narrow(node, facts):
+    """narrow takes a range of rows: linear."""
+    return Plan.linear([node.args[0]], layout_emit())
+
+
+def _plan_in_first(node, facts):
+    """op(Σ x_i) = Σ op(x_i): linear in the first argument, the rest frozen."""
+    return Plan.linear([node.args[0]], layout_emit())
+
+
+RULES.register(Rule(
+    "rearrange", ops("t", "index_select", "roll", "flip", "repeat", "pixel_shuffle",
+                     "pixel_unshuffle", "channel_shuffle", "movedim", "swapaxes", "diagonal",
+                     "expand_as", "view_as", "reshape_as", "gather", "repeat_interleave", "tile",
+                     "as_strided", "im2col", "col2im", "unfold", "cumsum"),
+    plan=_plan_in_first,
+    doc="Rearranging, repeating, gathering and scanning ops are linear in their data argument "
+        "(indices frozen).",
+    examples=(lambda: Tail(lambda m, x: torch.flip(x, [1]).roll(2, 1).repeat(1, 2, 1)
+                           .cumsum(-1)[:, :, :, None].movedim(-1, 1)),
+              lambda: Tail(lambda m, x: x.gather(1, (torch.arange(16) % 5)[None, :, None]
+                                                 .expand(x.shape[0], 16, 8))),)))
+
+
+# ------------------------------------------------------------------------------ selection
+@RULES.rule(aten.select, prob_transparent=True,
+            examples=(lambda: Tail(lambda m, x: x[:, 3]),))
+def plan_select(node, facts):
+    """x.select(d, k) is linear; only row k of x is needed (the CLS token)."""
+    x, dim = node.args[0], norm_dim(node.args[1], len(sizes(node.args[0])))
+
+    def demand(node, d):
+        if d is not None:
+            return None
+        n = sizes(x)[dim]
+        return {x: Rows(dim, (node.args[2] % n,), None)} if n is not None else None
+
+    def emit(em, node):
+        c = em.merged(x)
+        k = 0 if em.layout(x) is not None else node.args[2]
+        return [em.chunk(em.call(rt.pusher(node.target, 0), c.node, (None, dim, k), {}), c.labels)]
+    return Plan.linear([x], emit, demand=demand)
+
+
+@RULES.rule(aten.slice, prob_transparent=True,
+            examples=(lambda: Tail(lambda m, x: x[:, 1:9:2]),))
+def plan_slice(node, facts):
+    """x[a:b:s] along d is linear; only those rows of x are needed."""
+    x = node.args[0]
+    dim = norm_dim(arg(node, 1, "dim", 0), len(sizes(x)))
+    n = sizes(x)[dim]
+
+    def rows():
+        start = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
+        end = node.args[3] if len(node.args) > 3 and node.args[3] is not None else n
+        step = node.args[4] if len(node.args) > 4 else 1
+        if not all(isinstance(v, int) for v in (start, end, step)):
+            return None
+        return tuple(range(n))[slice(start, end, step)]
+
+    def demand(node, d):
+        if n is None:
+            return mapped(x, d, d.dim) if d is not None else {}
+        r = rows()
+        if r is None:
+            return None
+        if d is None:
+            return {x: Rows(dim, r, None)}
+        if d.dim == dim:
+            return {x: Rows(dim, tuple(r[i] for i in d.index), None)} if d.group is None else None
+        return {x: d}
+
+    def emit(em, node):
+        if em.layout(x) is not None and em.layout(x).dim == dim:
+            return list(em.terms(x))  # the narrowed input already is the slice
+        return layout_emit()(em, node)
+    return Plan.linear([x], emit, demand=demand)
+
+
+@RULES.rule(*ops("dropout", "feature_dropout", "alpha_dropout", "native_dropout", "detach"),
+            name="dropout", moves_layout=True, prob_transparent=True,
+            examples=(lambda: Tail(lambda m, x: torch.ops.aten.dropout(x, 0.5, False)),))
+def plan_dropout(node, facts):
+    """Dropout in eval mode is the identity (training mode is refused before export)."""
+    if arg(node, 2, "train", False):
+        raise UnsupportedGraphError("dropout in training mode: call model.eval() first", node)
+    return Plan.linear([node.args[0]], identity_emit(0),
+                       demand=lambda n, d: same_rows(n.args[0], d))
+
+
+@RULES.rule(aten.index, prob_transparent=True,
+            examples=(lambda: Tail(lambda m, x: x[:, torch.tensor([3, 1, 3])]),))
+def plan_index(node, facts):
+    """Advanced indexing x[idx] with frozen indices is linear in x (a gather)."""
+    return Plan.linear([node.args[0]], push_emit(0))
+
+
+@RULES.rule(aten.constant_pad_nd, aten.pad, name="pad",
+            examples=(lambda: Tail(lambda m, x: F.pad(x, (1, 2), value=0.5)),
+                      lambda: Tail(lambda m, x: F.pad(x, (0, 0, 2, 1)))))
+def plan_pad(node, facts):
+    """Zero padding is linear; padding with a constant c ≠ 0 adds c on the padded border, a
+    constant component of its own."""
+    constant_pad = op_key(node) is aten.constant_pad_nd
+    if constant_pad:
+        mode, value = "constant", arg(node, 2, "value", 0.0)
+    else:
+        mode, value = arg(node, 2, "mode", "constant"), arg(node, 3, "value", 0.0)
+    value = value or 0.0
+    if mode not in ("constant", "reflect", "replicate", "circular"):
+        raise UnsupportedGraphError(f"padding mode {mode!r}", node)
+    if mode != "constant" or value == 0.0:
+        return Plan.linear([node.args[0]], push_emit(0))
+
+    def emit(em, node):
+        chunk = em.merged(node.args[0])
+        pad = em.orig_arg(node.args[1])
+        zero_args = (None, pad, 0.0) if constant_pad else (None, pad, "constant", 0.0)
+        out = em.call(rt.pusher(node.target, 0), chunk.node, zero_args, {})
+        border = em.call(rt.pad_border, em.orig(node.args[0]), pad, float(value))
+        return [em.chunk(out, chunk.labels), em.const_chunk(border, node, "pad")]
+    return Plan.linear([node.args[0]], emit)
+
+
+# ------------------------------------------------------------------------------ joining
+@RULES.rule(*ops("cat", "concat", "concatenate"), name="cat", examples=(
+        lambda: Tail(lambda m, x: torch.cat([x, 2 * x[:, :3]], 1)[:, 2:6]),))
+def plan_cat(node, facts):
+    """cat is linear; each input fills its own slice of the output (zeros elsewhere)."""
+    parts = node.args[0]
+    dim = arg(node, 1, "dim", 0)
+
+    def emit(em, node):
+        origs = [em.orig(p) for p in parts]
+        ref = em.orig(node)
+        out = []
+        for i, p in enumerate(parts):
+            for c in em.terms(p):
+                out.append(em.chunk(em.call(rt.place_in_cat, c.node, origs, i, dim, ref), c.labels))
+        return out
+
+    def demand(node, d):
+        """Rows of a cat come from the input that holds them (possibly none of an input's)."""
+        if d is None:
+            return {}
+        cdim = norm_dim(dim, len(sizes(node)))
+        if d.dim != cdim:
+            return {p: d for p in parts}
+        if d.group is not None:
+            return None
+        req, offset = {}, 0
+        for p in parts:
+            n = sizes(p)[cdim]
+            if n is None:
+                return None
+            req[p] = Rows(cdim, tuple(i - offset for i in d.index if offset <= i < offset + n), None)
+            offset += n
+        return req
+    return Plan.linear(list(parts), emit, demand=demand)
+
+
+@RULES.rule(aten.stack, examples=(
+        lambda: Tail(lambda m, x: torch.stack([torch.cat([x, 2 * x], -1), torch.cat([x, x], -1)], 1)),))
+def plan_stack(node, facts):
+    """stack(xs, d) = cat([x.unsqueeze(d) for x in xs], d): linear, disjoint slices."""
+    parts = node.args[0]
+    dim = arg(node, 1, "dim", 0)
+
+    def emit(em, node):
+        ref = em.orig(node)
+        origs = [em.call(torch.unsqueeze, em.orig(p), dim) for p in parts]
+        out = []
+        for i, p in enumerate(parts):
+            for c in em.terms(p):
+                t = em.call(rt.unsqueeze_terms, c.node, dim, em.orig(p))
+                out.append(em.chunk(em.call(rt.place_in_cat, t, origs, i, dim, ref), c.labels))
+        return out
+    return Plan.linear(list(parts), emit)
+
+
+def _split_item(node: Node, src: Node, index: int, facts) -> Plan:
+    """Output ``index`` of split/unbind/chunk is linear in their input."""
+    def emit(em, node):
+        c = em.merged(src.args[0])
+        args = tuple(None if i == 0 else em.orig_arg(a) for i, a in enumerate(src.args))
+        kwargs = {k: em.orig_arg(v) for k, v in src.kwargs.items()}
+        out = em.call(rt.multi_pusher(src.target, index), c.node, args, kwargs)
+        return [em.chunk(out, c.labels)]
+    return Plan.linear([src.args[0]], emit)
+
+
+RULES.register(Rule(
+    "split", ops("split", "split_with_sizes", "unbind", "chunk", "tensor_split", "unsafe_split",
+                 "unsafe_chunk", "unsafe_split_with_sizes"),
+    item_plan=_split_item, doc=_split_item.__doc__,
+    examples=(lambda: Tail(lambda m, x: torch.cat(x.split(4, dim=-1)[::-1], -1)
+                           + x.unbind(1)[3].unsqueeze(1)),)))
+
+
+@RULES.rule(operator.getitem, examples=(lambda: Tail(lambda m, x: x.chunk(2, 1)[1]),))
+def plan_getitem(node, facts):
+    """An item of a multi-output op plans by that op's rule (``Rule.item_plan``): split's
+    outputs are linear, eval batch norm's output 0 is its affine map; others are roots."""
+    src, index = node.args
+    if not isinstance(src, Node) or src.op != "call_function":
+        return Plan.root("getitem of a non-op value")
+    rule = facts.rules.rule_for(src)
+    if rule is None or rule.item_plan is None:
+        return Plan.root(f"output {index} of {op_name(src)}")
+    return rule.item_plan(node, src, index, facts)

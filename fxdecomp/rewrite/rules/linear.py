@@ -1,0 +1,137 @@
+"""Linear maps with frozen weights: linear, convolution, matmul, einsum, addmm.
+
+Each is linear in its one data-dependent operand; a bias is a constant component of its own. A
+product of two data-dependent values is a root, unless one side is attention probabilities:
+then it is an attention output (see ``attention.py``).
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.fx import Node
+
+from ...graph.ops import aten, op_key
+from ...graph.plan import Plan
+from ...graph.shapes import sizes
+from .. import runtime as rt
+from . import RULES
+from .attention import product_attention
+from .common import Tail as _Fn, arg, bias_chunk, ops, push_emit, rowwise_demand
+
+
+def _weight_args(node: Node, facts):
+    """(input, weight, bias, root plan if the weight is data-dependent) of linear/conv."""
+    x, w = node.args[0], node.args[1]
+    bias = arg(node, 2, "bias")
+    if isinstance(w, Node) and facts.is_data(w):
+        return x, w, bias, Plan.root(f"{node.target} with a data-dependent weight")
+    return x, w, bias, None
+
+
+@RULES.rule(aten.linear, prob_transparent=True, examples=(lambda: nn.Linear(8, 5),))
+def plan_linear(node, facts):
+    """x ↦ x Wᵀ + b: Wᵀ applies to every component; b is a constant component of its own.
+    Head-blocked input (straight from an attention output) is one batched per-head projection."""
+    x, w, bias, refuse = _weight_args(node, facts)
+    if refuse:
+        return refuse
+
+    def emit(em, node):
+        c = em.merged(x, blocked_ok=True)
+        rank = len(sizes(node))
+        if c.block is not None and c.block[0] == rank - 1 and len(sizes(w)) == 2:
+            out = em.call(rt.blocked_linear, c.node, em.orig(w), c.block[1], em.backend)
+        else:
+            c = em.densify(c)
+            out = em.call(F.linear, c.node, em.orig(w))
+        return [em.chunk(out, c.labels)] + bias_chunk(em, node, bias, -1)
+    return Plan.linear([x], emit, demand=rowwise_demand(x, 1))
+
+
+def _conv_example():
+    return nn.Sequential(_Fn(lambda m, x: x.transpose(1, 2).reshape(x.shape[0], 8, 4, 4)),
+                         nn.Conv2d(8, 6, 3, padding=1), nn.ConvTranspose2d(6, 4, 2, stride=2))
+
+
+@RULES.rule(*ops("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
+                 "conv_transpose3d", "convolution"), name="conv", conv_like=True,
+            examples=(_conv_example,))
+def plan_conv(node, facts):
+    """Convolution with a fixed kernel is linear in its input; the bias is its own component."""
+    x, w, bias, refuse = _weight_args(node, facts)
+    if refuse:
+        return refuse
+
+    def emit(em, node):
+        c = em.merged(x)
+        args = tuple(None if i == 0 else (None if i == 2 else em.orig_arg(a))
+                     for i, a in enumerate(node.args))
+        out = em.call(rt.pusher(node.target, 0), c.node, args, {})
+        return [em.chunk(out, c.labels)] + bias_chunk(em, node, bias, 1)
+    return Plan.linear([x], emit)
+
+
+def _is_data(facts, a) -> bool:
+    return isinstance(a, Node) and facts.is_data(a)
+
+
+@RULES.rule(aten.matmul, aten.bmm, aten.mm, name="matmul",
+            examples=(lambda: _Fn(lambda m, x: x @ m.w, w=torch.randn(8, 5)),
+                      lambda: _Fn(lambda m, x: torch.bmm(m.a.expand(x.shape[0], 3, 16), x),
+                                  a=torch.randn(1, 3, 16))))
+def plan_matmul(node, facts):
+    """a @ b with one side fixed is linear in the other. With both data-dependent, if one side is
+    attention probabilities (derived from a softmax) the product is an attention output: a root
+    that can be split per head and per source token (P frozen, linear in V)."""
+    a, b = node.args[0], node.args[1]
+    if _is_data(facts, a) and _is_data(facts, b):
+        return product_attention(node, facts, a, b) or Plan.root("matmul of two data-dependent values")
+    return Plan.linear([node.args[0 if _is_data(facts, a) else 1]],
+                       push_emit(0 if _is_data(facts, a) else 1))
+
+
+@RULES.rule(aten.einsum, examples=(
+        lambda: _Fn(lambda m, x: torch.einsum("bnd,de->bne", x, m.w), w=torch.randn(8, 5)),))
+def plan_einsum(node, facts):
+    """einsum with exactly one data-dependent operand is linear in it."""
+    eq, operands = node.args[0], node.args[1]
+    data = [i for i, o in enumerate(operands) if _is_data(facts, o)]
+    if len(data) != 1:
+        if len(data) == 2 and len(operands) == 2:
+            found = product_attention(node, facts, operands[0], operands[1], equation=eq)
+            if found is not None:
+                return found
+        return Plan.root("einsum of several data-dependent operands")
+    (k,) = data
+
+    def emit(em, node):
+        c = em.merged(operands[k])
+        out = em.call(rt.einsum_pusher(eq, k), c.node, [em.orig_arg(o) for o in operands])
+        return [em.chunk(out, c.labels)]
+    return Plan.linear([operands[k]], emit)
+
+
+@RULES.rule(aten.addmm, aten.baddbmm, name="addmm", examples=(
+        lambda: _Fn(lambda m, x: torch.addmm(m.b, x.reshape(-1, 8), m.w, beta=0.5, alpha=2.0)
+                    .reshape(x.shape[0], -1, 5), b=torch.randn(5), w=torch.randn(8, 5)),))
+def plan_addmm(node, facts):
+    """β·bias + α·(a @ b): linear in the data operand of the product; bias is a constant term."""
+    bias, a, b = node.args[0], node.args[1], node.args[2]
+    if _is_data(facts, a) and _is_data(facts, b) or _is_data(facts, bias):
+        return Plan.root("addmm with several data-dependent operands")
+    beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
+    pos = 1 if _is_data(facts, a) else 2
+    mm = aten.bmm.default if op_key(node) is aten.baddbmm else aten.mm.default
+
+    def emit(em, node):
+        c = em.merged(node.args[pos])
+        args = (None, em.orig(b)) if pos == 1 else (em.orig(a), None)
+        out = em.call(rt.pusher(mm, pos - 1), c.node, args, {})
+        if alpha != 1:
+            out = em.call(operator.mul, out, alpha)
+        const = em.call(rt.addmm_bias, em.orig(bias), em.orig(node), beta)
+        return [em.chunk(out, c.labels), em.const_chunk(const, bias, "bias")]
+    return Plan.linear([node.args[pos]], emit)

@@ -1,0 +1,115 @@
+"""Normalisation: the scale is frozen at the forward pass, centring is linear, the shift is a
+constant component of its own (kind ``bias``). Eval BatchNorm is a per-channel affine map."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.fx import Node
+
+from ...errors import UnsupportedGraphError
+from ...graph.ops import aten
+from ...graph.plan import Plan
+from ...graph.rule import Rule
+from .. import runtime as rt
+from . import RULES
+from .common import Tail, arg, as_image, bias_chunk, ops, rowwise_demand
+
+
+@RULES.rule(aten.layer_norm, examples=(lambda: nn.LayerNorm(8),))
+def plan_layer_norm(node, facts):
+    """LayerNorm with frozen σ: γ ⊙ (x − mean x)/σ is linear in x (centre each component);
+    β is a constant component."""
+    x, shape = node.args[0], node.args[1]
+    weight, bias, eps = arg(node, 2, "weight"), arg(node, 3, "bias"), arg(node, 4, "eps", 1e-5)
+
+    def emit(em, node):
+        c = em.merged(x)
+        out = em.call(rt.layer_norm_terms, c.node, em.orig(x), shape, em.orig_arg(weight), eps)
+        return [em.chunk(out, c.labels)] + bias_chunk(em, node, bias, -1)
+    return Plan.linear([x], emit, demand=rowwise_demand(x, len(shape)))
+
+
+@RULES.rule(aten.rms_norm, examples=(lambda: nn.RMSNorm(8),))
+def plan_rms_norm(node, facts):
+    """RMSNorm with frozen rms: γ ⊙ x / rms(x) is linear in x."""
+    x, shape = node.args[0], node.args[1]
+    weight, eps = arg(node, 2, "weight"), arg(node, 3, "eps")
+
+    def emit(em, node):
+        c = em.merged(x)
+        out = em.call(rt.rms_norm_terms, c.node, em.orig(x), shape, em.orig_arg(weight), eps)
+        return [em.chunk(out, c.labels)]
+    return Plan.linear([x], emit, demand=rowwise_demand(x, len(shape)))
+
+
+@RULES.rule(aten.group_norm,
+            examples=(lambda: nn.Sequential(Tail(lambda m, x: as_image(x)), nn.GroupNorm(2, 8)),))
+def plan_group_norm(node, facts):
+    """GroupNorm with frozen per-group σ: centring within a group is linear; β is constant."""
+    x, groups = node.args[0], node.args[1]
+    weight, bias, eps = arg(node, 2, "weight"), arg(node, 3, "bias"), arg(node, 4, "eps", 1e-5)
+
+    def emit(em, node):
+        c = em.merged(x)
+        out = em.call(rt.group_norm_terms, c.node, em.orig(x), groups, em.orig_arg(weight), eps)
+        return [em.chunk(out, c.labels)] + bias_chunk(em, node, bias, 1)
+    return Plan.linear([x], emit)
+
+
+def _batch_norm_plan(node: Node, x, weight, bias, mean, var, training, eps) -> Plan:
+    """Eval BatchNorm: x·γ/√(v+ε) (linear) + (β − μ·γ/√(v+ε)) (a constant component)."""
+    if training:
+        raise UnsupportedGraphError("batch_norm in training mode: call model.eval() first", node)
+
+    def emit(em, node):
+        c = em.merged(x)
+        w, rm, rv = em.orig_arg(weight), em.orig(mean), em.orig(var)
+        out = em.call(rt.batch_norm_terms, c.node, w, rm, rv, eps)
+        shift = em.call(rt.batch_norm_shift, em.orig(x), w, em.orig_arg(bias), rm, rv, eps)
+        return [em.chunk(out, c.labels),
+                em.const_chunk(shift, bias if isinstance(bias, Node) else node, "bias")]
+    return Plan.linear([x], emit)
+
+
+def _bn_example():
+    bn = nn.BatchNorm2d(8)
+    bn.running_mean.normal_(0, 0.3)
+    bn.running_var.uniform_(0.5, 1.5)
+    return nn.Sequential(Tail(lambda m, x: as_image(x)), bn)
+
+
+@RULES.rule(aten.batch_norm, conv_like=True, examples=(_bn_example,))
+def plan_batch_norm(node, facts):
+    """Eval BatchNorm is a per-channel affine map: scale (linear) + shift (constant)."""
+    x, w, b, rm, rv, training, _momentum, eps = node.args[:8]
+    return _batch_norm_plan(node, x, w, b, rm, rv, training, eps)
+
+
+def _bn_item(node: Node, src: Node, index: int, facts) -> Plan:
+    """Output 0 of the exported eval batch norm is its affine map; the saved statistics are
+    roots."""
+    if index != 0:
+        return Plan.root(f"output {index} of {src.target}")
+    x, w, b, rm, rv, _momentum, eps = src.args[:7]
+    return _batch_norm_plan(node, x, w, b, rm, rv, False, eps)
+
+
+RULES.register(Rule(
+    "batch_norm_eval", ops("_native_batch_norm_legit_no_training"), item_plan=_bn_item,
+    plan=lambda node, facts: Plan.root("the tuple of an eval batch norm"),
+    nonlinear=True, conv_like=True, doc=_bn_item.__doc__,
+    examples=(lambda: Tail(lambda m, x: torch.ops.aten._native_batch_norm_legit_no_training(
+        as_image(x), m.w, m.b, m.mean.detach(), m.var.detach().abs() + 0.5, 0.1, 1e-5)[0],
+        w=torch.randn(8), b=torch.randn(8), mean=torch.randn(8), var=torch.randn(8)),)))
+
+
+def _training(node: Node, *_):
+    raise UnsupportedGraphError("batch_norm in training mode: call model.eval() first", node)
+
+
+RULES.register(Rule(
+    "batch_norm_training", ops("_native_batch_norm_legit", "_native_batch_norm_legit_functional"),
+    plan=_training, item_plan=lambda node, src, index, facts: _training(src),
+    doc="Training-mode batch norm: refused (its statistics depend on the batch).",
+    refuses=(lambda: Tail(lambda m, x: F.batch_norm(as_image(x), None, None, training=True)),)))
