@@ -6,6 +6,7 @@ from .interpret import (FEATURES, AlignmentMismatchError, CompAlign, describe_co
                         score_components, score_components_invariant, text_embeddings,
                         variance_explained)
 from .store import ComponentStore, open_store
+from . import world as _world  # noqa: F401  (registers the world's models as model sources)
 
 __all__ = [
     "decompose", "decompose_in_groups", "DecomposedModel", "Decomposition", "ComponentLabel", "KINDS",

@@ -20,7 +20,7 @@ Every target wraps the library's model in one attribute (``model`` for timm and 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,25 @@ __all__ = [
     "load_model", "load_clip", "example_input", "export_friendly", "parse_spec",
 ]
 
-FAMILIES = ("timm", "open_clip", "torchvision", "world")
+FAMILIES = ("timm", "open_clip", "torchvision")
+
+#: Model sources registered from above (``register_source``): family -> loader
+#: ``(name, random_init, checkpoint, seed, output) -> (target, info)``. The ground-truth world
+#: (``fxdecomp.world``) registers ``world:subject`` / ``world:clip`` this way, so capture never
+#: imports an application.
+SOURCES: dict[str, Callable] = {}
+#: CLIP sources for ``load_clip``: name -> loader ``(random_init, checkpoint) -> (clip, preprocess,
+#: tokenizer)``.
+CLIP_SOURCES: dict[str, Callable] = {}
+
+
+def register_source(family: str, load: Callable | None = None,
+                    clips: dict[str, Callable] | None = None) -> None:
+    """Register a model family for ``load_model("FAMILY:NAME")`` and named CLIPs for
+    ``load_clip(NAME)``."""
+    if load is not None:
+        SOURCES[family] = load
+    CLIP_SOURCES.update(clips or {})
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _OFFLINE_HINT = ("use --random-init for seeded random weights, or --checkpoint PATH to load a local "
@@ -241,8 +259,9 @@ def parse_spec(spec: str) -> tuple[str, str, str | None]:
     family = family.strip().lower().replace("-", "_")
     if family == "openclip":
         family = "open_clip"
-    if not sep or not rest or family not in FAMILIES:
-        raise ModelLoadError(f"model spec {spec!r} is not 'FAMILY:NAME' with FAMILY one of {FAMILIES} "
+    if not sep or not rest or family not in FAMILIES + tuple(SOURCES):
+        raise ModelLoadError(f"model spec {spec!r} is not 'FAMILY:NAME' with FAMILY one of "
+                             f"{FAMILIES + tuple(SOURCES)} "
                              f"(e.g. 'timm:deit_tiny_patch16_224', 'open_clip:ViT-B-16:laion2b_s34b_b88k', "
                              f"'torchvision:vit_b_16')")
     tag = None
@@ -278,8 +297,8 @@ def load_model(spec: str, random_init: bool = False, checkpoint: str | None = No
     if random_init and checkpoint:
         raise ModelLoadError("random_init and checkpoint are mutually exclusive")
     family, name, tag = parse_spec(spec)
-    if family == "world":
-        return _load_world(name, random_init, checkpoint, seed, output)
+    if family in SOURCES:
+        return SOURCES[family](name, random_init, checkpoint, seed, output)
     if tag and (random_init or checkpoint):
         raise ModelLoadError(f"spec {spec!r} names the pretrained tag {tag!r}, which cannot be "
                              f"combined with random_init or checkpoint")
@@ -307,11 +326,8 @@ def load_clip(name: str, random_init: bool = False, checkpoint: str | None = Non
     name: "ViT-B-16", "ViT-B-16:laion2b_s34b_b88k" or the same with an "open_clip:" prefix.
     Returns (clip_model in eval mode, preprocess or None, tokenizer).
     """
-    if name in ("world", "world:clip"):      # the tiny CLIP shipped with fxdecomp.world
-        from fxdecomp.world.models import load_world_clip
-        if random_init:
-            raise ModelLoadError("the world CLIP is a trained model; random_init does not apply")
-        return load_world_clip(checkpoint)
+    if name in CLIP_SOURCES:                 # e.g. "world": the tiny CLIP of fxdecomp.world
+        return CLIP_SOURCES[name](random_init, checkpoint)
     spec = name if ":" in name and name.split(":", 1)[0].lower() in ("open_clip", "openclip") \
         else f"open_clip:{name}"
     _, model_name, tag = parse_spec(spec)
@@ -504,28 +520,6 @@ def _load_open_clip(name, tag, random_init, checkpoint, seed, output, normalize,
              "std": tuple(pp.get("std", getattr(visual, "image_std", ()))),
              "module_prefix": "visual.", "pretrained_tag": used_tag}
     return OpenClipImageTarget(visual.eval(), output, normalize), extra
-
-
-# --- world (the ground-truth world's tiny models, shipped with the package) ---------------------
-
-def _load_world(name, random_init, checkpoint, seed, output):
-    """``world:subject``: the subject ViT trained on the world's spurious split (a TimmTarget);
-    ``world:clip``: the tiny CLIP's image tower. Weights ship in ``fxdecomp/world/weights``."""
-    from fxdecomp.world import models
-    if name not in ("subject", "clip"):
-        raise ModelLoadError(f"world models are 'world:subject' and 'world:clip', not {name!r}")
-    if name == "subject":
-        return models.load_subject(output or "pre_logits", checkpoint,
-                                   random_init_seed=seed if random_init else None)
-    if random_init:
-        raise ModelLoadError("world:clip is a trained model; random_init does not apply")
-    clip, _, _ = models.load_world_clip(checkpoint)
-    target = OpenClipImageTarget(clip.visual.eval(), output or "embedding").eval()
-    info = {"spec": "world:clip", "family": "world", "name": "clip", "output": target.output,
-            "weights": str(checkpoint) if checkpoint else "shipped",
-            "input_size": (3, models.IMAGE_SIZE, models.IMAGE_SIZE), "mean": models.MEAN,
-            "std": models.STD, "module_prefix": "visual.", "pretrained_tag": None}
-    return target, info
 
 
 # --- torchvision ------------------------------------------------------------------------------

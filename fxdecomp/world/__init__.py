@@ -8,6 +8,7 @@ from fxdecomp.world.generate import (ANGULAR, ATTRIBUTES, BACKGROUNDS, COLOR_RGB
                                      LAND_BACKGROUNDS, ROUND, SHAPES, SPLITS, SPURIOUS_AGREEMENT,
                                      TEXTURES, WATER_BACKGROUNDS, World, caption, generate,
                                      read_labels, write_world)
+from fxdecomp.world import sources as _sources  # noqa: F401  (registers world:subject / world:clip)
 
 __all__ = ["ANGULAR", "ATTRIBUTES", "BACKGROUNDS", "COLOR_RGB", "COLORS", "LAND_BACKGROUNDS",
            "ROUND", "SHAPES", "SPLITS", "SPURIOUS_AGREEMENT", "TEXTURES", "WATER_BACKGROUNDS",
