@@ -37,6 +37,7 @@ from torch.fx import GraphModule, Node
 
 from ..graph.labels import TokenPosition
 from ..graph.ops import op_name
+from ..graph.plan import PlanKind
 
 IMAGE, CONST, MIXED = 0, -1, -2
 _DEBUG = False  # print why an op could not be mapped (development aid)
@@ -536,13 +537,13 @@ def attention_values(walk) -> dict[Node, Node]:
     """Attention node -> the node holding its values V, for every attention the walk found."""
     out = {}
     for n, plan in walk.plans.items():
-        if plan.kind != "attention":
+        form = plan.attention
+        if plan.kind is not PlanKind.ATTENTION or form is None:
             continue
-        form = plan.info.get("form")
-        if form == "sdpa":
+        if form.form == "sdpa":
             out[n] = n.args[2]
-        elif form == "matmul":
-            out[n] = plan.info["values"]
+        elif form.values is not None:          # P @ V as a matmul or a '...qk,...kd' einsum
+            out[n] = form.values
     return out
 
 
