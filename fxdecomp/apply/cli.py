@@ -25,10 +25,9 @@ from fxdecomp.interpret.score import FEATURES, feature_descriptions, score_compo
 
 __all__ = ["add_subcommands", "cmd_retrieve", "DEFAULT_MODELS", "DEFAULT_AGAINST"]
 
-#: Models used when no model argument is given. To be flipped to the shipped world models
-#: ({"subject": "world:subject", "clip": "world:clip", "random_init": False}) once they land.
-DEFAULT_MODELS = {"subject": "timm:deit_tiny_patch16_224", "clip": "ViT-B-32",
-                  "random_init": True}
+#: Models used when no model argument is given: the ground-truth world's shipped subject and
+#: tiny CLIP (fxdecomp.world; no download).
+DEFAULT_MODELS = {"subject": "world:subject", "clip": "world", "random_init": False}
 #: Features a component must not encode to be selected for ``--feature`` (minus itself).
 DEFAULT_AGAINST = ("color", "shape", "texture", "pattern", "location")
 
