@@ -538,11 +538,12 @@ def attention_values(walk) -> dict[Node, Node]:
     for n, plan in walk.plans.items():
         if plan.kind != "attention":
             continue
-        form = plan.info.get("form")
+        att = plan.attention            # graph.plan.AttentionForm (the Plan has no .info)
+        form = att.form if att is not None else None
         if form == "sdpa":
             out[n] = n.args[2]
-        elif form == "matmul":
-            out[n] = plan.info["values"]
+        elif form == "matmul" and att.values is not None:
+            out[n] = att.values
     return out
 
 
