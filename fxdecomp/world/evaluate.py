@@ -289,10 +289,10 @@ def _spurious_eval(dm, cand_idx: torch.Tensor, scores: dict, names: list, n: int
     sweep = {}
     for kk in range(0, min(SPURIOUS_SWEEP, len(order)) + 1):
         r = ablate_spurious(test, y, groups, remove=order[:kk], reference=ref, head=res.head)
-        sweep[kk] = {"worst_group": r.after["worst_group"], "average": r.after["mean_group"]}
+        sweep[str(kk)] = {"worst_group": r.after["worst_group"], "average": r.after["mean_group"]}
     out = res.summary()
-    out.update({"group_accuracy_before": res.before["per_group"],
-                "group_accuracy_after": res.after["per_group"],
+    out.update({"group_accuracy_before": {str(g): v for g, v in res.before["per_group"].items()},
+                "group_accuracy_after": {str(g): v for g, v in res.after["per_group"].items()},
                 "groups": "2*angular + land (0 round/water, 1 round/land, 2 angular/water, "
                           "3 angular/land)",
                 "ranking": "score_background - score_shape over the candidate components",
