@@ -14,7 +14,8 @@ def test_default_main_job(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     report = tmp_path / "fxdecomp-report"
     assert str(report.resolve()) in out and "relative error" in out
-    for name in ("report.md", "metrics.json", "scores.png", "precision.png", "retrieval.png"):
+    for name in ("report.md", "metrics.json", "scores.png", "precision.png", "retrieval.png",
+                 "heatmaps.png"):
         assert (report / name).stat().st_size > 0, name
     m = json.loads((report / "metrics.json").read_text())
     assert m["exactness_max_relative_error"] <= 1e-5
@@ -29,6 +30,25 @@ def test_default_main_job(tmp_path, monkeypatch, capsys):
     for attr in ("color", "background"):
         assert prec[attr]["top_components"] >= 3 * m["chance_precision_at_10"][attr], prec[attr]
     assert 0.7 <= m["alignment_heldout_cosine"] <= 1            # 0.757 measured
+    # token heatmaps and segmentation (README, How to read it): shares and metrics in [0, 1],
+    # the chance level is the objects' share of the image (neither empty nor the whole image)
+    assert 0 <= m["heatmap_pointing_accuracy"] <= 1
+    assert 0 < m["heatmap_pointing_chance"] < 1
+    assert m["n_heatmap_images"] == 300 and m["heatmap_attribute"] == "color"
+    assert len(m["heatmap_heads"]) == m["k"]
+    for key in ("segmentation", "segmentation_all_heads", "segmentation_center_blob"):
+        assert set(m[key]) == {"pixel_accuracy", "miou", "map"}, key
+        assert all(0 <= v <= 1 for v in m[key].values()), (key, m[key])
+    # spurious-cue ablation: k as stated (--spurious-k, default 3), accuracies in [0, 1], the
+    # worst group never above the mean over groups, and k = 0 in the sweep is "before"
+    s = m["spurious"]
+    assert s["k"] == 3 and len(s["removed"]) == 3
+    for when in ("before", "after"):
+        assert 0 <= s[f"worst_group_{when}"] <= s[f"average_{when}"] <= 1, s
+        assert set(s[f"group_accuracy_{when}"]) == {"0", "1", "2", "3"}
+    assert s["sweep_k"]["0"]["worst_group"] == s["worst_group_before"]
+    assert s["sweep_k"]["3"]["worst_group"] == s["worst_group_after"]
+    assert "## Removing the spurious cue" in (report / "report.md").read_text()
 
 
 def test_demo_of_any_model(capsys):

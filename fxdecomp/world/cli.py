@@ -3,6 +3,7 @@
 
     fxdecomp world --out DIR --n 10000 --seed 0 [--size 64] [--split train|test|spurious-train|balanced-test]
     fxdecomp [demo] [--out ./fxdecomp-report] [--n 2000] [--k 3] [--world-seed 0]
+                    [--heatmap-images 300] [--ablation-images 2000] [--spurious-k 3]
 """
 from __future__ import annotations
 
@@ -47,6 +48,12 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=2000, help="world images to evaluate on")
     p.add_argument("--k", type=int, default=3, help="components selected per attribute")
     p.add_argument("--world-seed", type=int, default=0, help="seed of the generated world")
+    p.add_argument("--heatmap-images", type=int, default=300,
+                   help="held-out images for token heatmaps / segmentation (0: skip)")
+    p.add_argument("--ablation-images", type=int, default=2000,
+                   help="images of spurious-train and of balanced-test for the ablation (0: skip)")
+    p.add_argument("--spurious-k", type=int, default=3,
+                   help="components removed (top score_background - score_shape)")
 
 
 def run_demo(args) -> int:
@@ -55,7 +62,9 @@ def run_demo(args) -> int:
     from fxdecomp.world.report import write_report
     print(f"fxdecomp main job: the shipped subject ViT on {args.n} fresh images of the "
           f"ground-truth world (decompose -> CompAlign -> score -> property retrieval)")
-    ev = evaluate_world(n=args.n, seed=args.world_seed, k=args.k)
+    ev = evaluate_world(n=args.n, seed=args.world_seed, k=args.k,
+                        heatmap_images=args.heatmap_images, ablation_images=args.ablation_images,
+                        spurious_k=args.spurious_k)
     path = write_report(ev, args.out)
     m = ev.metrics
     print(f"sum of components vs the model's output: relative error "
@@ -67,7 +76,22 @@ def run_demo(args) -> int:
         p = m["retrieval_precision_at_10"][a]
         print(f"  {a:12s}        {p['top_components']:.3f}   {p['full_representation']:.3f}   "
               f"{p['random_components']:.3f}   {m['chance_precision_at_10'][a]:.3f}")
-    print(f"report: {path.resolve()}  (metrics.json, scores.png, precision.png, retrieval.png; "
+    if "segmentation" in m:
+        seg, blob = m["segmentation"], m["segmentation_center_blob"]
+        print(f"token heatmaps ({m['n_heatmap_images']} images, {m['heatmap_attribute']} heads): "
+              f"pointing {m['heatmap_pointing_accuracy']:.3f} (object area "
+              f"{m['heatmap_pointing_chance']:.3f}, centre blob "
+              f"{m['heatmap_pointing_accuracy_center_blob']:.3f}); segmentation pixel acc / mIoU / "
+              f"mAP {seg['pixel_accuracy']:.3f} / {seg['miou']:.3f} / {seg['map']:.3f} "
+              f"(centre blob {blob['pixel_accuracy']:.3f} / {blob['miou']:.3f} / "
+              f"{blob['map']:.3f})")
+    if "spurious" in m:
+        s = m["spurious"]
+        print(f"spurious cue, k={s['k']} removed: worst group {s['worst_group_before']:.3f} -> "
+              f"{s['worst_group_after']:.3f}, mean over groups {s['average_before']:.3f} -> "
+              f"{s['average_after']:.3f}")
+    print(f"report: {path.resolve()}  (metrics.json, scores.png, precision.png, retrieval.png, "
+          f"heatmaps.png; "
           f"{m['seconds']['total_s']:.0f}s)")
     return 0 if m["exactness_max_relative_error"] <= 1e-5 else 1
 

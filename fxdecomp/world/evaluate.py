@@ -15,6 +15,24 @@ On a freshly generated ``test`` split (all attributes independent):
    ``RANDOM_DRAWS`` seeded draws), and measure precision@10: the share of the 10 nearest images
    that have the query's value of the attribute.
 
+5. token heatmaps (``fxdecomp.apply.heatmap``): on the first ``heatmap_images`` held-out images
+   a tokens-mode decomposition splits every head's contribution per source token; the map of an
+   image is the sum over the k attention heads selected for **color** (``select_components`` on
+   the heads' scores) of each token's contribution projected on the CLIP text embedding of the
+   image's own color value through that head's CompAlign map (``head_directions``), placed on
+   the patch grid from the labels' positions and resized bilinearly to the image
+   (``Heatmap.upsampled``). ``heatmap_pointing_accuracy``: share of images whose map peaks
+   inside the object mask (chance: the share of image area objects cover); ``segmentation``:
+   pixel accuracy, mIoU and mAP against the masks (``fxdecomp.apply.segment``, Chefer et al.'s
+   protocol) with the image-blind centre-blob baseline alongside; the same for all heads;
+6. spurious-cue ablation (``fxdecomp.apply.ablate``): the subject's heads-mode components on
+   ``ablation_images`` images of ``spurious-train`` (reference means and a logistic-regression
+   head on the full representation, label round/angular) and of ``balanced-test`` (groups:
+   round/angular x land/water background); the ``spurious_k`` candidate components with the
+   highest score_background − score_shape (the scores of step 3) are mean-ablated, and the
+   head's worst-group and mean-group accuracy are measured before and after (and for every k
+   up to ``SPURIOUS_SWEEP``).
+
 Only components that vary over images are candidates (kinds ``CANDIDATE_KINDS``: heads and MLPs;
 the embedding and bias terms are constant for a CLS representation).
 """
@@ -38,6 +56,8 @@ CANDIDATE_KINDS = ("attn_head", "attn", "mlp", "attn_head_token")
 ALIGN_FRACTION = 0.7
 RANDOM_DRAWS = 20
 PRECISION_K = 10
+HEATMAP_ATTRIBUTE = "color"
+SPURIOUS_SWEEP = 10
 
 
 @dataclass
@@ -51,6 +71,7 @@ class WorldEvaluation:
     selected: dict                        # attribute -> [k] component indices
     queries: torch.Tensor                 # [Q] image indices
     retrieved: dict = field(default_factory=dict)   # (attribute, method) -> [Q, 10]
+    heatmaps: dict = field(default_factory=dict)    # image ids, maps [n, S, S], images, masks
 
 
 def _batched(fn, x: torch.Tensor, batch: int, desc: str, progress: bool):
@@ -64,11 +85,15 @@ def _batched(fn, x: torch.Tensor, batch: int, desc: str, progress: bool):
 @torch.no_grad()
 def evaluate_world(n: int = 2000, seed: int = 0, k: int = 3, queries: int = 500,
                    layers: Sequence[int] | None = None, align_kwargs: dict | None = None,
-                   progress: bool = True, world: World | None = None) -> WorldEvaluation:
+                   progress: bool = True, world: World | None = None,
+                   heatmap_images: int = 300, ablation_images: int = 2000,
+                   spurious_k: int = 3) -> WorldEvaluation:
     """Run the ground-truth evaluation (see the module docstring) on n images of the ``test``
     split generated with ``seed``; ``k`` components per attribute; ``queries`` query images
     (the first ones of the held-out part). ``align_kwargs`` go to ``CompAlign.fit`` (default:
-    none, i.e. its defaults)."""
+    none, i.e. its defaults). ``heatmap_images``: held-out images for the token heatmaps (0:
+    skip); ``ablation_images``: images per split for the spurious ablation (0: skip);
+    ``spurious_k``: components removed."""
     from fxdecomp import decompose
     from fxdecomp.apply import precision_at_k, property_retrieval, select_components
     from fxdecomp.capture.adapters import load_clip, load_model
@@ -148,9 +173,27 @@ def evaluate_world(n: int = 2000, seed: int = 0, k: int = 3, queries: int = 500,
         precision[attr] = row
         chance[attr] = 1.0 / len(ATTRIBUTES[attr])
     timings["score_retrieve_s"] = time.perf_counter() - t
-    timings["total_s"] = time.perf_counter() - t0
 
     names = [lab.name for lab in labels]
+    extra, heat = {}, {}
+    if heatmap_images:
+        t = time.perf_counter()
+        heads = torch.tensor([i for i in cand_idx.tolist() if labels[i].kind == "attn_head"])
+        head_sel = heads[select_components({a: scores[a][heads] for a in ATTRIBUTE_ORDER},
+                                           HEATMAP_ATTRIBUTE, min(k, len(heads)))]
+        text = text_embeddings(WORLD_FEATURES[HEATMAP_ATTRIBUTE], clip, tokenizer,
+                               templates="none", model_id="world:clip")
+        img_idx = held_idx[: min(heatmap_images, len(held_idx))]
+        extra_h, heat = _heatmap_eval(subject, world, x, img_idx, aligner, text,
+                                      [labels[i] for i in head_sel.tolist()], layers, progress)
+        extra.update(extra_h)
+        timings["heatmaps_s"] = time.perf_counter() - t
+    if ablation_images:
+        t = time.perf_counter()
+        extra["spurious"] = _spurious_eval(dm, cand_idx, scores, names, ablation_images, seed,
+                                           spurious_k, progress)
+        timings["spurious_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - t0
     metrics = {
         "retrieval_precision_at_10": precision,
         "chance_precision_at_10": chance,
@@ -169,7 +212,89 @@ def evaluate_world(n: int = 2000, seed: int = 0, k: int = 3, queries: int = 500,
                                   for k_ in ("accuracy", "worst_group_accuracy", "group_accuracy")},
         "clip_zero_shot_accuracy": read_record("clip")["eval"]["zero_shot_accuracy"],
         "aligner": {k_: v for k_, v in aligner.stats.items() if isinstance(v, (int, float, str, bool))},
+        **extra,
         "seconds": {k_: round(v, 2) for k_, v in timings.items()},
     }
     return WorldEvaluation(metrics, world, labels, components, scores, selected, query_idx,
-                           retrieved)
+                           retrieved, heat)
+
+
+def _heatmap_eval(subject, world: World, x: torch.Tensor, img_idx: torch.Tensor, aligner,
+                  text: torch.Tensor, heads: list, layers, progress: bool):
+    """Step 5 of the module docstring: (metrics, figure material)."""
+    from fxdecomp import decompose
+    from fxdecomp.apply.heatmap import head_directions, place
+    from fxdecomp.apply.segment import center_blob, pointing_accuracy, segmentation_metrics
+
+    codes = torch.from_numpy(world.codes(HEATMAP_ATTRIBUTE))[img_idx]           # [n]
+    S = tuple(x.shape[-2:])
+    wanted = {(lab.module, lab.head) for lab in heads}
+    dm = decompose(subject, x[:2], granularity="tokens", layers=layers)
+    maps = {"selected_heads": [], "all_heads": []}
+    for i in range(0, len(img_idx), 50):
+        b = img_idx[i:i + 50]
+        d = dm(x[b]).select(kind="attn_head_token")
+        comps = d.components.float()                                            # [T, B, d]
+        # [V, T, d]: each token component's model-space direction for every value's text
+        dirs = torch.stack([head_directions(aligner, d.labels, t) for t in text])
+        vals = torch.einsum("tbd,vtd->vtb", comps, dirs)                        # [V, T, B]
+        vals = vals[codes[i:i + 50], :, torch.arange(len(b))].t()               # [T, B]: own value
+        keep = [j for j, lab in enumerate(d.labels) if (lab.module, lab.head) in wanted]
+        if not keep:
+            raise RuntimeError(f"no token components for the heads {sorted(wanted)}")
+        maps["selected_heads"].append(place(vals[keep], [d.labels[j] for j in keep], S).upsampled())
+        maps["all_heads"].append(place(vals, d.labels, S).upsampled())
+    maps = {key: torch.cat(v) for key, v in maps.items()}
+    masks = torch.from_numpy(world.masks[img_idx.numpy()])
+    blob = center_blob(len(img_idx), S)
+    out = {
+        "heatmap_pointing_accuracy": pointing_accuracy(maps["selected_heads"], masks),
+        "heatmap_pointing_chance": float(masks.float().mean()),
+        "heatmap_pointing_accuracy_all_heads": pointing_accuracy(maps["all_heads"], masks),
+        "heatmap_pointing_accuracy_center_blob": pointing_accuracy(blob, masks),
+        "segmentation": segmentation_metrics(maps["selected_heads"], masks),
+        "segmentation_all_heads": segmentation_metrics(maps["all_heads"], masks),
+        "segmentation_center_blob": segmentation_metrics(blob, masks),
+        "heatmap_heads": [lab.name for lab in heads],
+        "heatmap_attribute": HEATMAP_ATTRIBUTE,
+        "n_heatmap_images": int(len(img_idx)),
+    }
+    figure = {"index": img_idx, "maps": maps, "masks": masks,
+              "images": world.images[img_idx.numpy()], "values": [world.records[i][
+                  HEATMAP_ATTRIBUTE] for i in img_idx.tolist()]}
+    return out, figure
+
+
+def _spurious_eval(dm, cand_idx: torch.Tensor, scores: dict, names: list, n: int, seed: int,
+                   k: int, progress: bool) -> dict:
+    """Step 6 of the module docstring: the ``spurious`` record."""
+    from fxdecomp.apply.ablate import ablate_spurious, spurious_ranking
+    from fxdecomp.world.generate import LAND_BACKGROUNDS
+
+    def split(name):
+        w = generate(n, seed=seed, split=name, progress=progress)
+        comps = torch.cat([p.components for p in
+                           _batched(dm, w.tensor(), 250, f"decompose {name}", progress)], 1)
+        y = torch.from_numpy(w.codes("angular"))
+        land = torch.tensor([r["background"] in LAND_BACKGROUNDS for r in w.records]).long()
+        return comps, y, 2 * y + land
+
+    ref, y_ref, _ = split("spurious-train")
+    test, y, groups = split("balanced-test")
+    margin = spurious_ranking(scores["background"], scores["shape"])[cand_idx]
+    order = cand_idx[torch.argsort(margin, descending=True)]
+    k = min(k, len(order))
+    res = ablate_spurious(test, y, groups, remove=order[:k], reference=ref,
+                          reference_labels=y_ref, names=names)
+    sweep = {}
+    for kk in range(0, min(SPURIOUS_SWEEP, len(order)) + 1):
+        r = ablate_spurious(test, y, groups, remove=order[:kk], reference=ref, head=res.head)
+        sweep[str(kk)] = {"worst_group": r.after["worst_group"], "average": r.after["mean_group"]}
+    out = res.summary()
+    out.update({"group_accuracy_before": {str(g): v for g, v in res.before["per_group"].items()},
+                "group_accuracy_after": {str(g): v for g, v in res.after["per_group"].items()},
+                "groups": "2*angular + land (0 round/water, 1 round/land, 2 angular/water, "
+                          "3 angular/land)",
+                "ranking": "score_background - score_shape over the candidate components",
+                "sweep_k": sweep, "n_reference": int(ref.shape[1]), "n_test": int(test.shape[1])})
+    return out

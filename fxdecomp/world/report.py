@@ -5,7 +5,9 @@
 - ``precision.png``: retrieval precision@10 per attribute for the top components, the full
   representation and random components (chance as a line);
 - ``retrieval.png``: for one query per attribute, the 10 nearest images by the attribute's top
-  components and by the full representation.
+  components and by the full representation;
+- ``heatmaps.png``: token heatmaps of a few held-out images (the color heads' map over the
+  image, the object's outline in white, the peak as a cross).
 """
 from __future__ import annotations
 
@@ -99,6 +101,103 @@ def _plot_retrieval(ev: WorldEvaluation, path: Path) -> None:
     plt.close(fig)
 
 
+def _plot_heatmaps(ev: WorldEvaluation, path: Path, n: int = 8) -> None:
+    import matplotlib.pyplot as plt
+    h = ev.heatmaps
+    n = min(n, len(h["index"]))
+    rows = (("image", None), ("selected heads", "selected_heads"), ("all heads", "all_heads"))
+    fig, axes = plt.subplots(len(rows), n, figsize=(n * 1.3, len(rows) * 1.4), squeeze=False)
+    for c in range(n):
+        mask = h["masks"][c].numpy()
+        for r, (name, key) in enumerate(rows):
+            ax = axes[r, c]
+            ax.imshow(h["images"][c])
+            if key is not None:
+                m = h["maps"][key][c].numpy()
+                ax.imshow(m, cmap="jet", alpha=0.55)
+                ax.contour(mask, levels=[0.5], colors="white", linewidths=0.8)
+                y, x = np.unravel_index(int(np.argmax(m)), m.shape)
+                ax.plot([x], [y], marker="x", color="white", ms=6, mew=2)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(name, fontsize=7)
+        axes[0, c].set_title(h["values"][c], fontsize=7)
+    fig.suptitle(f"token heatmaps: contribution along the text of the image's "
+                 f"{ev.metrics['heatmap_attribute']} (white: object outline, x: peak)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _heatmap_lines(m: dict) -> list[str]:
+    seg, segall, blob = m["segmentation"], m["segmentation_all_heads"], m["segmentation_center_blob"]
+    lines = [
+        "## Token heatmaps and zero-shot segmentation",
+        "",
+        f"On {m['n_heatmap_images']} held-out images, a tokens-mode decomposition splits every "
+        f"head's contribution per source token. An image's map sums, over the k heads selected "
+        f"for {m['heatmap_attribute']} ({', '.join('`' + n + '`' for n in m['heatmap_heads'])}), "
+        f"each token's contribution projected on the CLIP text embedding of the image's own "
+        f"{m['heatmap_attribute']} through that head's CompAlign map, placed on the patch grid "
+        f"(from the labels' positions) and resized bilinearly to the image. Pointing: the map's "
+        f"peak lies inside the object mask. Segmentation: Chefer et al.'s protocol (min-max "
+        f"normalise, threshold at the mean; pooled pixel accuracy and mIoU over background and "
+        f"object; mean per-image AP). The centre blob ignores the image (a Gaussian, "
+        f"σ = 0.25·side, at the centre).",
+        "",
+        "| map | pointing accuracy | pixel accuracy | mIoU | mAP |",
+        "| --- | ---: | ---: | ---: | ---: |",
+        f"| selected {m['heatmap_attribute']} heads | {m['heatmap_pointing_accuracy']:.3f} | "
+        f"{seg['pixel_accuracy']:.3f} | {seg['miou']:.3f} | {seg['map']:.3f} |",
+        f"| all heads | {m['heatmap_pointing_accuracy_all_heads']:.3f} | "
+        f"{segall['pixel_accuracy']:.3f} | {segall['miou']:.3f} | {segall['map']:.3f} |",
+        f"| centre blob (baseline) | {m['heatmap_pointing_accuracy_center_blob']:.3f} | "
+        f"{blob['pixel_accuracy']:.3f} | {blob['miou']:.3f} | {blob['map']:.3f} |",
+        f"| chance (object share of the image) | {m['heatmap_pointing_chance']:.3f} | | | |",
+        "",
+        "![heatmaps](heatmaps.png)",
+        "",
+    ]
+    return lines
+
+
+def _spurious_lines(m: dict) -> list[str]:
+    s = m["spurious"]
+    names = {"0": "round / water", "1": "round / land", "2": "angular / water",
+             "3": "angular / land"}
+    lines = [
+        "## Removing the spurious cue",
+        "",
+        f"A logistic-regression head (round vs angular) is fitted on the subject's full "
+        f"representation of {s['n_reference']} `spurious-train` images (background agrees with "
+        f"the label 95% of the time) and evaluated on {s['n_test']} `balanced-test` images "
+        f"(four equal groups). The k = {s['k']} candidate components with the highest "
+        f"score_background − score_shape ({', '.join('`' + n + '`' for n in s['removed'])}) are "
+        f"then replaced by their mean over `spurious-train` (mean ablation) and the same head "
+        f"is evaluated again.",
+        "",
+        "| | worst group | mean over groups | accuracy |",
+        "| --- | ---: | ---: | ---: |",
+        f"| before | {s['worst_group_before']:.3f} | {s['average_before']:.3f} | "
+        f"{s['accuracy_before']:.3f} |",
+        f"| after removing k = {s['k']} | {s['worst_group_after']:.3f} | "
+        f"{s['average_after']:.3f} | {s['accuracy_after']:.3f} |",
+        "",
+        "| group | " + " | ".join(names[g] for g in sorted(names)) + " |",
+        "| --- |" + " ---: |" * len(names),
+        "| before | " + " | ".join(f"{s['group_accuracy_before'][g]:.3f}"
+                                   for g in sorted(names)) + " |",
+        "| after | " + " | ".join(f"{s['group_accuracy_after'][g]:.3f}"
+                                  for g in sorted(names)) + " |",
+        "",
+        "Worst-group accuracy after removing the top k for k = 0, 1, ...: " + ", ".join(
+            f"{kk}: {v['worst_group']:.3f}" for kk, v in s["sweep_k"].items()) + ".",
+        "",
+    ]
+    return lines
+
+
 def write_report(ev: WorldEvaluation, out: str | Path) -> Path:
     """Write metrics.json, the figures and report.md under ``out``; returns report.md's path."""
     import matplotlib
@@ -110,6 +209,8 @@ def write_report(ev: WorldEvaluation, out: str | Path) -> Path:
     _plot_scores(ev, out / "scores.png")
     _plot_precision(ev, out / "precision.png")
     _plot_retrieval(ev, out / "retrieval.png")
+    if ev.heatmaps:
+        _plot_heatmaps(ev, out / "heatmaps.png")
     prec = m["retrieval_precision_at_10"]
     lines = [
         "# fxdecomp on the ground-truth world",
@@ -165,7 +266,12 @@ def write_report(ev: WorldEvaluation, out: str | Path) -> Path:
     for a in ATTRIBUTE_ORDER:
         lines.append(f"- {a}: {', '.join('`' + n + '`' for n in m['selected_components'][a])}")
     lines += ["", "![scores](scores.png)", "", "## Retrieved images", "",
-              "![retrieval](retrieval.png)", "",
+              "![retrieval](retrieval.png)", ""]
+    if "segmentation" in m:
+        lines += _heatmap_lines(m)
+    if "spurious" in m:
+        lines += _spurious_lines(m)
+    lines += [
               f"Timings (s): {json.dumps(m['seconds'])}", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
