@@ -5,6 +5,8 @@
     fxdecomp world --out DIR --n N   # write the generated world (images, masks, labels.csv)
     fxdecomp coverage MODEL... [--random-init | --checkpoint PATH]
     fxdecomp align / rank / describe # interpret components through CLIP (fxdecomp.interpret)
+    fxdecomp retrieve / heatmap / ablate   # applications (fxdecomp.apply)
+    fxdecomp extract --model SPEC --data DIR --out STORE   # decompose a collection once, to disk
 """
 from __future__ import annotations
 
