@@ -27,9 +27,14 @@ def test_default_main_job(tmp_path, monkeypatch, capsys):
         assert all(0 <= prec[attr][meth] <= 1 for meth in prec[attr]), prec[attr]
     # what the shipped models carry (see README, The ground-truth world): the components the
     # text scores select for color and background retrieve those attributes far above chance
+    # (color 0.413, background 0.810 measured; chance 0.125, 0.25) ...
     for attr in ("color", "background"):
-        assert prec[attr]["top_components"] >= 3 * m["chance_precision_at_10"][attr], prec[attr]
-    assert 0.7 <= m["alignment_heldout_cosine"] <= 1            # 0.757 measured
+        assert prec[attr]["top_components"] >= 2.5 * m["chance_precision_at_10"][attr], prec[attr]
+    # ... and for background the selected components beat the full representation (0.810 vs
+    # 0.579 measured), the shape-trained subject mixing background with shape elsewhere
+    bg = prec["background"]
+    assert bg["top_components"] >= bg["full_representation"] + 0.1, bg
+    assert 0.7 <= m["alignment_heldout_cosine"] <= 1            # 0.783 measured
     # token heatmaps and segmentation (README, How to read it): shares and metrics in [0, 1],
     # the chance level is the objects' share of the image (neither empty nor the whole image)
     assert 0 <= m["heatmap_pointing_accuracy"] <= 1

@@ -12,7 +12,7 @@ from PIL import Image
 from fxdecomp.cli import main
 
 
-SUBJECT = "world:subject"      # the world's tiny 64 px ViT, here with seeded random weights
+SUBJECT = "world:subject"      # the world's tiny 64 px conv-stem ViT, here with seeded random weights
 
 
 def _square(path, top, left, size=64):
@@ -28,7 +28,7 @@ def test_heatmap_verb_writes_overlays(tmp_path):
     assert main(["heatmap", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--subject",
                  SUBJECT, "--random-init", "--layers", "-1", "--out", str(out)]) == 0
     summary = json.loads((out / "heatmaps.json").read_text())
-    assert [r["grid"] for r in summary["images"]] == [[4, 4], [4, 4]]
+    assert [r["grid"] for r in summary["images"]] == [[8, 8], [8, 8]]     # the stem's stride 8
     assert (out / "a.png").stat().st_size > 1000 and (out / "b.png").stat().st_size > 1000
     assert set(summary["images"][0]["special"]) == {"cls_token[0]"}
 
@@ -61,7 +61,8 @@ def test_ablate_verb(tmp_path):
     from fxdecomp.interpret.align import CompAlign
     target, _ = load_model(SUBJECT, random_init=True)
     labels = decompose(target.eval(), torch.randn(2, 3, 64, 64), granularity="heads").labels
-    CompAlign(labels, 96, 512, subject=f"{SUBJECT}#random-init-seed0",
+    from fxdecomp.world.models import SUBJECT_CONFIG
+    CompAlign(labels, SUBJECT_CONFIG["embed_dim"], 512, subject=f"{SUBJECT}#random-init-seed0",
               clip_model="open_clip:ViT-B-32#random-init-seed0").save(tmp_path / "al.safetensors")
     out = tmp_path / "ablate.json"
     main(["ablate", "--subject", SUBJECT, "--random-init",

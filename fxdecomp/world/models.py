@@ -1,8 +1,12 @@
 """The world's two tiny models, their configurations and the weights shipped with the package.
 
-- the *subject*: a timm ``VisionTransformer`` (64 px, patch 16, ``SUBJECT_CONFIG``) trained only
-  on the spurious split's binary label (round vs angular shape); never told color, texture or
-  background. ``load_subject()`` -> (``TimmTarget`` of its pre-logits, info).
+- the *subject*: a timm ``VisionTransformer`` with a convolutional stem (64 px; ``SUBJECT_STEM``:
+  3 x [conv3x3 stride 2, BatchNorm, ReLU] giving an 8 x 8 grid of tokens through
+  ``timm.layers.HybridEmbed``, then ``SUBJECT_CONFIG``'s 4 blocks; "Early convolutions help
+  transformers see better", Xiao et al. 2021: the plain patch-16 ViT never learned shape here)
+  trained only on the binary label round vs angular shape (unbiased pretraining, then the
+  spurious split); never told color, texture or background. The decomposition treats the stem
+  as the embedding (it is before the first residual block). ``load_subject()`` -> (``TimmTarget`` of its pre-logits, info).
 - the *tiny CLIP*: an open_clip ``CLIP`` (``CLIP_CONFIG``: a ViT image tower and a small text
   tower with a word-level tokenizer, ``WorldTokenizer``) trained contrastively on the world's
   captions and attribute phrases ("red color", "triangle shape", "striped texture",
@@ -28,7 +32,7 @@ from torch import nn
 from fxdecomp.errors import ModelLoadError
 from fxdecomp.world.generate import ATTRIBUTES
 
-__all__ = ["SUBJECT_CONFIG", "CLIP_CONFIG", "MEAN", "STD", "WEIGHTS_DIR", "WorldTokenizer",
+__all__ = ["SUBJECT_CONFIG", "SUBJECT_STEM", "CLIP_CONFIG", "MEAN", "STD", "WEIGHTS_DIR", "WorldTokenizer",
            "attribute_prompts", "WORLD_FEATURES", "build_subject", "build_clip", "load_subject",
            "load_world_clip", "read_record", "preprocess_pil"]
 
@@ -36,8 +40,10 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 IMAGE_SIZE = 64
 
-#: timm VisionTransformer arguments of the subject
-SUBJECT_CONFIG = dict(img_size=IMAGE_SIZE, patch_size=16, embed_dim=96, depth=4, num_heads=4,
+#: channels of the subject's convolutional stem (each stage: conv3x3 stride 2, BatchNorm, ReLU)
+SUBJECT_STEM = (3, 16, 32, 64)
+#: timm VisionTransformer arguments of the subject (patch_size 1 on the stem's 8 x 8 feature map)
+SUBJECT_CONFIG = dict(img_size=IMAGE_SIZE, patch_size=1, embed_dim=64, depth=4, num_heads=4,
                       mlp_ratio=2.0, num_classes=2, global_pool="token", class_token=True)
 #: open_clip CLIP(embed_dim, vision_cfg, text_cfg) of the tiny CLIP (vocab_size set by the
 #: tokenizer)
@@ -98,11 +104,26 @@ class WorldTokenizer:
         return out
 
 
+def _subject_stem() -> nn.Sequential:
+    layers = []
+    for a, b in zip(SUBJECT_STEM[:-1], SUBJECT_STEM[1:]):
+        layers += [nn.Conv2d(a, b, 3, 2, 1, bias=False), nn.BatchNorm2d(b), nn.ReLU()]
+    stem = nn.Sequential(*layers)
+    stem.num_features = SUBJECT_STEM[-1]
+    return stem
+
+
 def build_subject(seed: int = 0) -> nn.Module:
-    """A freshly initialised subject ViT (timm VisionTransformer with ``SUBJECT_CONFIG``)."""
+    """A freshly initialised subject: timm VisionTransformer (``SUBJECT_CONFIG``) whose embedding
+    is ``HybridEmbed`` over the convolutional stem (``SUBJECT_STEM``, stride 8 -> 8 x 8 tokens)."""
+    from functools import partial
+    from timm.layers import HybridEmbed
     from timm.models.vision_transformer import VisionTransformer
     torch.manual_seed(seed)
-    return VisionTransformer(**SUBJECT_CONFIG)
+    ratio = 2 ** (len(SUBJECT_STEM) - 1)
+    embed = partial(HybridEmbed, backbone=_subject_stem(), feature_size=IMAGE_SIZE // ratio,
+                    feature_ratio=ratio)
+    return VisionTransformer(embed_layer=embed, **SUBJECT_CONFIG)
 
 
 def build_clip(tokenizer: WorldTokenizer | None = None, seed: int = 0) -> nn.Module:

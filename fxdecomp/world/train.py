@@ -1,9 +1,9 @@
 """Train the world's two tiny models on CPU and write their weights + records into the package.
 
-    python -m fxdecomp.world.train subject [--n 8000 --epochs 6 --seed 0]
+    python -m fxdecomp.world.train subject [--n 2048 --pretrain-epochs 20 --epochs 4 --seed 0]
     python -m fxdecomp.world.train clip    [--n 20000 --epochs 8 --seed 0]
 
-subject: a timm ViT (``SUBJECT_CONFIG``) trained with cross-entropy on one binary label only,
+subject: a conv-stem timm ViT (``SUBJECT_STEM``, ``SUBJECT_CONFIG``) trained with cross-entropy on one binary label only,
 angular vs round shape: first ``--pretrain-epochs`` on the unbiased ``train`` split (a stand-in
 for the generic pretraining Waterbirds models start from; a ViT trained from scratch on the
 spurious split alone learns only the background cue: balanced accuracy 0.50 after 10 epochs),
@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from fxdecomp.world.generate import ATTRIBUTES, World, generate
-from fxdecomp.world.models import (CLIP_CONFIG, SUBJECT_CONFIG, WEIGHTS_DIR, WorldTokenizer,
+from fxdecomp.world.models import (CLIP_CONFIG, SUBJECT_CONFIG, SUBJECT_STEM, WEIGHTS_DIR, WorldTokenizer,
                                    attribute_prompts, build_clip, build_subject)
 
 EVAL_SEED = 1
@@ -132,7 +132,10 @@ def train_subject(args) -> dict:
     check = subject_accuracy(model, generate(CHECK_N, seed=EVAL_SEED, split="balanced-test"))
     train_acc = subject_accuracy(model, generate(2000, seed=args.seed * 1000,
                                                  split="spurious-train"))
-    record = {"model": "subject", "config": SUBJECT_CONFIG, "train_split": "spurious-train",
+    record = {"model": "subject", "config": SUBJECT_CONFIG,
+              "stem": {"channels": list(SUBJECT_STEM),
+                       "stage": "conv3x3 stride 2, BatchNorm2d, ReLU", "embed": "timm HybridEmbed"},
+              "train_split": "spurious-train",
               "pretrain_split": "train", "pretrain_epochs": args.pretrain_epochs,
               "train_n_per_epoch": args.n, "train_seeds": "seed * 1000 + epoch", "epochs": args.epochs, "batch": args.batch, "lr": args.lr,
               "seed": args.seed, "seconds": round(seconds, 1),
@@ -236,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fxdecomp.world.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="which", required=True)
-    for which, n, epochs, batch, lr in (("subject", 4096, 6, 64, 1e-3),
+    for which, n, epochs, batch, lr in (("subject", 2048, 4, 128, 1e-3),
                                         ("clip", 12000, 8, 256, 2e-3)):
         s = sub.add_parser(which)
         s.add_argument("--n", type=int, default=n,
@@ -247,11 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--lr", type=float, default=lr)
         s.add_argument("--seed", type=int, default=0)
         s.add_argument("--workers", type=int, default=1, help="processes generating the world")
-        s.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+        s.add_argument("--threads", type=int, default=2, help="torch CPU threads")
         s.add_argument("--out", default=str(WEIGHTS_DIR))
         s.add_argument("--device", default="cpu", help="torch device to train on (cpu, cuda)")
         if which == "subject":
-            s.add_argument("--pretrain-epochs", type=int, default=6,
+            s.add_argument("--pretrain-epochs", type=int, default=20,
                            help="epochs of the same label on the unbiased train split first")
         if which == "clip":
             s.add_argument("--p-full", type=float, default=0.5,
