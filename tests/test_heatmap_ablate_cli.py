@@ -33,12 +33,13 @@ def test_heatmap_verb_writes_overlays(tmp_path):
     assert set(summary["images"][0]["special"]) == {"cls_token[0]"}
 
 
-def test_heatmap_verb_query_needs_aligner(tmp_path):
-    from fxdecomp.errors import InputError
+def test_heatmap_verb_query_needs_aligner(tmp_path, capsys):
     _square(tmp_path / "a.png", 8, 40)
-    with pytest.raises(InputError, match="--aligner"):
-        main(["heatmap", str(tmp_path / "a.png"), "--subject", SUBJECT,
-              "--random-init", "--query", "a red square", "--out", str(tmp_path / "o")])
+    rc = main(["heatmap", str(tmp_path / "a.png"), "--subject", SUBJECT,
+               "--random-init", "--query", "a red square", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1          # one clear line, non-zero exit
+    assert "InputError" in err[0] and "--aligner" in err[0]
 
 
 def test_ablate_verb(tmp_path):
