@@ -168,15 +168,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
+def run(argv=None):
+    """Parse ``argv`` and run the command; returns what it computed (an exit code or an object)
+    and lets its errors propagate (for Python callers and tests; ``main`` is the command)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:  # the embedded default: the demo
         args = parser.parse_args(["demo"])
     if getattr(args, "checkpoint", None):
         args.random_init = False
+    return args.func(args)  # the interpret commands return what they computed
+
+
+def main(argv=None) -> int:
+    """The ``fxdecomp`` command: an FxDecompError is one line on stderr and exit status 2."""
     try:
-        result = args.func(args)  # the interpret commands return what they computed
+        result = run(argv)
     except FxDecompError as err:  # one clear line, no traceback
         print(f"fxdecomp: error: {one_line(err)}", file=sys.stderr)
         return 2

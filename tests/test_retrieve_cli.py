@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from fxdecomp.cli import build_parser, main
+from fxdecomp.cli import build_parser, main, run
 
 SUBJECT = "timm:deit_tiny_patch16_224"
 
@@ -62,8 +62,8 @@ def test_retrieve_text_query_and_bad_arguments(folder, tmp_path, capsys):
     assert r["query_kind"] == "text" and r["score"] == "projection"
     assert len(r["results"]["top_components"]["files"]) == 4
     with pytest.raises(Exception, match="exactly one of --query-image"):
-        main(_common(folder))
+        run(_common(folder))
     with pytest.raises(Exception, match="neither a file nor one of the 8 image names"):
-        main(_common(folder) + ["--query-image", "nope.png"])
+        run(_common(folder) + ["--query-image", "nope.png"])
     args = build_parser().parse_args(["retrieve", "--query", "x"])     # default models
     assert args.subject is None and args.clip is None

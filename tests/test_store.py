@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fxdecomp.cli import main
+from fxdecomp.cli import main, run
 from fxdecomp.store import (StoreCorruptError, StoreIncompleteError, StoreLockedError,
                             StoreMismatchError, open_store)
 
@@ -155,12 +155,12 @@ def test_resume_with_other_arguments_is_refused(reference, images, tmp_path):
     out = tmp_path / "store"
     shutil.copytree(reference, out)
     with pytest.raises(StoreMismatchError) as err:
-        main(_extract_args(images, out, "--granularity", "blocks", "--dtype", "float16"))
+        run(_extract_args(images, out, "--granularity", "blocks", "--dtype", "float16"))
     msg = str(err.value)
     assert "granularity: the store has 'heads', this run 'blocks'" in msg
     assert "dtype: the store has 'float32', this run 'float16'" in msg
     with pytest.raises(StoreMismatchError, match="weights_sha256"):
-        main(_extract_args(images, out, "--seed", "1"))            # other random weights
+        run(_extract_args(images, out, "--seed", "1"))            # other random weights
     assert open_store(out).config["granularity"] == "heads"        # untouched
 
 
@@ -174,7 +174,7 @@ def test_concurrent_writer_refused_and_dead_lock_taken_over(reference, images, t
     try:
         assert holder.stdout.readline().strip() == b"locked"
         with pytest.raises(StoreLockedError, match=f"pid {holder.pid}"):
-            main(_extract_args(images, out))
+            run(_extract_args(images, out))
     finally:
         holder.kill()                                              # SIGKILL: no cleanup ran
         holder.wait()
