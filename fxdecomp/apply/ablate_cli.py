@@ -78,8 +78,8 @@ def read_labels(path: str | Path, names: list[str], label_column: str = "label",
 
 def cmd_ablate(args) -> dict:
     """Mean-ablate the top-k spurious components; worst-group accuracy before and after."""
-    import json
-    from fxdecomp.interpret.cli import _label_name, _parse_feature, _Session, _format_table
+    from fxdecomp.interpret.cli import (_format_table, _label_name, _parse_feature, _Session,
+                                        _write_outputs)
     from fxdecomp.interpret.score import score_components
 
     if not args.images:
@@ -118,10 +118,7 @@ def cmd_ablate(args) -> dict:
     print(_format_table(rows, ["", "worst_group", "mean_group", "accuracy"]))
     if not has_split:
         print("note: no split column; head, means and evaluation all use every image (in-sample)")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(summary, indent=1))
-        print(f"wrote {args.json}")
+    _write_outputs(args, [], summary)          # --json
     return summary
 
 

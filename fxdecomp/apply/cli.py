@@ -12,7 +12,6 @@ the others) are used for retrieval, side by side with the full representation.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -20,7 +19,8 @@ import torch
 from fxdecomp.apply.retrieval import property_retrieval, select_components, text_retrieval
 from fxdecomp.errors import InputError
 from fxdecomp.interpret.align import CompAlign
-from fxdecomp.interpret.cli import _Session, _common, _format_table, _label_name, _text_args
+from fxdecomp.interpret.cli import (_Session, _common, _format_table, _label_name, _text_args,
+                                    _write_outputs)
 from fxdecomp.interpret.score import FEATURES, feature_descriptions, score_components
 
 __all__ = ["add_subcommands", "cmd_retrieve", "DEFAULT_MODELS", "DEFAULT_AGAINST"]
@@ -152,10 +152,7 @@ def cmd_retrieve(args) -> dict:
              f"{score_name} (full)": payload["results"]["full_representation"]["scores"][r]}
             for r in range(top)]
     print(_format_table(rows, list(rows[0])))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(payload, indent=1))
-        print(f"wrote {args.json}")
+    _write_outputs(args, [], payload)          # --json
     return payload
 
 
