@@ -17,7 +17,7 @@ from fxdecomp import Decomposition
 from fxdecomp.analyse import positions as P
 from fxdecomp.analyse.facts import GraphFacts
 from fxdecomp.analyse.walk import walk
-from fxdecomp.apply.heatmap import PositionUnavailableError, place, token_heatmap
+from fxdecomp.apply.heatmap import PositionUnavailableError, token_heatmap
 from fxdecomp.capture.adapters import timm_target
 from fxdecomp.capture.export import capture
 from fxdecomp.errors import InputError

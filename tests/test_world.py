@@ -10,7 +10,7 @@ import torch
 
 from fxdecomp.errors import InputError
 from fxdecomp.world import (ANGULAR, BACKGROUNDS, COLOR_RGB, LAND_BACKGROUNDS,
-                            SPURIOUS_AGREEMENT, generate, read_labels, write_world)
+                            SPURIOUS_AGREEMENT, generate, read_labels)
 from fxdecomp.world.models import read_record
 
 

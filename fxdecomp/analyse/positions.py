@@ -291,7 +291,6 @@ class _Tracer:
         grid (the input's positions are a regular grid along H and W)."""
         x = n.args[0]
         src = pos[x]
-        xin = x.meta.get("val")
         target = out[0] if isinstance(out, (tuple, list)) else out
         if src.y.dim() != 4 or target.dim() != 4:
             return None

@@ -11,7 +11,6 @@ the others) are used for retrieval, side by side with the full representation.
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
