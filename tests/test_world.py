@@ -11,6 +11,7 @@ import torch
 from fxdecomp.errors import InputError
 from fxdecomp.world import (ANGULAR, BACKGROUNDS, COLOR_RGB, LAND_BACKGROUNDS,
                             SPURIOUS_AGREEMENT, generate, read_labels)
+from fxdecomp.world.generate import RADIUS_RANGE
 from fxdecomp.world.models import read_record
 
 
@@ -56,6 +57,13 @@ def test_object_geometry_matches_the_labels(world):
         reach = 1.05 * rec["size"] + 1            # the widest shape, the triangle's base: 1.05 r
         assert xs.min() >= rec["x"] - reach and xs.max() <= rec["x"] + reach
         assert ys.min() >= rec["y"] - reach and ys.max() <= rec["y"] + reach
+    # radius uniform in RADIUS_RANGE x size; centres spread over the image (not centred-ish:
+    # an image-blind centre blob must not be a strong segmentation of the objects)
+    size = world.images.shape[1]
+    radius = np.array([r["size"] for r in world.records]) / size
+    assert RADIUS_RANGE[0] - 0.01 <= radius.min() and radius.max() <= RADIUS_RANGE[1] + 0.01
+    centres = np.array([[r["x"], r["y"]] for r in world.records]) / size
+    assert (centres.min(0) < 0.3).all() and (centres.max(0) > 0.7).all()
 
 
 def test_background_kinds_differ_in_pixel_statistics(world):

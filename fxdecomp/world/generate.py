@@ -7,8 +7,10 @@ Every image holds one object with independent, recorded attributes:
     texture    4: plain, striped, dotted, checkered (the pattern mixes the color with a contrast
                tone; "plain" pixels are exactly the object's color)
     background 4: grass, sand (land) | water, sky (water), each with its own colors and texture
-    x, y       the object's centre in pixels; size its radius in pixels (every shape lies within
-               1.05 x size of the centre; the triangle's base is the widest)
+    x, y       the object's centre in pixels, uniform over the positions that keep the object
+               inside the image; size its radius in pixels, uniform in RADIUS_RANGE x image size
+               (0.18-0.32: objects sit anywhere, not only near the centre); every shape lies
+               within 1.05 x size of the centre (the triangle's base is the widest)
 
 Images are uint8 ``[N, S, S, 3]`` and object masks bool ``[N, S, S]``; everything is a
 deterministic function of (split, seed, n, size): image i of a split depends only on
@@ -36,7 +38,7 @@ import numpy as np
 from fxdecomp.errors import InputError
 
 __all__ = ["SHAPES", "ROUND", "ANGULAR", "COLORS", "COLOR_RGB", "TEXTURES", "BACKGROUNDS",
-           "LAND_BACKGROUNDS", "WATER_BACKGROUNDS", "ATTRIBUTES", "SPLITS", "SPURIOUS_AGREEMENT",
+           "LAND_BACKGROUNDS", "WATER_BACKGROUNDS", "ATTRIBUTES", "SPLITS", "SPURIOUS_AGREEMENT", "RADIUS_RANGE",
            "World", "generate", "caption", "write_world", "read_labels"]
 
 ROUND = ("circle", "ellipse", "heart", "crescent")
@@ -57,6 +59,9 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {"color": COLORS, "texture": TEXTURES, 
                                           "background": BACKGROUNDS}
 SPLITS = ("train", "test", "spurious-train", "balanced-test")
 SPURIOUS_AGREEMENT = 0.95
+#: the object's radius as a fraction of the image size (uniform in this range); its centre is
+#: uniform over the positions that keep the whole object inside the image
+RADIUS_RANGE = (0.18, 0.32)
 _CHUNK = 512
 _SPLIT_STREAM = {s: i + 1 for i, s in enumerate(SPLITS)}
 
@@ -219,7 +224,7 @@ def _render_chunk(seed: int, split: str, chunk: int, n: int, size: int):
     start = chunk * _CHUNK
     # every draw is made for the whole chunk and then cut to n: image i never depends on n
     attrs = {k: v[:n] for k, v in _sample_attributes(rng, _CHUNK, split, start).items()}
-    radius = rng.uniform(0.24, 0.38, _CHUNK) * size
+    radius = rng.uniform(*RADIUS_RANGE, _CHUNK) * size
     cx = rng.uniform(radius + 1, size - radius - 1)[:n]
     cy = rng.uniform(radius + 1, size - radius - 1)[:n]
     radius = radius[:n]
