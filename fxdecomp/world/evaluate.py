@@ -13,7 +13,8 @@ On a freshly generated ``test`` split (all attributes independent):
    (a) the sum of the k components selected for the attribute (``select_components``),
    (b) the full representation, (c) the sum of k random components (averaged over
    ``RANDOM_DRAWS`` seeded draws), and measure precision@10: the share of the 10 nearest images
-   that have the query's value of the attribute.
+   that have the query's value of the attribute. The same for every k in 1..``SWEEP_K``
+   (``retrieval_sweep_k``: top-k and random-k precision).
 
 5. token heatmaps (``fxdecomp.apply.heatmap``): on the first ``heatmap_images`` held-out images
    a tokens-mode decomposition splits every head's contribution per source token; the map of an
@@ -58,6 +59,8 @@ RANDOM_DRAWS = 20
 PRECISION_K = 10
 HEATMAP_ATTRIBUTE = "color"
 SPURIOUS_SWEEP = 10
+#: the retrieval sweep (``retrieval_sweep_k`` in the metrics) covers k = 1..SWEEP_K
+SWEEP_K = 8
 
 
 @dataclass
@@ -172,6 +175,7 @@ def evaluate_world(n: int = 2000, seed: int = 0, k: int = 3, queries: int = 500,
         row["random_components_std"] = float(np.std(rand))
         precision[attr] = row
         chance[attr] = 1.0 / len(ATTRIBUTES[attr])
+    sweep = _retrieval_sweep(components, world, query_idx, cand_idx, cand_scores, seed)
     timings["score_retrieve_s"] = time.perf_counter() - t
 
     names = [lab.name for lab in labels]
@@ -200,6 +204,7 @@ def evaluate_world(n: int = 2000, seed: int = 0, k: int = 3, queries: int = 500,
         "alignment_heldout_cosine": held_cos,
         "exactness_max_relative_error": err,
         "k": k,
+        "retrieval_sweep_k": sweep,
         "selected_components": {a: [names[i] for i in selected[a].tolist()]
                                 for a in ATTRIBUTE_ORDER},
         "component_scores": {a: {names[i]: float(scores[a][i]) for i in cand_idx.tolist()}
@@ -217,6 +222,32 @@ def evaluate_world(n: int = 2000, seed: int = 0, k: int = 3, queries: int = 500,
     }
     return WorldEvaluation(metrics, world, labels, components, scores, selected, query_idx,
                            retrieved, heat)
+
+
+def _retrieval_sweep(components: torch.Tensor, world: World, query_idx: torch.Tensor,
+                     cand_idx: torch.Tensor, cand_scores: dict, seed: int) -> dict:
+    """precision@10 of the top-k and of k random candidate components (mean of
+    ``RANDOM_DRAWS`` seeded draws) for every k in 1..``SWEEP_K``:
+    {str(k): {attribute: {"top_components": p, "random_components": p}}}."""
+    from fxdecomp.apply import precision_at_k, property_retrieval, select_components
+    out = {}
+    for k in range(1, min(SWEEP_K, len(cand_idx)) + 1):
+        g = np.random.default_rng([seed, k])
+        random_sets = [cand_idx[torch.from_numpy(g.choice(len(cand_idx), k, replace=False))]
+                       for _ in range(RANDOM_DRAWS)]
+        row = {}
+        for attr in ATTRIBUTE_ORDER:
+            values = world.labels(attr)
+            qvals = [values[i] for i in query_idx.tolist()]
+
+            def precision(sel):
+                idx, _ = property_retrieval(components, query_idx, sel, top=PRECISION_K)
+                return precision_at_k(idx, values, qvals)
+            top = precision(cand_idx[select_components(cand_scores, attr, k)])
+            row[attr] = {"top_components": top,
+                         "random_components": float(np.mean([precision(s) for s in random_sets]))}
+        out[str(k)] = row
+    return out
 
 
 def _heatmap_eval(subject, world: World, x: torch.Tensor, img_idx: torch.Tensor, aligner,

@@ -198,6 +198,20 @@ def _spurious_lines(m: dict) -> list[str]:
     return lines
 
 
+def _sweep_lines(m: dict) -> list[str]:
+    sweep = m["retrieval_sweep_k"]
+    lines = ["### Every k", "",
+             "precision@10 of the top-k / random k components (mean of "
+             f"{m['random_draws']} draws) for k = 1 ... {len(sweep)}:", "",
+             "| k | " + " | ".join(ATTRIBUTE_ORDER) + " |",
+             "| ---: |" + " ---: |" * len(ATTRIBUTE_ORDER)]
+    for k, row in sweep.items():
+        lines.append(f"| {k} | " + " | ".join(
+            f"{row[a]['top_components']:.3f} / {row[a]['random_components']:.3f}"
+            for a in ATTRIBUTE_ORDER) + " |")
+    return lines + [""]
+
+
 def write_report(ev: WorldEvaluation, out: str | Path) -> Path:
     """Write metrics.json, the figures and report.md under ``out``; returns report.md's path."""
     import matplotlib
@@ -215,8 +229,10 @@ def write_report(ev: WorldEvaluation, out: str | Path) -> Path:
     lines = [
         "# fxdecomp on the ground-truth world",
         "",
-        f"The shipped subject ViT (trained only to tell round from angular shapes, on images where "
-        f"the background agrees with that label 95% of the time) was decomposed into "
+        f"The shipped subject ViT (pretrained to tell the 8 shapes apart on unbiased images, then "
+        f"fine-tuned to tell round from angular shapes on images where the background agrees "
+        f"with that label 95% of the time; never told color, texture or background) was "
+        f"decomposed into "
         f"{m['n_components']} components (attention heads, MLPs, embedding and bias terms) on "
         f"{m['n_images']} fresh images whose color, shape, texture and background are known.",
         "",
@@ -257,9 +273,14 @@ def write_report(ev: WorldEvaluation, out: str | Path) -> Path:
         "top-k components beat the full representation, the decomposition found parts of the "
         "model that encode an attribute the whole representation mixes with (or drowns under) "
         "what it was trained for; where they beat random components, the text-based scores "
-        "point at the right parts. Shape is the attribute the subject was trained on (round vs "
-        "angular), background the one it learned by accident (the spurious cue).",
+        "point at the right parts. Shape is the attribute the subject was trained on (the 8 "
+        "shapes, then round vs angular), background the one it may learn by accident (the "
+        "spurious cue).",
         "",
+    ]
+    if m.get("retrieval_sweep_k"):
+        lines += _sweep_lines(m)
+    lines += [
         "## Selected components",
         "",
     ]
