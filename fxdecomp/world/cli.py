@@ -3,7 +3,7 @@
 
     fxdecomp world --out DIR --n 10000 --seed 0 [--size 64] [--split train|test|spurious-train|balanced-test]
     fxdecomp [demo] [--out ./fxdecomp-report] [--n 2000] [--k 3] [--world-seed 0]
-                    [--heatmap-images 300] [--ablation-images 2000] [--spurious-k 3]
+                    [--heatmap-images 300] [--ablation-images 2000] [--spurious-k 3] [--spurious-head own|fitted]
 """
 from __future__ import annotations
 
@@ -54,6 +54,9 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
                    help="images of spurious-train and of balanced-test for the ablation (0: skip)")
     p.add_argument("--spurious-k", type=int, default=3,
                    help="components removed (top score_background - score_shape)")
+    p.add_argument("--spurious-head", choices=("own", "fitted"), default="own",
+                   help="head for the ablation: the subject's own classifier or a logistic "
+                        "regression fitted on spurious-train (the other is reported alongside)")
 
 
 def run_demo(args) -> int:
@@ -64,7 +67,7 @@ def run_demo(args) -> int:
           f"ground-truth world (decompose -> CompAlign -> score -> property retrieval)")
     ev = evaluate_world(n=args.n, seed=args.world_seed, k=args.k,
                         heatmap_images=args.heatmap_images, ablation_images=args.ablation_images,
-                        spurious_k=args.spurious_k)
+                        spurious_k=args.spurious_k, spurious_head=args.spurious_head)
     path = write_report(ev, args.out)
     m = ev.metrics
     print(f"sum of components vs the model's output: relative error "
@@ -81,13 +84,14 @@ def run_demo(args) -> int:
         print(f"token heatmaps ({m['n_heatmap_images']} images, {m['heatmap_attribute']} heads): "
               f"pointing {m['heatmap_pointing_accuracy']:.3f} (object area "
               f"{m['heatmap_pointing_chance']:.3f}, centre blob "
-              f"{m['heatmap_pointing_accuracy_center_blob']:.3f}); segmentation pixel acc / mIoU / "
+              f"{m['heatmap_pointing_accuracy_center_blob']:.3f}); segmentation "
+              f"({m['segmentation_map'].replace('_', ' ')} map) pixel acc / mIoU / "
               f"mAP {seg['pixel_accuracy']:.3f} / {seg['miou']:.3f} / {seg['map']:.3f} "
               f"(centre blob {blob['pixel_accuracy']:.3f} / {blob['miou']:.3f} / "
               f"{blob['map']:.3f})")
     if "spurious" in m:
         s = m["spurious"]
-        print(f"spurious cue, k={s['k']} removed: worst group {s['worst_group_before']:.3f} -> "
+        print(f"spurious cue ({s['head']}), k={s['k']} removed: worst group {s['worst_group_before']:.3f} -> "
               f"{s['worst_group_after']:.3f}, mean over groups {s['average_before']:.3f} -> "
               f"{s['average_after']:.3f}")
     print(f"report: {path.resolve()}  (metrics.json, scores.png, precision.png, retrieval.png, "

@@ -105,7 +105,8 @@ def _plot_heatmaps(ev: WorldEvaluation, path: Path, n: int = 8) -> None:
     import matplotlib.pyplot as plt
     h = ev.heatmaps
     n = min(n, len(h["index"]))
-    rows = (("image", None), ("selected heads", "selected_heads"), ("all heads", "all_heads"))
+    rows = (("image", None), ("selected heads", "selected_heads"), ("all heads", "all_heads"),
+            ("|first layer|", "first_layer_magnitude"))
     fig, axes = plt.subplots(len(rows), n, figsize=(n * 1.3, len(rows) * 1.4), squeeze=False)
     for c in range(n):
         mask = h["masks"][c].numpy()
@@ -131,27 +132,35 @@ def _plot_heatmaps(ev: WorldEvaluation, path: Path, n: int = 8) -> None:
 
 
 def _heatmap_lines(m: dict) -> list[str]:
-    seg, segall, blob = m["segmentation"], m["segmentation_all_heads"], m["segmentation_center_blob"]
+    blob = m["segmentation_center_blob"]
+    rows = (("selected " + m["heatmap_attribute"] + " heads", "selected_heads"),
+            ("all heads", "all_heads"), ("|first layer| (segmentation)", "first_layer_magnitude"))
+    table = []
+    for name, key in rows:
+        seg = m[f"segmentation_{key}"] if key != m["segmentation_map"] else m["segmentation"]
+        point = m["heatmap_pointing_accuracy" + ("" if key == "selected_heads" else f"_{key}")]
+        table.append(f"| {name} | {point:.3f} | {seg['pixel_accuracy']:.3f} | {seg['miou']:.3f} "
+                     f"| {seg['map']:.3f} |")
     lines = [
         "## Token heatmaps and zero-shot segmentation",
         "",
         f"On {m['n_heatmap_images']} held-out images, a tokens-mode decomposition splits every "
-        f"head's contribution per source token. An image's map sums, over the k heads selected "
-        f"for {m['heatmap_attribute']} ({', '.join('`' + n + '`' for n in m['heatmap_heads'])}), "
-        f"each token's contribution projected on the CLIP text embedding of the image's own "
-        f"{m['heatmap_attribute']} through that head's CompAlign map, placed on the patch grid "
-        f"(from the labels' positions) and resized bilinearly to the image. Pointing: the map's "
-        f"peak lies inside the object mask. Segmentation: Chefer et al.'s protocol (min-max "
-        f"normalise, threshold at the mean; pooled pixel accuracy and mIoU over background and "
-        f"object; mean per-image AP). The centre blob ignores the image (a Gaussian, "
-        f"σ = 0.25·side, at the centre).",
+        f"head's contribution per source token; each token's contribution is projected on the "
+        f"CLIP text embedding of the image's own {m['heatmap_attribute']} through that head's "
+        f"CompAlign map, placed on the patch grid (from the labels' positions) and resized "
+        f"bilinearly to the image. Maps: the sum over the k heads selected for "
+        f"{m['heatmap_attribute']} ({', '.join('`' + n + '`' for n in m['heatmap_heads'])}); "
+        f"the sum over all heads; and the magnitude of the sum over the first layer's heads, "
+        f"whose source tokens still hold local features (the segmentation map, "
+        f"`{m['segmentation_map']}`; chosen on world seeds 1 and 2, not on the reported seed). "
+        f"Pointing: the map's peak lies inside the object mask. Segmentation: Chefer et al.'s "
+        f"protocol (min-max normalise, threshold at the mean; pooled pixel accuracy and mIoU "
+        f"over background and object; mean per-image AP). The centre blob ignores the image (a "
+        f"Gaussian, σ = 0.25·side, at the centre).",
         "",
         "| map | pointing accuracy | pixel accuracy | mIoU | mAP |",
         "| --- | ---: | ---: | ---: | ---: |",
-        f"| selected {m['heatmap_attribute']} heads | {m['heatmap_pointing_accuracy']:.3f} | "
-        f"{seg['pixel_accuracy']:.3f} | {seg['miou']:.3f} | {seg['map']:.3f} |",
-        f"| all heads | {m['heatmap_pointing_accuracy_all_heads']:.3f} | "
-        f"{segall['pixel_accuracy']:.3f} | {segall['miou']:.3f} | {segall['map']:.3f} |",
+        *table,
         f"| centre blob (baseline) | {m['heatmap_pointing_accuracy_center_blob']:.3f} | "
         f"{blob['pixel_accuracy']:.3f} | {blob['miou']:.3f} | {blob['map']:.3f} |",
         f"| chance (object share of the image) | {m['heatmap_pointing_chance']:.3f} | | | |",
@@ -169,10 +178,10 @@ def _spurious_lines(m: dict) -> list[str]:
     lines = [
         "## Removing the spurious cue",
         "",
-        f"A logistic-regression head (round vs angular) is fitted on the subject's full "
-        f"representation of {s['n_reference']} `spurious-train` images (background agrees with "
-        f"the label 95% of the time) and evaluated on {s['n_test']} `balanced-test` images "
-        f"(four equal groups). The k = {s['k']} candidate components with the highest "
+        f"A linear head (round vs angular: {s['head']}; the subject was trained on "
+        f"`spurious-train`, where the background agrees with the label 95% of the time) reads "
+        f"the subject's representation of {s['n_test']} `balanced-test` images (four equal "
+        f"groups). The k = {s['k']} candidate components with the highest "
         f"score_background − score_shape ({', '.join('`' + n + '`' for n in s['removed'])}) are "
         f"then replaced by their mean over `spurious-train` (mean ablation) and the same head "
         f"is evaluated again.",
@@ -195,6 +204,11 @@ def _spurious_lines(m: dict) -> list[str]:
             f"{kk}: {v['worst_group']:.3f}" for kk, v in s["sweep_k"].items()) + ".",
         "",
     ]
+    for key, other in m.items():
+        if key.startswith("spurious_") and key.endswith("_head"):
+            lines += [f"With the other head ({other['head']}), worst-group accuracy for k = 0, 1, "
+                      "...: " + ", ".join(f"{kk}: {v['worst_group']:.3f}"
+                                          for kk, v in other["sweep_k"].items()) + ".", ""]
     return lines
 
 
