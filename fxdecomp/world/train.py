@@ -1,15 +1,25 @@
 """Train the world's two tiny models on CPU and write their weights + records into the package.
 
-    python -m fxdecomp.world.train subject [--n 2048 --pretrain-epochs 20 --epochs 4 --seed 0]
-    python -m fxdecomp.world.train clip    [--n 20000 --epochs 8 --seed 0]
+    python -m fxdecomp.world.train subject [--n 2048 --pretrain-epochs 40 --epochs 4 --seed 0]
+    python -m fxdecomp.world.train clip    [--n 12000 --epochs 8 --seed 0]
 
-subject: a conv-stem timm ViT (``SUBJECT_STEM``, ``SUBJECT_CONFIG``) trained with cross-entropy on one binary label only,
-angular vs round shape: first ``--pretrain-epochs`` on the unbiased ``train`` split (a stand-in
-for the generic pretraining Waterbirds models start from; a ViT trained from scratch on the
-spurious split alone learns only the background cue: balanced accuracy 0.50 after 10 epochs),
-then ``--epochs`` on the ``spurious-train`` split. It is never told color, texture or background.
+subject: a conv-stem timm ViT (``SUBJECT_STEM``, ``SUBJECT_CONFIG``) trained in two stages, as
+Waterbirds models are (generic pretraining, then the task):
+
+1. pretraining stand-in: ``--pretrain-epochs`` of cross-entropy on the **8-way shape** label
+   (``--pretrain-label shape``; the label family the task's binary label derives from) over the
+   unbiased ``train`` split, with an 8-way head;
+2. the task: a new 2-way head and ``--epochs`` of cross-entropy on round vs angular over the
+   ``spurious-train`` split (background agrees with the label in 95% of the images), peak
+   learning rate ``--finetune-lr``.
+
+Every epoch draws ``--n`` fresh images (seed ``seed * 1000 + epoch``, counting on over both
+stages), so nothing is memorised. The subject is never told color, texture or background.
+(``--pretrain-label angular`` is the earlier recipe: the binary label in both stages; the model
+then separates round from angular but not the 8 shapes. A ViT trained from scratch on the
+spurious split alone learns only the background cue: balanced accuracy 0.50 after 10 epochs.)
 Evaluated on the balanced test split (accuracy and worst-group accuracy over the four label x
-background-group groups).
+background-group groups); the record also holds stage 1's 8-way shape accuracy on ``test``.
 
 clip: the tiny CLIP (``CLIP_CONFIG``) trained contrastively on texts about the training images:
 each image gets either its full caption or one attribute phrase ("red color", ...), at random.
@@ -92,40 +102,72 @@ def _schedule(opt, step: int, total: int, lr: float, warmup: int) -> None:
         g["lr"] = lr * scale
 
 
-def train_subject(args) -> dict:
-    test = generate(args.eval_n, seed=EVAL_SEED, split="balanced-test", workers=args.workers)
-    model = build_subject(args.seed).to(args.device)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
-    g = torch.Generator().manual_seed(args.seed)
-    total_epochs = args.pretrain_epochs + args.epochs
-    steps = total_epochs * math.ceil(args.n / args.batch)
-    step, t0 = 0, time.perf_counter()
-    for epoch in range(total_epochs):
-        # phase 1 (pretrain_epochs): the same binary label on the unbiased train split, standing
-        # in for the generic pretraining of Waterbirds models; phase 2: the spurious split.
-        # A fresh draw every epoch (seed, epoch): the 5% of spurious images that contradict the
-        # background cue cannot be memorised, only learned from their shape.
-        split = "train" if epoch < args.pretrain_epochs else "spurious-train"
-        data = generate(args.n, seed=args.seed * 1000 + epoch, split=split,
+@torch.no_grad()
+def shape_accuracy(model, world: World, batch: int = 256) -> float:
+    """Accuracy of an 8-way shape head (the pretraining stage) on ``world``."""
+    model.eval()
+    x = world.tensor()
+    dev = next(model.parameters()).device
+    pred = torch.cat([model(x[i:i + batch].to(dev)).argmax(-1).cpu()
+                      for i in range(0, len(x), batch)]).numpy()
+    return float((pred == world.codes("shape")).mean())
+
+
+def _fit_stage(model, args, split: str, label: str, epochs: int, lr: float, seed_offset: int,
+               g: torch.Generator, t0: float) -> None:
+    """``epochs`` epochs of cross-entropy on ``label`` (its codes), a fresh draw of ``args.n``
+    images of ``split`` every epoch (seed ``args.seed * 1000 + seed_offset + epoch``), AdamW with
+    warmup and a cosine decay over the stage."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    steps = epochs * math.ceil(args.n / args.batch)
+    step = 0
+    for epoch in range(epochs):
+        data = generate(args.n, seed=args.seed * 1000 + seed_offset + epoch, split=split,
                         workers=args.workers)
-        x, y = data.tensor(), torch.from_numpy(data.codes("angular"))
+        x, y = data.tensor(), torch.from_numpy(data.codes(label))
         model.train()
         perm = torch.randperm(len(x), generator=g)
         losses = []
         for i in range(0, len(x), args.batch):
             idx = perm[i:i + args.batch]
-            _schedule(opt, step, steps, args.lr, warmup=steps // 20)
+            _schedule(opt, step, steps, lr, warmup=max(1, steps // 20))
             loss = F.cross_entropy(model(x[idx].to(args.device)), y[idx].to(args.device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             losses.append(loss.item())
             step += 1
-        print(f"epoch {epoch + 1}/{total_epochs} ({split}) loss {np.mean(losses):.4f} "
+        print(f"epoch {epoch + 1}/{epochs} ({split}, {label}) loss {np.mean(losses):.4f} "
               f"({time.perf_counter() - t0:.0f}s)", flush=True)
-        if epoch + 1 == args.pretrain_epochs:
-            pre = subject_accuracy(model, test)
-            print(f"after pretraining: balanced accuracy {pre['accuracy']:.3f}", flush=True)
+
+
+def train_subject(args) -> dict:
+    test = generate(args.eval_n, seed=EVAL_SEED, split="balanced-test", workers=args.workers)
+    model = build_subject(args.seed).to(args.device)
+    g = torch.Generator().manual_seed(args.seed)
+    t0 = time.perf_counter()
+    pretrain = {"split": "train", "label": args.pretrain_label, "epochs": args.pretrain_epochs,
+                "lr": args.lr}
+    if args.pretrain_epochs:
+        # stage 1: the generic pretraining stand-in on the unbiased train split (every image
+        # drawn afresh, so nothing is memorised); the label family the task's label derives from
+        if args.pretrain_label == "shape":
+            torch.manual_seed(args.seed + 1)
+            model.reset_classifier(len(ATTRIBUTES["shape"]))
+        _fit_stage(model, args, "train", args.pretrain_label, args.pretrain_epochs, args.lr,
+                   0, g, t0)
+        held = generate(args.eval_n, seed=EVAL_SEED, split="test", workers=args.workers)
+        if args.pretrain_label == "shape":
+            pretrain["test_shape_accuracy"] = shape_accuracy(model, held)
+            torch.manual_seed(args.seed + 2)
+            model.reset_classifier(SUBJECT_CONFIG["num_classes"])        # new binary head
+        else:
+            pretrain["balanced_test_accuracy"] = subject_accuracy(model, test)["accuracy"]
+        pretrain["seconds"] = round(time.perf_counter() - t0, 1)
+        print(f"after pretraining: {pretrain}", flush=True)
+    # stage 2: the task, round vs angular, on the spurious split (background agrees 95%)
+    _fit_stage(model, args, "spurious-train", "angular", args.epochs, args.finetune_lr,
+               args.pretrain_epochs, g, t0)
     seconds = time.perf_counter() - t0
     model.eval()
     metrics = subject_accuracy(model, test)
@@ -135,9 +177,14 @@ def train_subject(args) -> dict:
     record = {"model": "subject", "config": SUBJECT_CONFIG,
               "stem": {"channels": list(SUBJECT_STEM),
                        "stage": "conv3x3 stride 2, BatchNorm2d, ReLU", "embed": "timm HybridEmbed"},
-              "train_split": "spurious-train",
-              "pretrain_split": "train", "pretrain_epochs": args.pretrain_epochs,
-              "train_n_per_epoch": args.n, "train_seeds": "seed * 1000 + epoch", "epochs": args.epochs, "batch": args.batch, "lr": args.lr,
+              "recipe": "stage 1 (pretraining stand-in): cross-entropy on the pretrain label over "
+                        "the unbiased train split; stage 2: a new 2-way head, cross-entropy on "
+                        "round vs angular over spurious-train; every epoch a fresh draw. Never "
+                        "told color, texture or background.",
+              "pretrain": pretrain,
+              "train_split": "spurious-train", "train_label": "angular",
+              "train_n_per_epoch": args.n, "train_seeds": "seed * 1000 + (stage offset) + epoch",
+              "epochs": args.epochs, "batch": args.batch, "finetune_lr": args.finetune_lr,
               "seed": args.seed, "seconds": round(seconds, 1),
               "eval": {"split": "balanced-test", "seed": EVAL_SEED, **metrics},
               "check": {"split": "balanced-test", "seed": EVAL_SEED, **check},
@@ -146,7 +193,8 @@ def train_subject(args) -> dict:
     return record
 
 
-def _texts(records: list[dict], rng: np.random.Generator, p_full: float):
+def _texts(records: list[dict], rng: np.random.Generator, p_full: float,
+           phrase_weights=PHRASE_WEIGHTS):
     """One text per image (full caption or one attribute phrase) and which attributes it names."""
     attrs = list(ATTRIBUTES)
     texts, named = [], np.zeros((len(records), len(attrs)), bool)
@@ -155,7 +203,7 @@ def _texts(records: list[dict], rng: np.random.Generator, p_full: float):
             texts.append(r["caption"])
             named[i] = True
         else:
-            a = int(rng.choice(len(attrs), p=PHRASE_WEIGHTS))
+            a = int(rng.choice(len(attrs), p=phrase_weights))
             texts.append(attribute_prompts(attrs[a])[ATTRIBUTES[attrs[a]].index(r[attrs[a]])])
             named[i, a] = True
     return texts, named
@@ -176,7 +224,16 @@ def train_clip(args) -> dict:
     data = generate(args.n, seed=args.seed, split="train", workers=args.workers)
     test = generate(args.eval_n, seed=EVAL_SEED, split="test", workers=args.workers)
     tokenizer = WorldTokenizer()
-    clip = build_clip(tokenizer, args.seed).to(args.device)
+    clip = build_clip(tokenizer, args.seed)
+    init = None
+    if args.init:                       # continue from an earlier run's weights (and record it)
+        from safetensors.torch import load_file
+        clip.load_state_dict(load_file(args.init))
+        init_record = Path(args.init).with_suffix(".json")
+        init = {"weights": args.init, "record": json.loads(init_record.read_text())
+                if init_record.is_file() else None}
+    clip = clip.to(args.device)
+    phrase_weights = np.asarray(args.phrase_weights, float) / np.sum(args.phrase_weights)
     x = data.tensor()
     codes = torch.from_numpy(np.stack([data.codes(a) for a in ATTRIBUTES], 1))       # [N, 4]
     opt = torch.optim.AdamW(clip.parameters(), lr=args.lr, weight_decay=0.05)
@@ -190,7 +247,8 @@ def train_clip(args) -> dict:
         losses = []
         for i in range(0, len(x) - args.batch + 1, args.batch):
             idx = perm[i:i + args.batch]
-            texts, named = _texts([data.records[j] for j in idx.tolist()], rng, args.p_full)
+            texts, named = _texts([data.records[j] for j in idx.tolist()], rng, args.p_full,
+                                  phrase_weights)
             c = codes[idx]
             same = c[:, None, :] == c[None, :, :]                                    # [Bi, Bt, 4]
             positive = (same | ~torch.from_numpy(named)[None]).all(-1)
@@ -209,6 +267,7 @@ def train_clip(args) -> dict:
     seconds = time.perf_counter() - t0
     record = {"model": "clip", "config": CLIP_CONFIG, "train_split": "train", "train_n": args.n,
               "epochs": args.epochs, "batch": args.batch, "lr": args.lr, "p_full": args.p_full,
+              "phrase_weights": dict(zip(ATTRIBUTES, phrase_weights.tolist())), "init": init,
               "seed": args.seed, "seconds": round(seconds, 1),
               "tokenizer": {"words": tokenizer.vocab[3:-1],
                             "context_length": tokenizer.context_length},
@@ -254,11 +313,22 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--out", default=str(WEIGHTS_DIR))
         s.add_argument("--device", default="cpu", help="torch device to train on (cpu, cuda)")
         if which == "subject":
-            s.add_argument("--pretrain-epochs", type=int, default=20,
-                           help="epochs of the same label on the unbiased train split first")
+            s.add_argument("--pretrain-epochs", type=int, default=40,
+                           help="epochs of --pretrain-label on the unbiased train split first")
+            s.add_argument("--pretrain-label", choices=("shape", "angular"), default="shape",
+                           help="stage-1 label: the 8 shapes (then a new binary head) or "
+                                "round/angular itself")
+            s.add_argument("--finetune-lr", type=float, default=3e-4,
+                           help="peak learning rate of stage 2 (the spurious split)")
         if which == "clip":
             s.add_argument("--p-full", type=float, default=0.5,
                            help="share of texts that are full captions (else one phrase)")
+            s.add_argument("--phrase-weights", type=float, nargs=4, default=PHRASE_WEIGHTS,
+                           metavar=("COLOR", "TEXTURE", "SHAPE", "BACKGROUND"),
+                           help="how often each attribute's phrase is the text (normalised)")
+            s.add_argument("--init", default=None,
+                           help="start from these weights (an earlier run's .safetensors; its "
+                                ".json record beside it is copied into the new record)")
     return p
 
 
