@@ -54,7 +54,7 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
                    help="images of spurious-train and of balanced-test for the ablation (0: skip)")
     p.add_argument("--spurious-k", type=int, default=3,
                    help="components removed (top score_background - score_shape)")
-    p.add_argument("--spurious-head", choices=("own", "fitted"), default="own",
+    p.add_argument("--spurious-head", choices=("own", "fitted"), default="fitted",
                    help="head for the ablation: the subject's own classifier or a logistic "
                         "regression fitted on spurious-train (the other is reported alongside)")
 
