@@ -106,7 +106,7 @@ def _plot_heatmaps(ev: WorldEvaluation, path: Path, n: int = 8) -> None:
     h = ev.heatmaps
     n = min(n, len(h["index"]))
     rows = (("image", None), ("selected heads", "selected_heads"), ("all heads", "all_heads"),
-            ("|first layer|", "first_layer_magnitude"))
+            ("first-layer |map|", "first_layer_magnitude"))
     fig, axes = plt.subplots(len(rows), n, figsize=(n * 1.3, len(rows) * 1.4), squeeze=False)
     for c in range(n):
         mask = h["masks"][c].numpy()
@@ -134,7 +134,7 @@ def _plot_heatmaps(ev: WorldEvaluation, path: Path, n: int = 8) -> None:
 def _heatmap_lines(m: dict) -> list[str]:
     blob = m["segmentation_center_blob"]
     rows = (("selected " + m["heatmap_attribute"] + " heads", "selected_heads"),
-            ("all heads", "all_heads"), ("|first layer| (segmentation)", "first_layer_magnitude"))
+            ("all heads", "all_heads"), ("first-layer magnitude (segmentation)", "first_layer_magnitude"))
     table = []
     for name, key in rows:
         seg = m[f"segmentation_{key}"] if key != m["segmentation_map"] else m["segmentation"]
