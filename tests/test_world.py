@@ -155,7 +155,9 @@ def test_shipped_clip_reaches_its_recorded_zero_shot_accuracy():
     for attr, acc in rec["check"]["zero_shot_accuracy"].items():
         assert abs(got[attr] - acc) <= 0.005, (attr, got[attr], acc)
     zs = rec["eval"]["zero_shot_accuracy"]
-    assert zs["color"] >= 0.9 and zs["background"] >= 0.9, zs      # shape/texture: weak, recorded
+    # color, texture, background: >= 0.99 recorded; shape weak (0.36 recorded, chance 0.125)
+    assert zs["color"] >= 0.9 and zs["background"] >= 0.9 and zs["texture"] >= 0.9, zs
+    assert zs["shape"] >= 0.25, zs
     # the preprocessing of a PIL image is the generator's normalisation
     from PIL import Image
     w = generate(2, seed=0, split="test")
