@@ -3,6 +3,7 @@ statistics, and the shipped models still do what their training records say."""
 from __future__ import annotations
 
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -175,3 +176,29 @@ def test_shipped_subject_decomposes_exactly():
         assert dm.verify(x) <= 1e-5
     assert torch.allclose(d.components.sum(0), target(x), rtol=0, atol=1e-4)
     assert sum(lab.kind == "attn_head" for lab in d.labels) == 4 * 4     # depth 4 x 4 heads
+
+
+def test_training_script_records_the_recipe(tmp_path):
+    """Tiny runs of the training script: the subject's two stages (8-way shape head, then a new
+    2-way head whose weights load as the shipped architecture), and a CLIP run continued with
+    --init, whose record names and embeds the run it started from."""
+    from fxdecomp.world.models import load_subject, load_world_clip
+    from fxdecomp.world.train import main as train
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert train(["subject", "--n", "64", "--eval-n", "32", "--pretrain-epochs", "1",
+                  "--epochs", "1", "--threads", "1", "--out", str(a)]) == 0
+    rec = json.loads((a / "subject.json").read_text())
+    assert rec["pretrain"]["label"] == "shape" and 0 <= rec["pretrain"]["test_shape_accuracy"] <= 1
+    assert rec["command"].endswith(f"--out {a}")
+    target, _ = load_subject("logits", a / "subject.safetensors")
+    assert target(generate(2, seed=0, split="test").tensor()).shape == (2, 2)
+    assert train(["clip", "--n", "256", "--eval-n", "32", "--epochs", "1", "--threads", "1",
+                  "--out", str(a)]) == 0
+    assert train(["clip", "--n", "256", "--eval-n", "32", "--epochs", "1", "--threads", "1",
+                  "--init", str(a / "clip.safetensors"), "--phrase-weights", "0", "0", "1", "0",
+                  "--out", str(b)]) == 0
+    rec = json.loads((b / "clip.json").read_text())
+    assert rec["init"]["weights"] == str(a / "clip.safetensors")
+    assert rec["init"]["record"] == json.loads((a / "clip.json").read_text())
+    assert rec["phrase_weights"] == {"color": 0.0, "texture": 0.0, "shape": 1.0, "background": 0.0}
+    load_world_clip(b / "clip.safetensors")
