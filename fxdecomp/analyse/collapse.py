@@ -58,11 +58,11 @@ def _is_block_body(facts, n: Node) -> bool:
     return rule is None or rule.nonlinear or rule.makes_probs or rule.name == "sdpa"
 
 
-def model_blocks(facts, output: Node) -> dict[str, list[Node]]:
-    """The model's residual blocks upstream of ``output``: module path -> its merges."""
+def model_merges(facts, output: Node) -> list[Node]:
+    """The model's residual merges upstream of ``output`` (x + f(x), f holding a nonlinear op)."""
     bits = facts.ancestor_bits
     out_bits = bits[output] | (1 << facts.index[output])
-    blocks: dict[str, list[Node]] = {}
+    merges = []
     for n in facts.nodes:
         if n.op != "call_function" or op_key(n) not in MERGE_OPS or not out_bits >> facts.index[n] & 1:
             continue
@@ -78,24 +78,45 @@ def model_blocks(facts, output: Node) -> dict[str, list[Node]]:
         while body:
             low = body & -body
             if _is_block_body(facts, facts.nodes[low.bit_length() - 1]):
-                blocks.setdefault(facts.module_path(n), []).append(n)
+                merges.append(n)
                 break
             body ^= low
-    return blocks
+    return merges
+
+
+def _block_name(facts, merge: Node, shared: bool) -> str:
+    """The module a residual block runs in; for adds in a shared module (a loop in the parent's
+    forward) the child module its branch comes from."""
+    path = facts.module_path(merge)
+    if not shared:
+        return path
+    for side in merge.args[:2]:
+        if facts.is_data(side):
+            stack = [p for p in facts.module_stack(side) if p]
+            deeper = [p for p in stack if p.startswith(path + ".") or (path == "" and p)]
+            if deeper and not facts.is_ancestor(side, merge.args[0] if side is merge.args[1]
+                                                 else merge.args[1]):
+                return deeper[0]
+    return f"{path or '<root>'}:{merge.name}"
 
 
 def block_coverage(w: Walk, structure: Structure) -> BlockCoverage:
+    """Residual merges of the model that reach the output only through a root on the stream's
+    path (a nonlinear op in no residual branch) are absorbed; the root downstream of most of
+    them is the absorber. Residuals inside an expanded branch belong to that branch."""
     facts = w.facts
-    have = model_blocks(facts, w.output)
-    inside = [b for b in structure.blocks if b]
-    absorbed = [p for p in have if p not in structure.blocks
-                and not any(p.startswith(b + ".") for b in inside)]
-    total = len(set(have) | set(structure.blocks))
-    if not absorbed:
-        return BlockCoverage(total, len(structure.blocks), ())
-    merges = [m for p in absorbed for m in have[p]]
-    roots = [n for n in w.order if w.plans[n].kind in (PlanKind.ROOT, PlanKind.ATTENTION)]
-    absorber = max(roots, key=lambda r: (sum(facts.is_ancestor(m, r) for m in merges),
-                                         -facts.index[r]), default=None)
-    return BlockCoverage(total, len(structure.blocks), tuple(absorbed), absorber,
-                         facts.module_path(absorber) if absorber is not None else "")
+    expanded = set(w.merges)
+    stream_roots = [n for n in w.order if w.plans[n].kind in (PlanKind.ROOT, PlanKind.ATTENTION)
+                    and n not in w.branch_merge]
+    merges = [m for m in model_merges(facts, w.output) if m not in expanded
+              and any(facts.is_ancestor(m, r) for r in stream_roots)]
+    total = len(structure.blocks)
+    if not merges:
+        return BlockCoverage(total, total, ())
+    paths = [facts.module_path(m) for m in merges] + [facts.module_path(m) for m in w.merges]
+    names = list(dict.fromkeys(_block_name(facts, m, paths.count(facts.module_path(m)) > 1)
+                               for m in merges))
+    absorber = max(stream_roots, key=lambda r: (sum(facts.is_ancestor(m, r) for m in merges),
+                                                -facts.index[r]))
+    return BlockCoverage(total + len(names), total, tuple(names), absorber,
+                         facts.module_path(absorber))
