@@ -1,7 +1,8 @@
 """The coverage matrix: exact reconstruction on every supported architecture (random weights).
 
 For each model and granularity: components.sum(0) equals the model's own eager output with
-relative error <= 1e-5 (max |Σc − y| / max |y|), and every attention block is split into heads.
+relative error <= 1e-5 (max |Σc − y| / max |y|), every residual block the model has is expanded,
+and every attention block is split into heads.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 import fxdecomp
 from fxdecomp.capture.adapters import example_input, export_friendly, load_model
 
-from .models import MATRIX, NO_ATTENTION, OUTPUT, XFAIL
+from .models import MATRIX, MODEL_KWARGS, NO_ATTENTION, OUTPUT, XFAIL
 
 REL_TOL = 1e-5
 
@@ -23,7 +24,8 @@ _cache: dict[str, tuple] = {}
 def _target(spec: str):
     if spec not in _cache:
         _cache.clear()  # keep one model in memory at a time
-        model, info = load_model(spec, random_init=True, seed=0, output=OUTPUT.get(spec))
+        model, info = load_model(spec, random_init=True, seed=0, output=OUTPUT.get(spec),
+                                 model_kwargs=MODEL_KWARGS.get(spec))
         x = example_input(info, batch=2, seed=0)
         _cache[spec] = (model, x)
     return _cache[spec]
@@ -54,6 +56,8 @@ def test_exact(spec, granularity):
     # the output is the model's own (same ops, as exported)
     torch.testing.assert_close(d.output, ref, rtol=1e-6, atol=1e-6 * float(ref.abs().max()))
     kinds = collections.Counter(l.kind for l in d.labels)
+    cov = dm.block_coverage   # every residual block of the model expanded (none absorbed)
+    assert cov.expanded == cov.total and not cov.absorbed, cov.describe()
     if granularity == "heads" and spec not in NO_ATTENTION:
         # every attention block is split into more than one head
         per_block = collections.Counter(l.module for l in d.labels if l.kind == "attn_head")
