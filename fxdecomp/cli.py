@@ -41,7 +41,8 @@ def check_model(spec: str, args, granularities=("blocks", "heads")) -> dict:
         x = example_input(info, batch=args.batch, seed=args.seed)
         for gran in granularities:
             t0 = time.perf_counter()
-            dm = decompose(target, x, granularity=gran)
+            dm = decompose(target, x, granularity=gran,
+                           allow_collapse=getattr(args, "allow_collapse", False))
             build = time.perf_counter() - t0
             with torch.no_grad():
                 err = dm.verify(x)
@@ -153,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--granularity", nargs="+", default=["blocks", "heads"],
                    choices=("blocks", "heads", "tokens"))
     p.add_argument("--json", default=None, help="write the results as JSON")
+    p.add_argument("--allow-collapse", action="store_true",
+                   help="pass models whose residual blocks are partly absorbed by a nonlinear op "
+                        "on the stream (blocks=E/T shows how many were expanded)")
     _model_args(p)
     p.set_defaults(func=cmd_coverage)
 

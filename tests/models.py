@@ -47,6 +47,16 @@ OUTPUT = {
     "timm:fastvit_t8": "stages",
 }
 
+# models whose stage transitions end in a nonlinear op on the stream, so the earlier stages'
+# blocks are absorbed into that op's component (decomposed with allow_collapse=True; the README
+# says so): spec -> the op
+PARTIAL = {
+    "timm:levit_128s": "attention downsampling (hardswish before its projection)",
+    "timm:fastvit_t8": "GELU at the end of each downsampling layer",
+    "timm:tiny_vit_5m_224": "GELU in the patch-merging convs",
+    "timm:efficientvit_m0": "ReLU in the patch-merging downsampling",
+}
+
 # models without attention (FastViT-T8 mixes tokens with RepMixer convolutions only)
 NO_ATTENTION = {"timm:fastvit_t8"}
 
