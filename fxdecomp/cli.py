@@ -50,7 +50,8 @@ def check_model(spec: str, args, granularities=("blocks", "heads")) -> dict:
             cov = dm.block_coverage
             row[gran] = {"error": err, "components": len(dm.labels), "kinds": dict(kinds),
                          "build_s": round(build, 2), "blocks": len(dm.blocks),
-                         "blocks_expanded": [cov.expanded, cov.total]}
+                         "blocks_expanded": [cov.expanded, cov.total],
+                         "whole_attention": dict(dm.whole_attention)}
         row["pass"] = all(row[g]["error"] <= REL_TOL for g in granularities)
     except Exception as e:  # report and go on with the next model
         row["pass"] = False
@@ -74,6 +75,7 @@ def cmd_coverage(args) -> int:
             kinds = ", ".join(f"{k}={v}" for k, v in sorted(r["kinds"].items()))
             print(f"{status:5s} {spec:42s} {gran:7s} rel.err={r['error']:.2e} "
                   f"blocks={r['blocks_expanded'][0]}/{r['blocks_expanded'][1]} "
+                  + (f"whole={len(r['whole_attention'])} " if gran != "blocks" else "") +
                   f"components={r['components']} ({kinds}) build={r['build_s']}s")
     if args.json:
         with open(args.json, "w") as f:

@@ -101,13 +101,15 @@ def _block_name(facts, merge: Node, shared: bool) -> str:
 
 
 def block_coverage(w: Walk, structure: Structure) -> BlockCoverage:
-    """Residual merges of the model that reach the output only through a root on the stream's
-    path (a nonlinear op in no residual branch) are absorbed; the root downstream of most of
+    """Residual merges of the model that are not expanded and reach the output through a root on
+    the stream's path (a nonlinear op in no residual branch) are absorbed; the root downstream of most of
     them is the absorber. Residuals inside an expanded branch belong to that branch."""
     facts = w.facts
     expanded = set(w.merges)
+    # roots on the stream: in no branch, or claimed by a merge of parallel branches with no
+    # stream side (FastViT's un-reparameterised mixer: x's BN identity + conv(x))
     stream_roots = [n for n in w.order if w.plans[n].kind in (PlanKind.ROOT, PlanKind.ATTENTION)
-                    and n not in w.branch_merge]
+                    and not w.stream_sides.get(w.branch_merge.get(n))]
     merges = [m for m in model_merges(facts, w.output) if m not in expanded
               and any(facts.is_ancestor(m, r) for r in stream_roots)]
     total = len(structure.blocks)

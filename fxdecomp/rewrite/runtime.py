@@ -184,6 +184,12 @@ def head_blocks(value: torch.Tensor, head_dim: int) -> torch.Tensor:
     return value.movedim(head_dim, 0).unsqueeze(1 + head_dim)
 
 
+def channel_head_blocks(value: torch.Tensor, dim: int, heads: int) -> torch.Tensor:
+    """Per-head components of a value whose ``dim`` holds ``heads`` contiguous channel groups,
+    head-blocked: [..., H·b, ...] -> [H, ..., b, ...] (the groups sum to the value)."""
+    return value.unflatten(dim, (heads, -1)).movedim(dim, 0)
+
+
 def densify_heads(t: torch.Tensor, dim: int, heads: int, per_head: int) -> torch.Tensor:
     """Head-blocked terms [C, ..., b, ...] -> plain terms [C, ..., H·b, ...]: component c's block
     goes to position c // per_head along ``dim``, zeros elsewhere (H outer, b inner)."""

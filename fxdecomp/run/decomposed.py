@@ -1,6 +1,7 @@
 """The user-facing module: decompose(model, x) -> DecomposedModel; dm(x) -> Decomposition."""
 from __future__ import annotations
 
+import warnings
 from typing import Literal, Sequence
 
 import torch
@@ -14,6 +15,7 @@ from ..analyse.stream import walk_through_stream
 from ..analyse.walk import Walk
 from ..capture.export import capture, check_input, check_model, export_friendly, model_tensor
 from ..errors import CollapseError, FxDecompError, InputError, UnsupportedGraphError
+from ..graph.ops import op_name
 from ..graph.plan import PlanKind
 from ..rewrite.emit import Emitter, Policy
 from ..rewrite.rules import RULES
@@ -66,8 +68,42 @@ def _build(model: nn.Module, example: torch.Tensor, granularity: str, layers, dy
     if granularity == "tokens":
         from ..analyse.positions import token_tables_for
         tables = token_tables_for(gm, w, example, dynamic, prefix=facts.prefix)
-    graph_module, labels = Emitter(gm, w, structure, Policy(expand), backend, tables).run()
-    return graph_module, labels, blocks, dynamic, coverage
+    root_heads = None
+    if granularity in ("heads", "tokens"):
+        from ..analyse.channel_heads import channel_heads
+        root_heads = channel_heads(gm, w, structure, example)
+    graph_module, labels = Emitter(gm, w, structure, Policy(expand), backend, tables,
+                                   root_heads).run()
+    whole = {}
+    if granularity in ("heads", "tokens"):
+        whole = _whole_attention(w, structure, expand, root_heads or {}, labels)
+        if whole:
+            warnings.warn(f"{len(whole)} attention block(s) stay whole in {granularity} mode: "
+                          + "; ".join(f"{k}: {v}" for k, v in list(whole.items())[:3])
+                          + (" ..." if len(whole) > 3 else "") + " (dm.whole_attention)",
+                          stacklevel=3)
+    return graph_module, labels, blocks, dynamic, (coverage, whole)
+
+
+def _whole_attention(w: Walk, structure: Structure, expand, root_heads: dict,
+                     labels: list[ComponentLabel]) -> dict[str, str]:
+    """Attention components left unsplit in heads mode -> the op that prevents the split."""
+    unsplit = {lab.name for lab in labels if lab.kind == "attn"}
+    out: dict[str, str] = {}
+    for n in w.order:
+        plan = w.plans[n]
+        if plan.kind not in (PlanKind.ROOT, PlanKind.ATTENTION) or n in root_heads:
+            continue
+        site = structure.site(n)
+        if site.name not in unsplit or site.name in out:
+            continue
+        where = structure.facts.module_path(n) or "<root>"
+        if plan.kind == PlanKind.ATTENTION:
+            out[site.name] = f"the attention output {op_name(n)!r} at {where} has no head dimension"
+        else:
+            out[site.name] = (f"{plan.reason} at {where} acts on the sum of the heads (no channel "
+                              "groups per head stay disjoint from a head source to it)")
+    return out
 
 
 def _resolve_layers(layers, n_blocks: int) -> list[int]:
@@ -126,7 +162,7 @@ class DecomposedModel(nn.Module):
         self.input_shape = tuple(example.shape[1:])
         self.input_dtype, self.input_device = example.dtype, example.device
         self.model = model
-        gm, labels, blocks, dynamic, coverage = _build(
+        gm, labels, blocks, dynamic, (coverage, whole) = _build(
             model, example, granularity, layers, backend=backend, captured=_captured,
             allow_collapse=allow_collapse)
         self.graph_module: GraphModule = gm
@@ -135,6 +171,8 @@ class DecomposedModel(nn.Module):
         self.dynamic_batch = dynamic
         #: how many of the model's residual blocks were expanded (and which were absorbed)
         self.block_coverage: BlockCoverage = coverage
+        #: attention components left whole in heads/tokens mode -> the op that prevents the split
+        self.whole_attention: dict[str, str] = whole
         self._static: dict[int, GraphModule] = {int(example.shape[0]): gm}
         self.expanded_layers: list[int] = _resolve_layers(layers, len(blocks))
         self._compiled = None
