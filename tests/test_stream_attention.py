@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 import fxdecomp
-from fxdecomp.capture.adapters import export_friendly
 
 try:
     from .reference_heads import reference_timm_vit

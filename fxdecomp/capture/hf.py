@@ -109,11 +109,11 @@ def _config(name: str, random_init: bool, checkpoint, overrides: dict):
     return family, config
 
 
-def _model_class(config, output: str):
+def _projected_class(config):
+    """The ``...WithProjection`` class of a vision config (CLIP), or None."""
     transformers = _transformers()
     base = transformers.MODEL_MAPPING[type(config)]
-    projected = getattr(transformers, base.__name__ + "WithProjection", None)
-    return projected if (output == "image_embeds" and projected is not None) else base
+    return getattr(transformers, base.__name__ + "WithProjection", None)
 
 
 def load_hf(name: str, random_init: bool, checkpoint, seed: int, output: str | None,
@@ -125,12 +125,14 @@ def load_hf(name: str, random_init: bool, checkpoint, seed: int, output: str | N
     if attn is not None:
         config._attn_implementation = attn
     transformers = _transformers()
-    projected = getattr(transformers, transformers.MODEL_MAPPING[type(config)].__name__
-                        + "WithProjection", None)
+    projected = _projected_class(config)
     if output is None:
         output = ("image_embeds" if projected is not None else
                   "pooler_output" if family in _POOLED else "cls")
-    cls = _model_class(config, output)
+    if output not in OUTPUTS:
+        raise InputError(f"output={output!r} is not available for hf models; choose one of {OUTPUTS}")
+    cls = projected if (output == "image_embeds" and projected is not None) \
+        else transformers.MODEL_MAPPING[type(config)]
     if random_init or checkpoint:
         torch.manual_seed(seed)
         model = cls(config)
