@@ -9,8 +9,9 @@ component. That is exact and useless, so it is judged from the module structure 
   branch such as a conv position encoding is not a block), grouped by the module it runs in,
   counting only those upstream of the output;
 * the expanded blocks: those the walk found on the linear path (``Structure.blocks``);
-* absorbed: the model's blocks that were not expanded and do not sit inside an expanded one
-  (a residual inside an expanded branch is part of that branch by design).
+* absorbed: the model's blocks that were not expanded, reach the output through a root on the
+  stream's path, and do not sit inside an expanded block's module (a residual inside an
+  expanded branch is part of that branch by design).
 
 ``BlockCoverage.absorber`` is the root on the linear path downstream of the most absorbed blocks:
 the op that swallows the stream.
@@ -107,10 +108,18 @@ def block_coverage(w: Walk, structure: Structure) -> BlockCoverage:
     facts = w.facts
     expanded = set(w.merges)
     # roots on the stream: in no branch, or claimed by a merge of parallel branches with no
-    # stream side (FastViT's un-reparameterised mixer: x's BN identity + conv(x))
+    # stream side (FastViT's un-reparameterised mixer: x's BN identity + conv(x)); residuals in
+    # the module of an expanded block are that block's own (CoaT's factor attention + conv
+    # position encoding)
+    def on_stream(n):
+        m = w.branch_merge.get(n)
+        return m is None or not w.stream_sides.get(m)
     stream_roots = [n for n in w.order if w.plans[n].kind in (PlanKind.ROOT, PlanKind.ATTENTION)
-                    and not w.stream_sides.get(w.branch_merge.get(n))]
+                    and on_stream(n)]
+    inside = [b for b in structure.blocks if b]
     merges = [m for m in model_merges(facts, w.output) if m not in expanded
+              and not any(facts.module_path(m) == b or facts.module_path(m).startswith(b + ".")
+                          for b in inside)
               and any(facts.is_ancestor(m, r) for r in stream_roots)]
     total = len(structure.blocks)
     if not merges:
