@@ -56,6 +56,8 @@ def test_random_init_is_seeded_and_config_fields_checked():
 
 
 def test_pretrained_offline_is_a_model_load_error(monkeypatch):
+    import huggingface_hub.constants
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import
     with pytest.raises(ModelLoadError, match="--random-init"):
         load_model("hf:fxdecomp-test/no-such-model-siglip")
