@@ -95,8 +95,8 @@ def _whole_attention(w: Walk, structure: Structure, expand, root_heads: dict,
         if plan.kind not in (PlanKind.ROOT, PlanKind.ATTENTION) or n in root_heads:
             continue
         site = structure.site(n)
-        if site.name not in unsplit or site.name in out:
-            continue
+        if site.name not in unsplit or site.name in out or expand(site, n) not in ("heads", "tokens"):
+            continue   # blocks outside `layers=` are expanded per block on purpose
         where = structure.facts.module_path(n) or "<root>"
         if plan.kind == PlanKind.ATTENTION:
             out[site.name] = f"the attention output {op_name(n)!r} at {where} has no head dimension"
