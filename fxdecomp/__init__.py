@@ -1,5 +1,5 @@
 """fxdecomp: exact decomposition of vision-transformer representations into components."""
-from .errors import FxDecompError, InputError, ModelLoadError, UnsupportedGraphError
+from .errors import CollapseError, FxDecompError, InputError, ModelLoadError, UnsupportedGraphError
 from .run.decomposition import KINDS, ComponentLabel, Decomposition
 from .run.decomposed import DecomposedModel, decompose, decompose_in_groups
 from .interpret import (FEATURES, AlignmentMismatchError, CompAlign, describe_component,
@@ -10,7 +10,7 @@ from . import world as _world  # noqa: F401  (registers the world's models as mo
 
 __all__ = [
     "decompose", "decompose_in_groups", "DecomposedModel", "Decomposition", "ComponentLabel", "KINDS",
-    "FxDecompError", "UnsupportedGraphError", "InputError", "ModelLoadError",
+    "FxDecompError", "UnsupportedGraphError", "InputError", "ModelLoadError", "CollapseError",
     "CompAlign", "AlignmentMismatchError", "text_embeddings", "score_components",
     "score_components_invariant", "variance_explained", "describe_component", "FEATURES",
     "open_store", "ComponentStore",

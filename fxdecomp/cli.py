@@ -41,13 +41,17 @@ def check_model(spec: str, args, granularities=("blocks", "heads")) -> dict:
         x = example_input(info, batch=args.batch, seed=args.seed)
         for gran in granularities:
             t0 = time.perf_counter()
-            dm = decompose(target, x, granularity=gran)
+            dm = decompose(target, x, granularity=gran,
+                           allow_collapse=getattr(args, "allow_collapse", False))
             build = time.perf_counter() - t0
             with torch.no_grad():
                 err = dm.verify(x)
             kinds = Counter(lab.kind for lab in dm.labels)
+            cov = dm.block_coverage
             row[gran] = {"error": err, "components": len(dm.labels), "kinds": dict(kinds),
-                         "build_s": round(build, 2), "blocks": len(dm.blocks)}
+                         "build_s": round(build, 2), "blocks": len(dm.blocks),
+                         "blocks_expanded": [cov.expanded, cov.total],
+                         "whole_attention": dict(dm.whole_attention)}
         row["pass"] = all(row[g]["error"] <= REL_TOL for g in granularities)
     except Exception as e:  # report and go on with the next model
         row["pass"] = False
@@ -70,6 +74,8 @@ def cmd_coverage(args) -> int:
             r = row[gran]
             kinds = ", ".join(f"{k}={v}" for k, v in sorted(r["kinds"].items()))
             print(f"{status:5s} {spec:42s} {gran:7s} rel.err={r['error']:.2e} "
+                  f"blocks={r['blocks_expanded'][0]}/{r['blocks_expanded'][1]} "
+                  + (f"whole={len(r['whole_attention'])} " if gran != "blocks" else "") +
                   f"components={r['components']} ({kinds}) build={r['build_s']}s")
     if args.json:
         with open(args.json, "w") as f:
@@ -125,7 +131,7 @@ def _model_args(p: argparse.ArgumentParser, random_default: bool = False) -> Non
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--output", default=None,
                    help="representation: timm pre_logits|logits, open_clip embedding|pre_proj, "
-                        "torchvision pre_logits|logits")
+                        "torchvision pre_logits|logits, hf cls|pooler_output|image_embeds")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,10 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("coverage", help="check exact decomposition on models (pass/fail, "
                                         "components per kind, reconstruction error)")
     p.add_argument("models", nargs="+",
-                   help="timm:NAME, open_clip:NAME[:TAG], torchvision:NAME")
+                   help="timm:NAME, open_clip:NAME[:TAG], torchvision:NAME, hf:HUB_ID")
     p.add_argument("--granularity", nargs="+", default=["blocks", "heads"],
                    choices=("blocks", "heads", "tokens"))
     p.add_argument("--json", default=None, help="write the results as JSON")
+    p.add_argument("--allow-collapse", action="store_true",
+                   help="pass models whose residual blocks are partly absorbed by a nonlinear op "
+                        "on the stream (blocks=E/T shows how many were expanded)")
     _model_args(p)
     p.set_defaults(func=cmd_coverage)
 

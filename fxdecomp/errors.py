@@ -32,6 +32,12 @@ class UnsupportedGraphError(FxDecompError):
         super().__init__(msg)
 
 
+class CollapseError(UnsupportedGraphError):
+    """Residual blocks of the model reach the output only through one nonlinear op, which would
+    absorb them into a single component (exact, and useless). The message names the op;
+    ``decompose(..., allow_collapse=True)`` accepts such a decomposition."""
+
+
 class InputError(FxDecompError, ValueError):
     """An input or argument the library cannot take (wrong shape, dtype or device, non-finite
     values, an unknown granularity, a layer out of range, ...)."""

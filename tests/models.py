@@ -13,9 +13,29 @@ TIMM = [
 ]
 OPEN_CLIP = ["ViT-B-32", "ViT-B-16"]
 TORCHVISION = ["vit_b_16", "swin_t"]
+# Hugging Face transformers (random weights from the config class, shrunk by MODEL_KWARGS)
+HF = ["google/vit-base-patch16-224", "facebook/deit-small-patch16-224",
+      "microsoft/beit-base-patch16-224", "facebook/dinov2-small", "openai/clip-vit-base-patch32",
+      "google/siglip-base-patch16-224", "microsoft/swin-tiny-patch4-window7-224"]
 
-MATRIX = ([f"timm:{n}" for n in TIMM] + [f"open_clip:{n}" for n in OPEN_CLIP]
-          + [f"torchvision:{n}" for n in TORCHVISION])
+MATRIX = ([f"timm:{n}" for n in TIMM] + ["timm:vit_base_patch16_siglip_224"]
+          + [f"open_clip:{n}" for n in OPEN_CLIP]
+          + [f"torchvision:{n}" for n in TORCHVISION] + [f"hf:{n}" for n in HF])
+
+_TINY_HF = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                image_size=32, patch_size=8)
+# constructor / config arguments per model (the attention-pooled and HF models are shrunk so the
+# matrix stays fast; the full-size ones are measured with `fxdecomp coverage`)
+MODEL_KWARGS = {
+    "timm:vit_base_patch16_siglip_224": dict(depth=3, embed_dim=64, num_heads=4, img_size=32,
+                                             patch_size=8),
+    **{f"hf:{n}": _TINY_HF for n in HF},
+    "hf:facebook/dinov2-small": {k: v for k, v in dict(_TINY_HF, mlp_ratio=2).items()
+                                 if k != "intermediate_size"},
+    "hf:openai/clip-vit-base-patch32": dict(_TINY_HF, projection_dim=48),
+    "hf:microsoft/swin-tiny-patch4-window7-224": dict(embed_dim=16, depths=[1, 1], num_heads=[2, 2],
+                                                      image_size=32, patch_size=4, window_size=4),
+}
 
 # representation per model where the default (pre_logits) is not the one to decompose
 OUTPUT = {
@@ -25,6 +45,16 @@ OUTPUT = {
     # FastViT's features end in final_conv (conv-BN-GELU after the last stage), which again leaves
     # nothing linear; its last stage's output, mean-pooled, is what gets decomposed.
     "timm:fastvit_t8": "stages",
+}
+
+# models whose stage transitions end in a nonlinear op on the stream, so the earlier stages'
+# blocks are absorbed into that op's component (decomposed with allow_collapse=True; the README
+# says so): spec -> the op
+PARTIAL = {
+    "timm:levit_128s": "attention downsampling (hardswish before its projection)",
+    "timm:fastvit_t8": "GELU at the end of each downsampling layer",
+    "timm:tiny_vit_5m_224": "GELU in the patch-merging convs",
+    "timm:efficientvit_m0": "ReLU in the patch-merging downsampling",
 }
 
 # models without attention (FastViT-T8 mixes tokens with RepMixer convolutions only)

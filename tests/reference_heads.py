@@ -4,8 +4,9 @@ This module exists to check the decomposition engine against something written s
 it, so the two cannot share a bug. It knows two model families by hand:
 
 - timm ``VisionTransformer`` (ViT / DeiT / DINOv2 style: ``blocks[i].attn`` with ``qkv``/``proj``,
-  optional layer scale ``ls1``/``ls2``, register tokens, ``global_pool`` "token" or "avg",
-  ``norm`` and ``fc_norm``), target = pre-logits;
+  optional layer scale ``ls1``/``ls2``, register tokens, ``global_pool`` "token" or "avg", or
+  "map": SigLIP's learned-probe attention pool ``AttentionPoolLatent``; ``norm`` and
+  ``fc_norm``), target = pre-logits;
 - open_clip ``VisionTransformer`` image tower (``transformer.resblocks[i]`` with
   ``nn.MultiheadAttention``; ``ln_post``; pool_type "tok" or "avg"; no attentional pooler),
   target = ``encode_image`` (with ``proj``, unnormalised).
@@ -47,7 +48,8 @@ class ReferenceDecomposition:
     embed:     the stream entering the first block (patch + position + class/register tokens, and
                whatever norm_pre / ln_pre did to them), taken through the tail
     constants: {name: bias / LayerNorm β terms}: "<block>.attn.bias", "<block>.mlp.bias",
-               "<norm>.bias"
+               "<norm>.bias"; with an attention pool also its biases and "attn_pool.mlp", the
+               pool's MLP output (nonlinear in everything, one term)
     checks:    relative errors of the reference's internal consistency checks (per-layer
                attention recomputation; the rebuilt stream before the final norm)
     """
@@ -136,6 +138,60 @@ class _Pool:
         return c[:, 0] if self.kind == "token" else c[:, self.prefix:].mean(dim=1)
 
 
+class _ProbePool:
+    """timm ``AttentionPoolLatent`` (a learned probe attending over the tokens, then
+    x + mlp(norm(x)), then latent 0) with the probabilities frozen at the recorded input: linear
+    in a term c: proj(P @ (c W_vᵀ)) at latent 0. Its value and output biases are constant terms
+    (P's rows sum to 1, so P @ 1b_v = b_v); its MLP output is one term of its own."""
+
+    def __init__(self, pool: nn.Module):
+        if (pool.pos_embed is not None or not isinstance(pool.q_norm, nn.Identity)
+                or not isinstance(pool.k_norm, nn.Identity) or pool.pool != "token"):
+            raise NotImplementedError("attn_pool: pos_embed / qk norm / pool other than 'token'")
+        self.pool, self.name = pool, "attn_pool"
+        self.probs = None
+        self.mlp_out = None
+
+    def record(self, x: torch.Tensor) -> None:
+        p, x = self.pool, x.detach().double()
+        B, N, D = x.shape
+        H, dh = p.num_heads, p.head_dim
+        q = p.latent.detach().double() @ p.q.weight.detach().double().T
+        if p.q.bias is not None:
+            q = q + p.q.bias.detach().double()
+        w_k = p.kv.weight.detach().double()[:D]
+        k = x @ w_k.T
+        if p.kv.bias is not None:
+            k = k + p.kv.bias.detach().double()[:D]
+        q = q.reshape(1, -1, H, dh).transpose(1, 2)                       # [1, H, L, dh]
+        k = k.reshape(B, N, H, dh).transpose(1, 2)                        # [B, H, N, dh]
+        self.probs = torch.softmax((q * dh ** -0.5) @ k.transpose(-1, -2), dim=-1)
+
+    def heads(self, c: torch.Tensor) -> torch.Tensor:
+        """Per probe head: [B, H, D] at latent 0."""
+        p = self.pool
+        B, N, D = c.shape
+        H, dh = p.num_heads, p.head_dim
+        v = (c @ p.kv.weight.detach().double()[D:].T).reshape(B, N, H, dh).transpose(1, 2)
+        o = (self.probs @ v)[:, :, 0]                                     # [B, H, dh]
+        w = p.proj.weight.detach().double().reshape(D, H, dh)
+        return torch.einsum("bhd,ehd->bhe", o, w)
+
+    def __call__(self, c: torch.Tensor) -> torch.Tensor:
+        return self.heads(c).sum(1)
+
+    def constants(self) -> dict[str, torch.Tensor]:
+        p, out = self.pool, {}
+        B, D = self.probs.shape[0], p.proj.weight.shape[0]
+        if p.kv.bias is not None:
+            b_v = p.kv.bias.detach().double()[D:]
+            out["attn_pool.kv.bias"] = (b_v @ p.proj.weight.detach().double().T).expand(B, D)
+        if p.proj.bias is not None:
+            out["attn_pool.proj.bias"] = p.proj.bias.detach().double().expand(B, D)
+        out["attn_pool.mlp"] = self.mlp_out[:, 0].double()
+        return out
+
+
 class _Project:
     def __init__(self, matrix: torch.Tensor):
         self.matrix = matrix.detach().double()
@@ -162,6 +218,8 @@ class _Tail:
         for i, step in enumerate(self.steps):
             if isinstance(step, _FrozenLayerNorm) and step.constant() is not None:
                 out[f"{step.name}.bias"] = self(step.constant(), start=i + 1)
+            elif isinstance(step, _ProbePool):
+                out.update({k: self(v, start=i + 1) for k, v in step.constants().items()})
         return out
 
 
@@ -223,7 +281,11 @@ def _run(model_call, first_block: nn.Module, blocks: list[_BlockSpec], tail: _Ta
             handles.append(blk.attn.register_forward_hook(post(f"{i}.attn_out")))
             handles.append(blk.mlp.register_forward_hook(post(f"{i}.mlp_out")))
         for module, ln in tail_records:
-            handles.append(module.register_forward_pre_hook(record_norm(ln)))
+            if isinstance(ln, tuple):           # (attribute, owner): keep the module's output
+                handles.append(module.register_forward_hook(
+                    lambda _m, _a, out, ln=ln: setattr(ln[1], ln[0], out.detach().clone())))
+            else:
+                handles.append(module.register_forward_pre_hook(record_norm(ln)))
         with torch.no_grad():
             output = model_call(x)
     finally:
@@ -280,8 +342,8 @@ def reference_timm_vit(model: nn.Module, x: torch.Tensor) -> ReferenceDecomposit
         raise NotImplementedError(f"expected a timm VisionTransformer, got {type(model).__name__}")
     if model.training:
         raise ValueError("put the model in eval mode first")
-    if model.attn_pool is not None or getattr(model, "pool_include_prefix", False):
-        raise NotImplementedError("attention pooling / prefix-inclusive pooling")
+    if getattr(model, "pool_include_prefix", False):
+        raise NotImplementedError("prefix-inclusive pooling")
     blocks = []
     for i, blk in enumerate(model.blocks):
         name = f"blocks.{i}"
@@ -305,7 +367,13 @@ def reference_timm_vit(model: nn.Module, x: torch.Tensor) -> ReferenceDecomposit
         ln = _FrozenLayerNorm(model.norm, "norm")
         steps.append(ln)
         records.append((model.norm, ln))
-    steps.append(_Pool(model.global_pool, model.num_prefix_tokens))
+    if model.attn_pool is not None:
+        pool = _ProbePool(model.attn_pool)
+        steps.append(pool)
+        records.append((model.attn_pool, pool))
+        records.append((model.attn_pool.mlp, ("mlp_out", pool)))
+    else:
+        steps.append(_Pool(model.global_pool, model.num_prefix_tokens))
     if not isinstance(model.fc_norm, nn.Identity):
         ln = _FrozenLayerNorm(model.fc_norm, "fc_norm")
         steps.append(ln)

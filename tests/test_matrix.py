@@ -1,7 +1,8 @@
 """The coverage matrix: exact reconstruction on every supported architecture (random weights).
 
 For each model and granularity: components.sum(0) equals the model's own eager output with
-relative error <= 1e-5 (max |Σc − y| / max |y|), and every attention block is split into heads.
+relative error <= 1e-5 (max |Σc − y| / max |y|), every residual block the model has is expanded,
+and every attention block is split into heads.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 import fxdecomp
 from fxdecomp.capture.adapters import example_input, export_friendly, load_model
 
-from .models import MATRIX, NO_ATTENTION, OUTPUT, XFAIL
+from .models import MATRIX, MODEL_KWARGS, NO_ATTENTION, OUTPUT, PARTIAL, XFAIL
 
 REL_TOL = 1e-5
 
@@ -23,7 +24,8 @@ _cache: dict[str, tuple] = {}
 def _target(spec: str):
     if spec not in _cache:
         _cache.clear()  # keep one model in memory at a time
-        model, info = load_model(spec, random_init=True, seed=0, output=OUTPUT.get(spec))
+        model, info = load_model(spec, random_init=True, seed=0, output=OUTPUT.get(spec),
+                                 model_kwargs=MODEL_KWARGS.get(spec))
         x = example_input(info, batch=2, seed=0)
         _cache[spec] = (model, x)
     return _cache[spec]
@@ -42,7 +44,10 @@ def _params():
 @pytest.mark.parametrize("spec,granularity", list(_params()))
 def test_exact(spec, granularity):
     model, x = _target(spec)
-    dm = fxdecomp.decompose(model, x, granularity=granularity)
+    if spec in PARTIAL:   # without the opt-out the collapse is an error naming the op
+        with pytest.raises(fxdecomp.CollapseError):
+            fxdecomp.decompose(model, x, granularity=granularity)
+    dm = fxdecomp.decompose(model, x, granularity=granularity, allow_collapse=spec in PARTIAL)
     with torch.no_grad(), export_friendly():  # eager fused-MHA fast paths round differently
         d = dm(x)
         ref = model(x)
@@ -54,6 +59,11 @@ def test_exact(spec, granularity):
     # the output is the model's own (same ops, as exported)
     torch.testing.assert_close(d.output, ref, rtol=1e-6, atol=1e-6 * float(ref.abs().max()))
     kinds = collections.Counter(l.kind for l in d.labels)
+    cov = dm.block_coverage   # every residual block of the model expanded (none absorbed)
+    if spec in PARTIAL:
+        assert cov.absorbed and cov.expanded < cov.total, cov.describe()
+    else:
+        assert cov.expanded == cov.total and not cov.absorbed, cov.describe()
     if granularity == "heads" and spec not in NO_ATTENTION:
         # every attention block is split into more than one head
         per_block = collections.Counter(l.module for l in d.labels if l.kind == "attn_head")

@@ -36,6 +36,10 @@ class GraphFacts:
                 if any(a in self.data for a in n.all_input_nodes):
                     self.data.add(n)
         self._probs: dict = {}
+        # attention ops on the residual stream's path to the output (in no residual branch): the
+        # walk goes through them, linear in the values with the probabilities frozen
+        # (``analyse.stream``)
+        self.stream_attention: set[Node] = set()
         self.module_class: dict[str, str] = {}
         for n in self.nodes:
             for path, cls in self._stack(n):

@@ -35,7 +35,7 @@ __all__ = [
     "load_model", "load_clip", "example_input", "export_friendly", "parse_spec",
 ]
 
-FAMILIES = ("timm", "open_clip", "torchvision")
+FAMILIES = ("timm", "open_clip", "torchvision", "hf")
 
 #: Model sources registered from above (``register_source``): family -> loader
 #: ``(name, random_init, checkpoint, seed, output) -> (target, info)``. The ground-truth world
@@ -278,17 +278,20 @@ def load_model(spec: str, random_init: bool = False, checkpoint: str | None = No
                model_kwargs: dict | None = None) -> tuple[nn.Module, dict]:
     """Build the target module for ``spec`` and describe it.
 
-    spec:        "timm:NAME", "open_clip:NAME[:TAG]", "torchvision:NAME", or "world:subject" /
+    spec:        "timm:NAME", "open_clip:NAME[:TAG]", "torchvision:NAME", "hf:HUB_ID" (Hugging
+                 Face transformers, see ``fxdecomp.capture.hf``), or "world:subject" /
                  "world:clip" (the ground-truth world's tiny models, weights shipped).
     random_init: seeded random weights (``torch.manual_seed(seed)`` before construction, so two
                  calls give identical weights).
     checkpoint:  a local state_dict file (.safetensors, .pt, .pth, .bin) loaded strictly; for
                  open_clip either a whole-CLIP or an image-tower state_dict.
     otherwise:   the library's pretrained weights (ModelLoadError when they cannot be fetched).
-    output:      timm/torchvision "pre_logits" (default) | "logits";
+    output:      timm/torchvision "pre_logits" (default) | "logits"; hf "cls" | "pooler_output"
+                 | "image_embeds" (default per model type);
                  open_clip "embedding" (default) | "pre_proj".
     normalize:   open_clip only: L2-normalise the output (off by default: breaks additivity).
-    model_kwargs: extra constructor arguments (e.g. ``{"img_size": 224}`` for timm).
+    model_kwargs: extra constructor arguments (e.g. ``{"img_size": 224}`` for timm; config
+                 fields for hf, e.g. ``{"hidden_size": 64, "num_hidden_layers": 2}``).
 
     Returns (target in eval mode, info) with info keys spec, family, name, output, input_size
     (3, H, W), mean, std, weights ("random(seed=S)" | checkpoint path | "pretrained"),
@@ -311,6 +314,9 @@ def load_model(spec: str, random_init: bool = False, checkpoint: str | None = No
     elif family == "open_clip":
         target, extra = _load_open_clip(name, tag, random_init, checkpoint, seed,
                                         output or "embedding", normalize, kwargs)
+    elif family == "hf":
+        from fxdecomp.capture.hf import load_hf
+        target, extra = load_hf(name, random_init, checkpoint, seed, output, kwargs)
     else:
         target, extra = _load_torchvision(name, random_init, checkpoint, seed,
                                           output or "pre_logits", kwargs)

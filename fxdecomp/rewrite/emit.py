@@ -46,10 +46,12 @@ GROUP_INDEX = "_fxdecomp_group_index"
 
 class Emitter:
     def __init__(self, gm: GraphModule, walk: Walk, structure: Structure, policy: Policy,
-                 backend: str = "auto", token_tables: dict | None = None):
+                 backend: str = "auto", token_tables: dict | None = None,
+                 root_heads: dict | None = None):
         self.gm, self.walk, self.structure, self.policy = gm, walk, structure, policy
         self.backend = backend
         self.token_tables = token_tables or {}   # attention node -> analyse.positions.AttentionTokens
+        self.root_heads = root_heads or {}       # root -> (channel dim, heads): analyse.channel_heads
         self.facts = walk.facts
         self.graph = Graph()
         self.env: dict[Node, Node] = {}
@@ -162,6 +164,12 @@ class Emitter:
             kind = "embed" if self.structure.before_first_merge(n) else "other"
             name = site.name if site.name != "<root>" else n.name
             return [Chunk(self.call(rt.as_terms, value), (self._label(name=name, module=site.module, kind=kind),))]
+        heads = self.root_heads.get(n)
+        if (plan.kind == PlanKind.ROOT and heads is not None and mode in ("heads", "tokens")
+                and (layout is None or layout[0] != heads[0])):
+            ids = tuple(self._label(name=f"{site.name}.h{h}", module=site.module, kind="attn_head",
+                                    layer=site.layer, head=h) for h in range(heads[1]))
+            return [Chunk(self.call(rt.channel_head_blocks, value, *heads), ids, (heads[0], heads[1], 1))]
         if plan.kind == PlanKind.ROOT:
             kind = self.structure.classify(n, site)
             return [Chunk(self.call(rt.as_terms, value),

@@ -171,10 +171,23 @@ def attention_probs(q, k, attn_mask=None, is_causal=False, scale=None, enable_gq
     return torch.softmax(s, dim=-1)
 
 
+def frozen_attention_terms(t: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """Attention with its probabilities P frozen is linear in the values:
+    P @ Σ_c v_c = Σ_c P @ v_c. t: value terms [C, *batch, N, dh], probs [*batch, L, N]
+    -> [C, *batch, L, dh]."""
+    return torch.matmul(probs.to(t.dtype), t)
+
+
 def head_blocks(value: torch.Tensor, head_dim: int) -> torch.Tensor:
     """Per-head components in head-blocked form: [..., H, ...] -> [H, ..., 1, ...] (component h
     holds head h's slice; the other heads' zeros are implicit)."""
     return value.movedim(head_dim, 0).unsqueeze(1 + head_dim)
+
+
+def channel_head_blocks(value: torch.Tensor, dim: int, heads: int) -> torch.Tensor:
+    """Per-head components of a value whose ``dim`` holds ``heads`` contiguous channel groups,
+    head-blocked: [..., H·b, ...] -> [H, ..., b, ...] (the groups sum to the value)."""
+    return value.unflatten(dim, (heads, -1)).movedim(dim, 0)
 
 
 def densify_heads(t: torch.Tensor, dim: int, heads: int, per_head: int) -> torch.Tensor:

@@ -1,17 +1,21 @@
 """The user-facing module: decompose(model, x) -> DecomposedModel; dm(x) -> Decomposition."""
 from __future__ import annotations
 
+import warnings
 from typing import Literal, Sequence
 
 import torch
 from torch import nn
 from torch.fx import GraphModule
 
+from ..analyse.collapse import BlockCoverage, block_coverage
 from ..analyse.facts import GraphFacts
 from ..analyse.structure import Site, Structure
-from ..analyse.walk import Walk, walk
+from ..analyse.stream import walk_through_stream
+from ..analyse.walk import Walk
 from ..capture.export import capture, check_input, check_model, export_friendly, model_tensor
-from ..errors import FxDecompError, InputError, UnsupportedGraphError
+from ..errors import CollapseError, FxDecompError, InputError, UnsupportedGraphError
+from ..graph.ops import op_name
 from ..graph.plan import PlanKind
 from ..rewrite.emit import Emitter, Policy
 from ..rewrite.rules import RULES
@@ -22,10 +26,10 @@ GRANULARITIES = ("blocks", "heads", "tokens")
 
 
 def _build(model: nn.Module, example: torch.Tensor, granularity: str, layers, dynamic_batch=True,
-           backend: str = "auto", captured=None):
+           backend: str = "auto", captured=None, allow_collapse: bool = False):
     gm, dynamic = captured or capture(model, example, dynamic_batch)
     facts = GraphFacts(gm, RULES, granularity, prefix=getattr(model, "module_prefix", ""))
-    w = walk(gm, facts)
+    w = walk_through_stream(gm, facts)
     structure = Structure(w)
     blocks = structure.blocks
     if not blocks:
@@ -35,12 +39,18 @@ def _build(model: nn.Module, example: torch.Tensor, granularity: str, layers, dy
             "output depends on everything upstream through this nonlinear op; decompose a "
             "representation taken before it (e.g. another `output=` of the adapters)",
             roots[-1] if roots else w.output)
+    coverage = block_coverage(w, structure)
+    if coverage.collapsed and not allow_collapse:
+        raise CollapseError(
+            coverage.describe() + ". Decompose a representation taken before that op (another "
+            "`output=` of the adapters), or pass allow_collapse=True to decompose anyway",
+            coverage.absorber)
     selected = _resolve_layers(layers, len(blocks))
     expanded = {blocks[i] for i in selected}
     first = min(selected)
     if first > 0:
         cut = _init_cut(w, structure, blocks[first])
-        w = walk(gm, facts, cut=frozenset(cut))
+        w = walk_through_stream(gm, facts, cut=frozenset(cut))
         structure = Structure(w, block_order=blocks)
     first_merge = min((facts.index[m] for m in w.merges if facts.module_path(m) == blocks[first]),
                       default=None)
@@ -58,8 +68,42 @@ def _build(model: nn.Module, example: torch.Tensor, granularity: str, layers, dy
     if granularity == "tokens":
         from ..analyse.positions import token_tables_for
         tables = token_tables_for(gm, w, example, dynamic, prefix=facts.prefix)
-    graph_module, labels = Emitter(gm, w, structure, Policy(expand), backend, tables).run()
-    return graph_module, labels, blocks, dynamic
+    root_heads = None
+    if granularity in ("heads", "tokens"):
+        from ..analyse.channel_heads import channel_heads
+        root_heads = channel_heads(gm, w, structure, example)
+    graph_module, labels = Emitter(gm, w, structure, Policy(expand), backend, tables,
+                                   root_heads).run()
+    whole = {}
+    if granularity in ("heads", "tokens"):
+        whole = _whole_attention(w, structure, expand, root_heads or {}, labels)
+        if whole:
+            warnings.warn(f"{len(whole)} attention block(s) stay whole in {granularity} mode: "
+                          + "; ".join(f"{k}: {v}" for k, v in list(whole.items())[:3])
+                          + (" ..." if len(whole) > 3 else "") + " (dm.whole_attention)",
+                          stacklevel=3)
+    return graph_module, labels, blocks, dynamic, (coverage, whole)
+
+
+def _whole_attention(w: Walk, structure: Structure, expand, root_heads: dict,
+                     labels: list[ComponentLabel]) -> dict[str, str]:
+    """Attention components left unsplit in heads mode -> the op that prevents the split."""
+    unsplit = {lab.name for lab in labels if lab.kind == "attn"}
+    out: dict[str, str] = {}
+    for n in w.order:
+        plan = w.plans[n]
+        if plan.kind not in (PlanKind.ROOT, PlanKind.ATTENTION) or n in root_heads:
+            continue
+        site = structure.site(n)
+        if site.name not in unsplit or site.name in out or expand(site, n) not in ("heads", "tokens"):
+            continue   # blocks outside `layers=` are expanded per block on purpose
+        where = structure.facts.module_path(n) or "<root>"
+        if plan.kind == PlanKind.ATTENTION:
+            out[site.name] = f"the attention output {op_name(n)!r} at {where} has no head dimension"
+        else:
+            out[site.name] = (f"{plan.reason} at {where} acts on the sum of the heads (no channel "
+                              "groups per head stay disjoint from a head source to it)")
+    return out
 
 
 def _resolve_layers(layers, n_blocks: int) -> list[int]:
@@ -98,7 +142,7 @@ class DecomposedModel(nn.Module):
     """
 
     def __init__(self, model: nn.Module, example: torch.Tensor, granularity: str = "heads",
-                 layers=None, backend: str = "auto", _captured=None):
+                 layers=None, backend: str = "auto", _captured=None, allow_collapse: bool = False):
         super().__init__()
         if granularity not in GRANULARITIES:
             hint = " (did you mean 'heads'?)" if granularity == "head" else ""
@@ -114,15 +158,21 @@ class DecomposedModel(nn.Module):
             except RuntimeError as err:
                 raise InputError(str(err)) from err
         self.granularity, self.layers, self.backend = granularity, layers, backend
+        self.allow_collapse = allow_collapse
         self.input_shape = tuple(example.shape[1:])
         self.input_dtype, self.input_device = example.dtype, example.device
         self.model = model
-        gm, labels, blocks, dynamic = _build(model, example, granularity, layers, backend=backend,
-                                             captured=_captured)
+        gm, labels, blocks, dynamic, (coverage, whole) = _build(
+            model, example, granularity, layers, backend=backend, captured=_captured,
+            allow_collapse=allow_collapse)
         self.graph_module: GraphModule = gm
         self.labels: list[ComponentLabel] = labels
         self.blocks: list[str] = blocks
         self.dynamic_batch = dynamic
+        #: how many of the model's residual blocks were expanded (and which were absorbed)
+        self.block_coverage: BlockCoverage = coverage
+        #: attention components left whole in heads/tokens mode -> the op that prevents the split
+        self.whole_attention: dict[str, str] = whole
         self._static: dict[int, GraphModule] = {int(example.shape[0]): gm}
         self.expanded_layers: list[int] = _resolve_layers(layers, len(blocks))
         self._compiled = None
@@ -133,8 +183,9 @@ class DecomposedModel(nn.Module):
         if batch not in self._static:
             ex = torch.zeros((batch,) + self.input_shape, dtype=self.input_dtype,
                              device=self.input_device)
-            gm, labels, _, _ = _build(self.model, ex, self.granularity, self.layers,
-                                      dynamic_batch=False, backend=self.backend)
+            gm, labels, *_ = _build(self.model, ex, self.granularity, self.layers,
+                                    dynamic_batch=False, backend=self.backend,
+                                    allow_collapse=self.allow_collapse)
             if [l.name for l in labels] != [l.name for l in self.labels]:
                 raise FxDecompError(f"re-capture at batch {batch} gave different components")
             self._static[batch] = gm
@@ -172,14 +223,19 @@ class DecomposedModel(nn.Module):
 
 
 def decompose(model: nn.Module, example_input: torch.Tensor, granularity: Granularity = "heads",
-              layers: int | Sequence[int] | None = None, backend: str = "auto") -> DecomposedModel:
+              layers: int | Sequence[int] | None = None, backend: str = "auto",
+              allow_collapse: bool = False) -> DecomposedModel:
     """Rewrite ``model`` so that ``dm(x).components.sum(0) == model(x)``.
 
     granularity: "blocks" (one component per residual branch), "heads" (attention split per head)
     or "tokens" (per head and per source token). layers: indices of the residual blocks to expand
     (negative counts from the end); everything upstream of the first becomes one ``init`` term.
+    allow_collapse: by default a decomposition in which residual blocks of the model reach the
+    output only through one nonlinear op (so they are absorbed into one component) raises
+    ``CollapseError`` naming that op; True accepts it (``dm.block_coverage`` says what was lost).
     """
-    return DecomposedModel(model, example_input, granularity, layers, backend)
+    return DecomposedModel(model, example_input, granularity, layers, backend,
+                           allow_collapse=allow_collapse)
 
 
 def decompose_in_groups(model: nn.Module, example_input: torch.Tensor,
@@ -199,7 +255,8 @@ def decompose_in_groups(model: nn.Module, example_input: torch.Tensor,
     check_model(model)
     check_input(example_input, what="example_input", like=model_tensor(model))
     captured = capture(model, example_input)
-    n = len(Structure(walk(captured[0], GraphFacts(captured[0], RULES, granularity))).blocks)
+    facts = GraphFacts(captured[0], RULES, granularity)
+    n = len(Structure(walk_through_stream(captured[0], facts)).blocks)
     return [DecomposedModel(model, example_input, granularity,
                             list(range(start, min(start + group_size, n))), backend,
                             _captured=captured)

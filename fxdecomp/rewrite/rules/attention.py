@@ -4,6 +4,10 @@ softmax(q kᵀ·s + mask) @ v: with the probabilities P frozen, the output is li
 split per head (dim −3) and per source token (the key index). The attention output is a component
 root: what q, k and v computed stays inside the component. The emitter expands it
 (``Emitter._attention_terms``) from the ``AttentionForm`` in the plan.
+
+An attention on the residual stream's path (in no residual branch: a learned probe pooling the
+final tokens, see ``fxdecomp.analyse.stream``) is instead planned as linear in V with P frozen:
+the components upstream flow through it.
 """
 from __future__ import annotations
 
@@ -12,18 +16,42 @@ import re
 import torch.nn.functional as F
 from torch.fx import Node
 
+from ...errors import UnsupportedGraphError
 from ...graph.ops import aten
 from ...graph.plan import AttentionForm, Plan
+from .. import runtime as rt
 from . import RULES
-from .common import Tail, ops
+from .common import Tail, einsum_emit, ops, push_emit
 
 
 @RULES.rule(aten.scaled_dot_product_attention, name="sdpa", examples=(
         lambda: Tail(lambda m, x: F.scaled_dot_product_attention(
             *(x.unflatten(-1, (2, 4)).transpose(1, 2),) * 3).transpose(1, 2).flatten(2)),))
 def plan_sdpa(node, facts):
-    """The attention output is a root, split per head and per source token on demand."""
+    """The attention output is a root, split per head and per source token on demand; on the
+    stream's path it is linear in v: Σ_c P @ v_c with P = softmax(q kᵀ·s + mask) frozen."""
+    if node in facts.stream_attention:
+        return _stream_sdpa(node)
     return Plan.attend(AttentionForm("sdpa"))
+
+
+def _stream_sdpa(node: Node) -> Plan:
+    q, k, v = node.args[:3]
+    kw = dict(zip(("attn_mask", "dropout_p", "is_causal"), node.args[3:6]))
+    kw.update(node.kwargs)
+    if kw.get("dropout_p", 0.0):
+        raise UnsupportedGraphError("attention dropout is active (dropout_p > 0)", node)
+
+    def emit(em, node):
+        c = em.merged(v)
+        probs = em.call(rt.attention_probs, em.orig(q), em.orig(k),
+                        em.orig_arg(kw.get("attn_mask")), bool(kw.get("is_causal", False)),
+                        kw.get("scale"), bool(kw.get("enable_gqa", False)))
+        t = c.node
+        if kw.get("enable_gqa"):
+            t = em.call(rt.repeat_kv, t, em.orig(q))
+        return [em.chunk(em.call(rt.frozen_attention_terms, t, probs), c.labels)]
+    return Plan.linear([v], emit)
 
 
 @RULES.rule(*ops("softmax", "_softmax", "_safe_softmax"), name="softmax", makes_probs=True,
@@ -56,6 +84,10 @@ def product_attention(node: Node, facts, probs, values, equation: str | None = N
     attention probabilities (or the product runs in an attention module); None otherwise."""
     if not (facts.is_probs(probs) or facts.in_attention(node)):
         return None
+    if node in facts.stream_attention:   # on the stream's path: linear in V, P frozen
+        if equation is None:
+            return Plan.linear([values], push_emit(1))
+        return Plan.linear([values], einsum_emit(equation, 1, node.args[1]))
     if equation is None:
         return Plan.attend(AttentionForm("matmul", probs, values))
     return Plan.attend(AttentionForm("einsum", probs, values, equation))

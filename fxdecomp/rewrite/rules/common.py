@@ -87,6 +87,16 @@ def push_emit(pos: int = 0, target=None) -> EmitFn:
     return emit
 
 
+def einsum_emit(equation: str, k: int, operands) -> EmitFn:
+    """Emit: einsum(equation, *operands) applied to every component of operand ``k`` (the
+    others frozen)."""
+    def emit(em, node):
+        c = em.merged(operands[k])
+        out = em.call(rt.einsum_pusher(equation, k), c.node, [em.orig_arg(o) for o in operands])
+        return [em.chunk(out, c.labels)]
+    return emit
+
+
 def identity_emit(pos: int = 0) -> EmitFn:
     """Emit: the output's terms are the terms of arg ``pos`` (head blocks kept)."""
     def emit(em, node):

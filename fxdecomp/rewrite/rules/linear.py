@@ -19,7 +19,7 @@ from ...graph.shapes import sizes
 from .. import runtime as rt
 from . import RULES
 from .attention import product_attention
-from .common import Tail as _Fn, arg, bias_chunk, ops, push_emit, rowwise_demand
+from .common import Tail as _Fn, arg, bias_chunk, einsum_emit, ops, push_emit, rowwise_demand
 
 
 def _weight_args(node: Node, facts):
@@ -106,12 +106,7 @@ def plan_einsum(node, facts):
                 return found
         return Plan.root("einsum of several data-dependent operands")
     (k,) = data
-
-    def emit(em, node):
-        c = em.merged(operands[k])
-        out = em.call(rt.einsum_pusher(eq, k), c.node, [em.orig_arg(o) for o in operands])
-        return [em.chunk(out, c.labels)]
-    return Plan.linear([operands[k]], emit)
+    return Plan.linear([operands[k]], einsum_emit(eq, k, operands))
 
 
 @RULES.rule(aten.addmm, aten.baddbmm, name="addmm", examples=(
