@@ -258,8 +258,9 @@ def write_terms(parts: Sequence, ref: torch.Tensor, backend: str = "auto") -> to
         return blocked_linear(p[0], p[1], p[2], backend) if isinstance(p, (tuple, list)) else p
 
     if len(parts) == 1 and not isinstance(parts[0], (tuple, list)) \
-            and tuple(parts[0].shape[1:]) == tuple(ref.shape) and parts[0].stride(-1) != 0:
-        return parts[0]
+            and tuple(parts[0].shape[1:]) == tuple(ref.shape) and 0 not in parts[0].stride() \
+            and parts[0].untyped_storage().data_ptr() != ref.untyped_storage().data_ptr():
+        return parts[0]   # already one tensor of its own (not a view of the value): no copy
     tensors = [x for p in parts for x in (p if isinstance(p, (tuple, list)) else (p,))
                if isinstance(x, torch.Tensor)]
     if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
