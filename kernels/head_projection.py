@@ -225,4 +225,38 @@ def head_projection(O: torch.Tensor, M: torch.Tensor, scale: Optional[torch.Tens
     _check_out(out, O, M, dtype)
     if resolve_backend(backend, O) == "torch":
         return head_projection_reference(O, M, scale, center, out_dtype=dtype, out=out)
+    tensors = (O, M) if scale is None else (O, M, scale)
+    if out is None and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return _HeadProjectionTriton.apply(O, M, scale, bool(center), dtype)
     return _head_projection_triton(O, M, scale, center, dtype, out)
+
+
+class _HeadProjectionTriton(torch.autograd.Function):
+    """The Triton forward with a torch backward, so gradients match the reference's.
+
+    With Mc = M − mean_E(M) (or M without centring) the forward is y = s ⊙ (O @ Mc):
+    dO = (s ⊙ dy) @ Mcᵀ; dMc = Oᵀ (s ⊙ dy) and dM = dMc − mean_E(dMc) (centring is its own
+    adjoint); ds = Σ_{h,e} dy ⊙ (O @ Mc)."""
+
+    @staticmethod
+    def forward(ctx, O, M, scale, center, dtype):
+        ctx.save_for_backward(O, M, scale)
+        ctx.center = center
+        return _head_projection_triton(O, M, scale, center, dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        O, M, scale = ctx.saved_tensors
+        Mc = M.float() - M.float().mean(-1, keepdim=True) if ctx.center else M.float()
+        g = dy.float()                                            # [H, B, Q, E]
+        gs = g if scale is None else g * scale.float()[None, :, :, None]
+        dO = dM = ds = None
+        if ctx.needs_input_grad[0]:
+            dO = torch.einsum("hbqe,hde->bhqd", gs, Mc).to(O.dtype)
+        if ctx.needs_input_grad[1]:
+            dMc = torch.einsum("bhqd,hbqe->hde", O.float(), gs)
+            dM = (dMc - dMc.mean(-1, keepdim=True) if ctx.center else dMc).to(M.dtype)
+        if scale is not None and ctx.needs_input_grad[2]:
+            y = torch.einsum("bhqd,hde->hbqe", O.float(), Mc)
+            ds = (g * y).sum(dim=(0, 3)).to(scale.dtype)
+        return dO, dM, ds, None, None

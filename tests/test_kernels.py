@@ -484,3 +484,22 @@ def test_head_projection_out_rejects_wrong_shape():
     O, M = torch.randn(1, 2, 3, 4), torch.randn(2, 4, 5)
     with pytest.raises(K.KernelInputError, match="out must be"):
         K.head_projection(O, M, backend="torch", out=torch.empty(2, 1, 3, 4))
+
+
+@needs_kernel
+@pytest.mark.parametrize("center,scale_kind", [(False, None), (True, torch.float32)])
+def test_head_projection_gradients_agree_between_backends(center, scale_kind):
+    """The Triton forward is wrapped so autograd gives the reference's gradients (O, M, scale)."""
+    B, H, Q, dh, E = 2, 3, 4, 16, 24
+    grads = {}
+    for backend in ("triton", "torch"):
+        O = make_o(B, H, Q, dh, torch.float32, "bhqd", 0).requires_grad_(True)
+        M = make_m(H, dh, E, torch.float32, "hde", 1).requires_grad_(True)
+        s = make_scale(B, Q, scale_kind, 2)
+        s = s.clone().requires_grad_(True) if s is not None else None
+        w = torch.randn(H, B, Q, E, generator=_gen(3)).to(DEVICE)
+        y = K.head_projection(O, M, s, center, backend=backend)
+        inputs = [O, M] + ([s] if s is not None else [])
+        grads[backend] = torch.autograd.grad((y * w).sum(), inputs)
+    for a, b in zip(grads["triton"], grads["torch"]):
+        assert_close(a, b, torch.float32, "head_projection gradient")
