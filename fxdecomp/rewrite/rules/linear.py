@@ -52,6 +52,10 @@ def plan_linear(node, facts):
         if c.block is not None and c.block[0] == rank - 1 and len(sizes(w)) == 2:
             # evaluated where the terms are gathered, with later linear maps folded in
             out = em.pending(c.node, em.orig(w), c.block[1], c.labels)
+        elif c.block is None and len(c.labels) == 1 and len(sizes(w)) == 2:
+            # one component (an MLP's hidden activation): pending as well (one "head"), so a
+            # later mean over tokens reduces its input before W applies
+            out = em.pending(c.node, em.orig(w), 1, c.labels)
         else:
             c = em.densify(c)
             out = em.chunk(em.call(F.linear, c.node, em.orig(w)), c.labels)
