@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from ._common import (HAS_TRITON, KernelInputError, check_out_dtype, check_same_dtype_and_device,
-                      check_scale, check_tensor, dot_precision, dot_upcast, interpreter_block,
+                      check_scale, check_tensor, describe, dot_precision, dot_upcast, interpreter_block,
                       interpreting, launchable, resolve_backend)
 
 if HAS_TRITON:
@@ -128,13 +128,22 @@ def _validate(O, M, scale, out_dtype):
 
 def head_projection_reference(O: torch.Tensor, M: torch.Tensor,
                               scale: Optional[torch.Tensor] = None, center: bool = False, *,
-                              out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+                              out_dtype: Optional[torch.dtype] = None,
+                              out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Pure-torch ``head_projection`` (einsum in fp32, result cast to the output dtype).
 
     Reads O and M and writes [H, B, Q, E] like the kernel, plus fp32 temporaries of the same
-    size as the output (up-casts, the centered and the scaled copies).
+    size as the output (up-casts, the centered and the scaled copies). With ``out`` (fp32, no
+    centering, no scale) the batched matmul writes straight into it: one write of the output.
     """
     dtype = _validate(O, M, scale, out_dtype)
+    _check_out(out, O, M, dtype)
+    if out is not None and not center and scale is None and dtype == torch.float32 \
+            and O.dtype == torch.float32:
+        torch.matmul(O.transpose(0, 1), M.unsqueeze(1), out=out)
+        return out
+    if out is not None:
+        return out.copy_(head_projection_reference(O, M, scale, center, out_dtype=dtype))
     y = torch.einsum("bhqd,hde->hbqe", O.float(), M.float())
     if center:
         y = y - y.mean(dim=-1, keepdim=True)
@@ -143,11 +152,24 @@ def head_projection_reference(O: torch.Tensor, M: torch.Tensor,
     return y.to(dtype)
 
 
-def _head_projection_triton(O, M, scale, center, out_dtype):
+def _check_out(out, O, M, dtype):
+    """``out`` is None or an [H, B, Q, E] tensor of the output dtype on O's device."""
+    if out is None:
+        return
+    B, H, Q, _ = O.shape
+    want = (H, B, Q, M.shape[2])
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != want or out.dtype != dtype \
+            or out.device != O.device:
+        raise KernelInputError(f"out must be a {dtype} tensor of shape [H, B, Q, E] = {want} on "
+                               f"{O.device}; got {describe('out', out)}")
+
+
+def _head_projection_triton(O, M, scale, center, out_dtype, out=None):
     B, H, Q, dh = O.shape
     E = M.shape[2]
     R = B * Q
-    out = torch.empty((H, B, Q, E), device=O.device, dtype=out_dtype)
+    if out is None:
+        out = torch.empty((H, B, Q, E), device=O.device, dtype=out_dtype)
     if out.numel() == 0:
         return out
     if dh == 0:
@@ -175,7 +197,8 @@ def _head_projection_triton(O, M, scale, center, out_dtype):
 
 def head_projection(O: torch.Tensor, M: torch.Tensor, scale: Optional[torch.Tensor] = None,
                     center: bool = False, backend: str = "auto", *,
-                    out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+                    out_dtype: Optional[torch.dtype] = None,
+                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Project each head's attention output through its folded matrix.
 
     Args:
@@ -186,6 +209,9 @@ def head_projection(O: torch.Tensor, M: torch.Tensor, scale: Optional[torch.Tens
         center: subtract each output row's mean over E (per component), before ``scale``.
         backend: "auto" (Triton for CUDA tensors, torch otherwise), "triton" or "torch".
         out_dtype: output dtype; defaults to O's dtype. Accumulation is always fp32.
+        out: optional preallocated [H, B, Q, E] result (any strides, e.g. a slice of a larger
+            slab of components); written in place and returned. Not differentiable (like any
+            ``out=`` op): callers that need gradients leave it None.
 
     Returns:
         [H, B, Q, E]: ``out[h, b, q] = scale[b, q] * center(O[b, h, q] @ M[h])``; summing over
@@ -196,6 +222,41 @@ def head_projection(O: torch.Tensor, M: torch.Tensor, scale: Optional[torch.Tens
     torch.Size([3, 2, 5, 16])
     """
     dtype = _validate(O, M, scale, out_dtype)
+    _check_out(out, O, M, dtype)
     if resolve_backend(backend, O) == "torch":
-        return head_projection_reference(O, M, scale, center, out_dtype=dtype)
-    return _head_projection_triton(O, M, scale, center, dtype)
+        return head_projection_reference(O, M, scale, center, out_dtype=dtype, out=out)
+    tensors = (O, M) if scale is None else (O, M, scale)
+    if out is None and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return _HeadProjectionTriton.apply(O, M, scale, bool(center), dtype)
+    return _head_projection_triton(O, M, scale, center, dtype, out)
+
+
+class _HeadProjectionTriton(torch.autograd.Function):
+    """The Triton forward with a torch backward, so gradients match the reference's.
+
+    With Mc = M − mean_E(M) (or M without centring) the forward is y = s ⊙ (O @ Mc):
+    dO = (s ⊙ dy) @ Mcᵀ; dMc = Oᵀ (s ⊙ dy) and dM = dMc − mean_E(dMc) (centring is its own
+    adjoint); ds = Σ_{h,e} dy ⊙ (O @ Mc)."""
+
+    @staticmethod
+    def forward(ctx, O, M, scale, center, dtype):
+        ctx.save_for_backward(O, M, scale)
+        ctx.center = center
+        return _head_projection_triton(O, M, scale, center, dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        O, M, scale = ctx.saved_tensors
+        Mc = M.float() - M.float().mean(-1, keepdim=True) if ctx.center else M.float()
+        g = dy.float()                                            # [H, B, Q, E]
+        gs = g if scale is None else g * scale.float()[None, :, :, None]
+        dO = dM = ds = None
+        if ctx.needs_input_grad[0]:
+            dO = torch.einsum("hbqe,hde->bhqd", gs, Mc).to(O.dtype)
+        if ctx.needs_input_grad[1]:
+            dMc = torch.einsum("bhqd,hbqe->hde", O.float(), gs)
+            dM = (dMc - dMc.mean(-1, keepdim=True) if ctx.center else dMc).to(M.dtype)
+        if scale is not None and ctx.needs_input_grad[2]:
+            y = torch.einsum("bhqd,hde->hbqe", O.float(), Mc)
+            ds = (g * y).sum(dim=(0, 3)).to(scale.dtype)
+        return dO, dM, ds, None, None

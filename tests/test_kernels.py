@@ -458,3 +458,48 @@ def test_engine_triton_backend_matches_torch(granularity):
     torch.testing.assert_close(got.components, ref.components, rtol=1e-5, atol=1e-5 * scale)
     err = float((got.components.double().sum(0) - got.output.double()).abs().max()) / scale
     assert err <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# head_projection writing into a preallocated slab (the engine's write-once path)
+# ---------------------------------------------------------------------------------------------
+@needs_kernel
+@pytest.mark.parametrize("center,scale_kind", [(False, None), (True, torch.float32)])
+def test_head_projection_out_writes_into_slab(center, scale_kind):
+    """out= writes [H, B, Q, E] into a slice of a larger tensor, leaving the rest untouched,
+    with the values of the reference; both backends."""
+    B, H, Q, dh, E = 2, 3, 5, 16, 24
+    O, M = make_o(B, H, Q, dh, torch.float32, "bhqd", 0), make_m(H, dh, E, torch.float32, "hde", 1)
+    s = make_scale(B, Q, scale_kind, 2)
+    ref = K.head_projection_reference(O, M, s, center)
+    for backend in ("triton", "torch"):
+        slab = torch.full((H + 2, B, Q, E), 7.0, device=DEVICE)
+        got = K.head_projection(O, M, s, center, backend=backend, out=slab[1:H + 1])
+        assert got.data_ptr() == slab[1].data_ptr()
+        assert_close(slab[1:H + 1], ref, torch.float32, f"head_projection out= ({backend})")
+        assert bool((slab[0] == 7).all()) and bool((slab[H + 1] == 7).all())
+
+
+def test_head_projection_out_rejects_wrong_shape():
+    O, M = torch.randn(1, 2, 3, 4), torch.randn(2, 4, 5)
+    with pytest.raises(K.KernelInputError, match="out must be"):
+        K.head_projection(O, M, backend="torch", out=torch.empty(2, 1, 3, 4))
+
+
+@needs_kernel
+@pytest.mark.parametrize("center,scale_kind", [(False, None), (True, torch.float32)])
+def test_head_projection_gradients_agree_between_backends(center, scale_kind):
+    """The Triton forward is wrapped so autograd gives the reference's gradients (O, M, scale)."""
+    B, H, Q, dh, E = 2, 3, 4, 16, 24
+    grads = {}
+    for backend in ("triton", "torch"):
+        O = make_o(B, H, Q, dh, torch.float32, "bhqd", 0).requires_grad_(True)
+        M = make_m(H, dh, E, torch.float32, "hde", 1).requires_grad_(True)
+        s = make_scale(B, Q, scale_kind, 2)
+        s = s.clone().requires_grad_(True) if s is not None else None
+        w = torch.randn(H, B, Q, E, generator=_gen(3)).to(DEVICE)
+        y = K.head_projection(O, M, s, center, backend=backend)
+        inputs = [O, M] + ([s] if s is not None else [])
+        grads[backend] = torch.autograd.grad((y * w).sum(), inputs)
+    for a, b in zip(grads["triton"], grads["torch"]):
+        assert_close(a, b, torch.float32, "head_projection gradient")

@@ -7,6 +7,7 @@ one tensor first. Labels are static, so the graph has no Python loop over compon
 """
 from __future__ import annotations
 
+import operator
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
@@ -33,6 +34,12 @@ class Chunk:
     # tensor stores only that block ([c, ..., size/H, ...]): no zero padding, and a projection
     # consuming it is one batched per-head contraction.
     block: tuple | None = None
+    # Pending per-head projection (W node [E, H·b], H): the terms are blocked_linear(node, W, H)
+    # but are not computed yet. ``node`` holds the head-blocked input [c, *rest, b]; ops that act
+    # on the rest dims apply to it, and linear maps on the last dim (a norm's centring and γ, a
+    # layer scale, the output directions of ``project=``) fold into W, so each component's final
+    # value is written once, where all terms of a value are gathered (``Emitter.write``).
+    proj: tuple | None = None
 
 
 @dataclass
@@ -47,8 +54,9 @@ GROUP_INDEX = "_fxdecomp_group_index"
 class Emitter:
     def __init__(self, gm: GraphModule, walk: Walk, structure: Structure, policy: Policy,
                  backend: str = "auto", token_tables: dict | None = None,
-                 root_heads: dict | None = None):
+                 root_heads: dict | None = None, project: bool = False):
         self.gm, self.walk, self.structure, self.policy = gm, walk, structure, policy
+        self.project = project     # the graph takes output directions D [E, k] as a 2nd input
         self.backend = backend
         self.token_tables = token_tables or {}   # attention node -> analyse.positions.AttentionTokens
         self.root_heads = root_heads or {}       # root -> (channel dim, heads): analyse.channel_heads
@@ -94,37 +102,65 @@ class Emitter:
     def chunk(self, node: Node, labels, block=None) -> Chunk:
         return Chunk(node, tuple(labels), block)
 
+    def pending(self, t: Node, weight: Node, heads: int, labels) -> Chunk:
+        """Terms blocked_linear(t, weight, heads), left unevaluated (see ``Chunk.proj``)."""
+        return Chunk(t, tuple(labels), None, (weight, heads))
+
+    def materialize(self, c: Chunk) -> Chunk:
+        """A pending projection -> its terms (other chunks unchanged)."""
+        if c.proj is None:
+            return c
+        return Chunk(self.call(rt.blocked_linear, c.node, c.proj[0], c.proj[1], self.backend),
+                     c.labels)
+
     def densify(self, c: Chunk) -> Chunk:
         """Head-blocked terms -> plain terms (each component's block placed among zeros)."""
+        c = self.materialize(c)
         if c.block is None:
             return c
         return Chunk(self.call(rt.densify_heads, c.node, *c.block), c.labels)
 
-    def _narrow(self, chunks: list[Chunk], have, want) -> list[Chunk]:
+    def _narrow(self, chunks: list[Chunk], have, want, rank: int | None = None) -> list[Chunk]:
         pos = demand.positions(have, want)
         if pos is None:
             return chunks
         out = []
         for c in chunks:
-            if c.block is not None and c.block[0] == pos[0]:
+            if c.block is not None and c.block[0] == pos[0] or \
+                    c.proj is not None and (rank is None or pos[0] >= rank - 1):
                 c = self.densify(c)
-            out.append(Chunk(self.call(rt.take, c.node, pos[0] + 1, pos[1], pos[2]), c.labels, c.block))
+            out.append(Chunk(self.call(rt.take, c.node, pos[0] + 1, pos[1], pos[2]), c.labels,
+                             c.block, c.proj))
         return out
 
-    def terms(self, n: Node, blocked_ok: bool = False) -> list[Chunk]:
+    def terms(self, n: Node, blocked_ok: bool = False, pending_ok: bool = False) -> list[Chunk]:
         """Terms of ``n``, at the rows the current rule asked for. Rules that understand
-        head-blocked chunks pass ``blocked_ok``; others get them densified."""
-        chunks = self._narrow(self.terms_of[n], self.demand[n], self._view.get(n))
-        return chunks if blocked_ok else [self.densify(c) for c in chunks]
+        head-blocked chunks pass ``blocked_ok``, pending projections ``pending_ok``; others get
+        them densified/evaluated."""
+        chunks = self._narrow(self.terms_of[n], self.demand[n], self._view.get(n), _rank(n))
+        if not pending_ok:
+            chunks = [self.materialize(c) for c in chunks]
+        return chunks if blocked_ok else [self.densify(c) if c.proj is None else c for c in chunks]
+
+    def write(self, chunks: list[Chunk], ref: Node) -> Chunk:
+        """All ``chunks`` of one value as one terms tensor, each component written once into a
+        preallocated slab (pending projections straight into it; ``rt.write_terms``)."""
+        parts = [(c.node, c.proj[0], c.proj[1]) if c.proj is not None else self.densify(c).node
+                 for c in chunks]
+        return Chunk(self.call(rt.write_terms, parts, ref, self.backend),
+                     sum((c.labels for c in chunks), ()))
 
     def merged(self, n: Node, blocked_ok: bool = False) -> Chunk:
         chunks = self.terms_of[n]
         if len(chunks) > 1:
-            node = self.call(rt.cat_chunks, [self.densify(c).node for c in chunks],
-                             self.value_at(n, self.demand[n]))
-            chunks = self.terms_of[n] = [Chunk(node, sum((c.labels for c in chunks), ()))]
-        c = self._narrow(chunks, self.demand[n], self._view.get(n))[0]
-        return c if blocked_ok else self.densify(c)
+            chunks = self.terms_of[n] = [self.write(chunks, self.value_at(n, self.demand[n]))]
+        c = self._narrow(chunks, self.demand[n], self._view.get(n), _rank(n))[0]
+        return c if blocked_ok and c.proj is None else self.densify(c)
+
+    def scaled(self, c: Chunk, factor) -> Chunk:
+        """``c`` times a scalar or a frozen factor that broadcasts along the last dim (size 1
+        there): for a pending projection it applies to the head-blocked input."""
+        return Chunk(self.call(operator.mul, c.node, factor), c.labels, c.block, c.proj)
 
     def const_chunk(self, node: Node, source, suffix: str) -> Chunk:
         """A constant component (a bias, a shift) created by the rule of the current node."""
@@ -180,7 +216,7 @@ class Emitter:
             return self._attention_terms(n, plan, site, mode, layout)
         # narrowed along another dim: expand the full value, then take the rows
         chunks = self._attention_terms(n, plan, site, mode, None)
-        return self._narrow(chunks, None, layout)
+        return self._narrow(chunks, None, layout, len(shape))
 
     def _attention_terms(self, n: Node, plan: Plan, site: Site, mode: str, layout) -> list[Chunk]:
         """Split an attention output per head (and per source token). ``layout``: None, or
@@ -248,6 +284,23 @@ class Emitter:
                     for h in range(heads) for tok in range(n_tok) for w in range(windows))
         return [Chunk(t, ids, None if head_dim is None else (head_dim, heads, n_tok * windows))]
 
+    def _project(self, chunks: list[Chunk], out_ref: Node) -> tuple[list[Chunk], Node]:
+        """Map the output's terms through directions D [E, k] (a second graph input): pending
+        projections fold D into their W (so they are written at width k), others are
+        multiplied. The returned output is out @ D, so the terms still sum to it."""
+        last = [n for n in self.graph.nodes if n.op == "placeholder"][-1]
+        with self.graph.inserting_after(last):   # forward(x, project)
+            d = self.graph.placeholder("project")
+        out = []
+        for c in chunks:
+            if c.proj is not None:
+                out.append(self.pending(c.node, self.call(rt.fold_projection, c.proj[0], d),
+                                        c.proj[1], c.labels))
+            else:
+                out.append(self.chunk(self.call(rt.project_terms, self.densify(c).node, out_ref, d),
+                                      c.labels))
+        return out, self.call(torch.matmul, out_ref, d)
+
     def _dedupe(self, n: Node, chunks: list[Chunk]) -> list[Chunk]:
         """Keep each raw label once per node: where a component reaches a node along two paths
         (x + conv(x)), its terms are summed, not listed twice (which would grow exponentially
@@ -282,12 +335,14 @@ class Emitter:
                 self._view = {}
             else:                         # full terms, then keep the rows needed
                 chunks = self._dedupe(n, plan.emit(self, n))
-                self.terms_of[n] = self._narrow(chunks, None, layout)
+                self.terms_of[n] = self._narrow(chunks, None, layout, _rank(n))
         target = self.walk.output
         out_ref = self.env[target]
-        raw_terms = self.call(rt.cat_chunks, [self.densify(c).node for c in self.terms_of[target]],
-                              out_ref)
-        raw_ids = [i for c in self.terms_of[target] for i in c.labels]
+        chunks = self.terms_of[target]
+        if self.project:
+            chunks, out_ref = self._project(chunks, out_ref)
+        raw_terms = self.write(chunks, out_ref).node
+        raw_ids = [i for c in chunks for i in c.labels]
         labels, index = _group_labels([self.raw[i] for i in raw_ids])
         if index == list(range(len(index))):
             components = raw_terms
@@ -300,6 +355,11 @@ class Emitter:
         new.graph.eliminate_dead_code()
         new.recompile()
         return new, labels
+
+
+def _rank(n: Node) -> int | None:
+    val = n.meta.get("val") if isinstance(n, Node) else None
+    return len(val.shape) if isinstance(val, torch.Tensor) else None
 
 
 def _unknown_position(error) -> TokenPosition:

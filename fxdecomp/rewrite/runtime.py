@@ -23,7 +23,8 @@ __all__ = [
     "attention_probs", "split_heads_tokens", "where_terms", "max_pool2d_terms", "max_dim_terms",
     "group_components", "pusher", "multi_pusher", "einsum_pusher", "addmm_bias", "scalar_terms",
     "where_scalar", "masked_value", "pad_border", "unsqueeze_terms", "index_tensor", "repeat_kv",
-    "split_windows",
+    "split_windows", "fold_centering", "fold_rows", "fold_linear", "fold_projection", "inv_std",
+    "project_terms", "write_terms",
 ]
 
 
@@ -200,18 +201,94 @@ def densify_heads(t: torch.Tensor, dim: int, heads: int, per_head: int) -> torch
     return full.flatten(dim + 1, dim + 2)
 
 
-def blocked_linear(t: torch.Tensor, weight: torch.Tensor, heads: int, backend: str = "auto"):
+def blocked_linear(t: torch.Tensor, weight: torch.Tensor, heads: int, backend: str = "auto",
+                   out: torch.Tensor | None = None):
     """F.linear on head-blocked terms (blocks along the last dim): component c only meets
     columns of its own head, so y_c = x_c · W[:, h_c·b:(h_c+1)·b]ᵀ — one batched per-head
-    contraction (Triton ``head_projection`` on CUDA) instead of H zero-padded projections."""
+    contraction (Triton ``head_projection`` on CUDA) instead of H zero-padded projections.
+    ``out``: a contiguous [c, *rest, E] tensor (a slice of a slab) the result is written into."""
     from fxdecomp_kernels import head_projection
     c, b = t.shape[0], t.shape[-1]
     rest = tuple(t.shape[1:-1])
     e = weight.shape[0]
     o = t.reshape(1, heads, -1, b)                           # [1, H, (per_head·rest), b]
     m = weight.reshape(e, heads, b).permute(1, 2, 0)         # [H, b, E]
+    if out is not None:
+        head_projection(o, m, backend=backend, out=out.view(heads, 1, -1, e))
+        return out
     y = head_projection(o, m, backend=backend)               # [H, 1, (per_head·rest), E]
     return y.reshape((c,) + rest + (e,))
+
+
+def fold_centering(weight: torch.Tensor, gamma: torch.Tensor | None) -> torch.Tensor:
+    """A LayerNorm's centring and γ folded into the linear map W [E, d] before it:
+    γ ⊙ (xWᵀ − mean_E(xWᵀ)) = x (γ ⊙ (W − mean_E W))ᵀ (the mean over output rows is linear)."""
+    w = weight - weight.mean(dim=0, keepdim=True)
+    return w if gamma is None else w * gamma.reshape(-1, 1).to(w.dtype)
+
+
+def fold_rows(weight: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """A per-output-feature scale (RMSNorm's γ, a layer scale) folded into W [E, d]:
+    γ ⊙ (xWᵀ) = x (γ ⊙ W)ᵀ."""
+    return weight * gamma.reshape(-1, 1).to(weight.dtype)
+
+
+def fold_linear(weight: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """A later linear map A [E', E] folded into W [E, d]: (xWᵀ)Aᵀ = x (A W)ᵀ."""
+    return after.to(weight.dtype) @ weight
+
+
+def fold_projection(weight: torch.Tensor, project: torch.Tensor) -> torch.Tensor:
+    """Output directions D [E, k] folded into W [E, d]: (xWᵀ) D = x (Dᵀ W)ᵀ."""
+    return project.to(weight.dtype).t() @ weight
+
+
+def inv_std(x: torch.Tensor, n_dims: int, eps, centered: bool = True) -> torch.Tensor:
+    """The frozen 1/σ of a LayerNorm (``centered``) or 1/rms of an RMSNorm over the last
+    ``n_dims`` dims of x, keepdim: [*x.shape[:-n], 1, ...]."""
+    dims = tuple(range(-n_dims, 0))
+    xf = x.float()
+    if eps is None:
+        eps = torch.finfo(x.dtype).eps
+    var = xf.var(dim=dims, unbiased=False, keepdim=True) if centered else \
+        xf.pow(2).mean(dim=dims, keepdim=True)
+    return torch.rsqrt(var + eps).to(x.dtype)
+
+
+def project_terms(t: torch.Tensor, ref: torch.Tensor, project: torch.Tensor) -> torch.Tensor:
+    """Terms of a value [c, *ref.shape] mapped through output directions D [E, k]: [c, ..., k]."""
+    return expand_terms(t, ref) @ project.to(t.dtype)
+
+
+def write_terms(parts: Sequence, ref: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """All terms of one value, each written once into one preallocated [Σc, *ref.shape] slab.
+
+    A part is a terms tensor (broadcast to ref's shape and copied in), or a pending per-head
+    projection ``(t, W, heads)`` whose value is ``blocked_linear(t, W, heads)``: the projection
+    writes straight into its slice of the slab (no per-layer piece is concatenated later). When
+    autograd records (``out=`` ops are not differentiable) the same values are concatenated."""
+    def materialize(p):
+        return blocked_linear(p[0], p[1], p[2], backend) if isinstance(p, (tuple, list)) else p
+
+    if len(parts) == 1 and not isinstance(parts[0], (tuple, list)) \
+            and tuple(parts[0].shape[1:]) == tuple(ref.shape) and 0 not in parts[0].stride() \
+            and parts[0].untyped_storage().data_ptr() != ref.untyped_storage().data_ptr():
+        return parts[0]   # already one tensor of its own (not a view of the value): no copy
+    tensors = [x for p in parts for x in (p if isinstance(p, (tuple, list)) else (p,))
+               if isinstance(x, torch.Tensor)]
+    if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
+        return torch.cat([expand_terms(materialize(p), ref) for p in parts], 0)
+    sizes = [int(p[0].shape[0] if isinstance(p, (tuple, list)) else p.shape[0]) for p in parts]
+    out = ref.new_empty((sum(sizes),) + tuple(ref.shape))
+    start = 0
+    for p, n in zip(parts, sizes):
+        dst = out[start:start + n]
+        if isinstance(p, (tuple, list)) and tuple(p[0].shape[1:-1]) == tuple(ref.shape[:-1]):
+            blocked_linear(p[0], p[1], p[2], backend, out=dst)
+        else:
+            dst.copy_(materialize(p))
+        start += n
+    return out
 
 
 def split_heads_tokens(probs: torch.Tensor, v: torch.Tensor, head_dim: int | None,

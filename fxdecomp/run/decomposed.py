@@ -26,8 +26,10 @@ GRANULARITIES = ("blocks", "heads", "tokens")
 
 
 def _build(model: nn.Module, example: torch.Tensor, granularity: str, layers, dynamic_batch=True,
-           backend: str = "auto", captured=None, allow_collapse: bool = False):
-    gm, dynamic = captured or capture(model, example, dynamic_batch)
+           backend: str = "auto", captured=None, allow_collapse: bool = False,
+           project: bool = False):
+    captured = captured or capture(model, example, dynamic_batch)
+    gm, dynamic = captured
     facts = GraphFacts(gm, RULES, granularity, prefix=getattr(model, "module_prefix", ""))
     w = walk_through_stream(gm, facts)
     structure = Structure(w)
@@ -73,7 +75,7 @@ def _build(model: nn.Module, example: torch.Tensor, granularity: str, layers, dy
         from ..analyse.channel_heads import channel_heads
         root_heads = channel_heads(gm, w, structure, example)
     graph_module, labels = Emitter(gm, w, structure, Policy(expand), backend, tables,
-                                   root_heads).run()
+                                   root_heads, project=project).run()
     whole = {}
     if granularity in ("heads", "tokens"):
         whole = _whole_attention(w, structure, expand, root_heads or {}, labels)
@@ -82,7 +84,7 @@ def _build(model: nn.Module, example: torch.Tensor, granularity: str, layers, dy
                           + "; ".join(f"{k}: {v}" for k, v in list(whole.items())[:3])
                           + (" ..." if len(whole) > 3 else "") + " (dm.whole_attention)",
                           stacklevel=3)
-    return graph_module, labels, blocks, dynamic, (coverage, whole)
+    return graph_module, labels, blocks, captured, (coverage, whole)
 
 
 def _whole_attention(w: Walk, structure: Structure, expand, root_heads: dict,
@@ -162,9 +164,11 @@ class DecomposedModel(nn.Module):
         self.input_shape = tuple(example.shape[1:])
         self.input_dtype, self.input_device = example.dtype, example.device
         self.model = model
-        gm, labels, blocks, dynamic, (coverage, whole) = _build(
+        gm, labels, blocks, captured, (coverage, whole) = _build(
             model, example, granularity, layers, backend=backend, captured=_captured,
             allow_collapse=allow_collapse)
+        dynamic = captured[1]
+        self._captured = captured     # the export, reused for the project= graph
         self.graph_module: GraphModule = gm
         self.labels: list[ComponentLabel] = labels
         self.blocks: list[str] = blocks
@@ -173,26 +177,43 @@ class DecomposedModel(nn.Module):
         self.block_coverage: BlockCoverage = coverage
         #: attention components left whole in heads/tokens mode -> the op that prevents the split
         self.whole_attention: dict[str, str] = whole
-        self._static: dict[int, GraphModule] = {int(example.shape[0]): gm}
+        self._static: dict[tuple, GraphModule] = {(int(example.shape[0]), False): gm}
+        self._projected: GraphModule | None = None   # built on the first call with project=
         self.expanded_layers: list[int] = _resolve_layers(layers, len(blocks))
         self._compiled = None
 
-    def _graph_for(self, batch: int) -> GraphModule:
-        if self.dynamic_batch:
+    def _graph_for(self, batch: int, project: bool = False) -> GraphModule:
+        if self.dynamic_batch and not project:
             return self.graph_module
-        if batch not in self._static:
+        if self.dynamic_batch and self._projected is not None:
+            return self._projected
+        key = (batch, project)
+        if key not in self._static:
             ex = torch.zeros((batch,) + self.input_shape, dtype=self.input_dtype,
                              device=self.input_device)
             gm, labels, *_ = _build(self.model, ex, self.granularity, self.layers,
-                                    dynamic_batch=False, backend=self.backend,
-                                    allow_collapse=self.allow_collapse)
+                                    dynamic_batch=self.dynamic_batch, backend=self.backend,
+                                    allow_collapse=self.allow_collapse, project=project,
+                                    captured=self._captured if self.dynamic_batch else None)
             if [l.name for l in labels] != [l.name for l in self.labels]:
                 raise FxDecompError(f"re-capture at batch {batch} gave different components")
-            self._static[batch] = gm
-        return self._static[batch]
+            if self.dynamic_batch:
+                self._projected = gm
+                return gm
+            self._static[key] = gm
+        return self._static[key]
 
-    def forward(self, x: torch.Tensor) -> Decomposition:
+    def forward(self, x: torch.Tensor, project: torch.Tensor | None = None) -> Decomposition:
+        """Decompose ``x``. ``project``: output directions D [E, k] (e.g. k text embeddings
+        mapped to the output space): the components come back as [C, B, k] =
+        ``dm(x).components @ D`` (to fp32 rounding), computed with D folded into every
+        per-head projection, so the [C, B, E] tensor is never formed; ``output`` is then
+        ``model(x) @ D``. The first call with ``project`` builds a second graph (once)."""
         check_input(x, self.input_shape, dtype=self.input_dtype, device=self.input_device)
+        if project is not None:
+            _check_project(project, x, _output_dim(self.graph_module))
+            out, components = self._graph_for(int(x.shape[0]), project=True)(x, project)
+            return Decomposition(out, components, self.labels)
         gm = self._compiled if self._compiled is not None else self._graph_for(int(x.shape[0]))
         out, components = gm(x)
         return Decomposition(out, components, self.labels)
@@ -220,6 +241,24 @@ class DecomposedModel(nn.Module):
         for lab in self.labels:
             kinds[lab.kind] = kinds.get(lab.kind, 0) + 1
         return f"granularity={self.granularity}, components={len(self.labels)}, kinds={kinds}"
+
+
+def _output_dim(gm: GraphModule) -> int | None:
+    """The last dim of the graph's (first) output, from the export's metadata."""
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0][0]
+    val = out.meta.get("val") if hasattr(out, "meta") else None
+    return int(val.shape[-1]) if isinstance(val, torch.Tensor) and val.dim() else None
+
+
+def _check_project(project, x: torch.Tensor, out_dim: int | None) -> None:
+    if not isinstance(project, torch.Tensor) or project.dim() != 2 or \
+            (out_dim is not None and int(project.shape[0]) != out_dim):
+        raise InputError(f"project must be a 2-D tensor D [E, k] with E = {out_dim} (the "
+                         f"output's last dim), k directions; got "
+                         f"{tuple(getattr(project, 'shape', ())) or type(project).__name__}")
+    if not project.is_floating_point() or project.device != x.device:
+        raise InputError(f"project must be a floating tensor on {x.device}; got "
+                         f"{project.dtype} on {project.device}")
 
 
 def decompose(model: nn.Module, example_input: torch.Tensor, granularity: Granularity = "heads",

@@ -278,10 +278,30 @@ def plan_select(node, facts):
         return {x: Rows(dim, (node.args[2] % n,), None)} if n is not None else None
 
     def emit(em, node):
-        c = em.merged(x)
         k = 0 if em.layout(x) is not None else node.args[2]
+        if dim < len(sizes(x)) - 1 and pending_in(em, x):
+            return keep_pending(em, x, lambda t: em.call(rt.pusher(node.target, 0), t, (None, dim, k), {}))
+        c = em.merged(x)
         return [em.chunk(em.call(rt.pusher(node.target, 0), c.node, (None, dim, k), {}), c.labels)]
     return Plan.linear([x], emit, demand=demand)
+
+
+def pending_in(em, x: Node) -> bool:
+    """Whether the terms of ``x`` hold pending projections (``Chunk.proj``)."""
+    return any(c.proj is not None for c in em.terms_of[x])
+
+
+def keep_pending(em, x: Node, apply) -> list:
+    """An op acting on dims other than the last one, chunk by chunk: ``apply(terms node)``.
+    A pending projection's head-blocked input has the same leading dims as its value, so the
+    op applies to it and the projection stays pending (the op commutes with it)."""
+    out = []
+    for c in em.terms(x, pending_ok=True):
+        if c.proj is None:
+            out.append(em.chunk(apply(c.node), c.labels))
+        else:
+            out.append(em.pending(apply(c.node), c.proj[0], c.proj[1], c.labels))
+    return out
 
 
 @RULES.rule(aten.slice, prob_transparent=True,
@@ -314,7 +334,10 @@ def plan_slice(node, facts):
 
     def emit(em, node):
         if em.layout(x) is not None and em.layout(x).dim == dim:
-            return list(em.terms(x))  # the narrowed input already is the slice
+            return list(em.terms(x, pending_ok=True))  # the narrowed input already is the slice
+        if dim < len(sizes(x)) - 1 and pending_in(em, x):
+            args = (None,) + tuple(node.args[1:])
+            return keep_pending(em, x, lambda t: em.call(rt.pusher(node.target, 0), t, args, {}))
         return layout_emit()(em, node)
     return Plan.linear([x], emit, demand=demand)
 

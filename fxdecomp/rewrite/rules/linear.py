@@ -40,14 +40,26 @@ def plan_linear(node, facts):
         return refuse
 
     def emit(em, node):
-        c = em.merged(x, blocked_ok=True)
         rank = len(sizes(node))
+        if len(sizes(w)) == 2 and any(c.proj is not None for c in em.terms_of[x]):
+            # pending projections fold this map into their W; the others are mapped one by one
+            out = [em.pending(c.node, em.call(rt.fold_linear, c.proj[0], em.orig(w)), c.proj[1],
+                              c.labels) if c.proj is not None
+                   else em.chunk(em.call(F.linear, c.node, em.orig(w)), c.labels)
+                   for c in em.terms(x, pending_ok=True)]
+            return out + bias_chunk(em, node, bias, -1)
+        c = em.merged(x, blocked_ok=True)
         if c.block is not None and c.block[0] == rank - 1 and len(sizes(w)) == 2:
-            out = em.call(rt.blocked_linear, c.node, em.orig(w), c.block[1], em.backend)
+            # evaluated where the terms are gathered, with later linear maps folded in
+            out = em.pending(c.node, em.orig(w), c.block[1], c.labels)
+        elif c.block is None and len(c.labels) == 1 and len(sizes(w)) == 2:
+            # one component (an MLP's hidden activation): pending as well (one "head"), so a
+            # later mean over tokens reduces its input before W applies
+            out = em.pending(c.node, em.orig(w), 1, c.labels)
         else:
             c = em.densify(c)
-            out = em.call(F.linear, c.node, em.orig(w))
-        return [em.chunk(out, c.labels)] + bias_chunk(em, node, bias, -1)
+            out = em.chunk(em.call(F.linear, c.node, em.orig(w)), c.labels)
+        return [out] + bias_chunk(em, node, bias, -1)
     return Plan.linear([x], emit, demand=rowwise_demand(x, 1))
 
 

@@ -2,6 +2,8 @@
 constant component of its own (kind ``bias``). Eval BatchNorm is a per-channel affine map."""
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,10 +26,36 @@ def plan_layer_norm(node, facts):
     weight, bias, eps = arg(node, 2, "weight"), arg(node, 3, "bias"), arg(node, 4, "eps", 1e-5)
 
     def emit(em, node):
+        folded = _fold_norm(em, x, shape, weight, eps, centered=True)
+        if folded is not None:
+            return folded + bias_chunk(em, node, bias, -1)
         c = em.merged(x)
         out = em.call(rt.layer_norm_terms, c.node, em.orig(x), shape, em.orig_arg(weight), eps)
         return [em.chunk(out, c.labels)] + bias_chunk(em, node, bias, -1)
     return Plan.linear([x], emit, demand=rowwise_demand(x, len(shape)))
+
+
+def _fold_norm(em, x: Node, shape, weight, eps, centered: bool) -> list | None:
+    """A LayerNorm/RMSNorm over the last dim applied to pending projections without evaluating
+    them: centring and γ fold into W (``rt.fold_centering``/``rt.fold_rows``), the frozen
+    per-row 1/σ scales the head-blocked input (b values per row instead of E). The other
+    chunks are normalised one by one, in order. None: nothing pending (or a norm over several
+    dims)."""
+    if len(shape) != 1 or not any(c.proj is not None for c in em.terms_of[x]):
+        return None
+    chunks = em.terms(x, pending_ok=True)
+    inv = em.call(rt.inv_std, em.orig(x), 1, eps, centered)
+    gamma = em.orig_arg(weight)
+    fn = rt.layer_norm_terms if centered else rt.rms_norm_terms
+    out = []
+    for c in chunks:   # in order: the components keep their order
+        if c.proj is None:
+            out.append(em.chunk(em.call(fn, c.node, em.orig(x), shape, gamma, eps), c.labels))
+            continue
+        w = em.call(rt.fold_centering, c.proj[0], gamma) if centered else \
+            (em.call(rt.fold_rows, c.proj[0], gamma) if gamma is not None else c.proj[0])
+        out.append(em.pending(em.call(operator.mul, c.node, inv), w, c.proj[1], c.labels))
+    return out
 
 
 @RULES.rule(aten.rms_norm, examples=(lambda: nn.RMSNorm(8),))
@@ -37,6 +65,9 @@ def plan_rms_norm(node, facts):
     weight, eps = arg(node, 2, "weight"), arg(node, 3, "eps")
 
     def emit(em, node):
+        folded = _fold_norm(em, x, shape, weight, eps, centered=False)
+        if folded is not None:
+            return folded
         c = em.merged(x)
         out = em.call(rt.rms_norm_terms, c.node, em.orig(x), shape, em.orig_arg(weight), eps)
         return [em.chunk(out, c.labels)]

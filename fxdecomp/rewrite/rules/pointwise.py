@@ -34,9 +34,8 @@ def plan_add(node, facts):
         for side, x in enumerate((a, b)):
             factor = 1 if side == 0 else sign * alpha
             if isinstance(x, Node):
-                for c in em.terms(x):
-                    out = c.node if factor == 1 else em.call(operator.mul, c.node, factor)
-                    chunks.append(em.chunk(out, c.labels))
+                for c in em.terms(x, pending_ok=True):   # pending projections stay pending
+                    chunks.append(c if factor == 1 else em.scaled(c, factor))
             elif x != 0:
                 const = em.call(rt.scalar_terms, em.orig(node), float(x) * factor)
                 chunks.append(em.const_chunk(const, node, "const"))
@@ -99,11 +98,36 @@ def plan_mul(node, facts):
     else:
         lin, frozen = 0, 1
 
+    fold = _last_dim_factor(node.args[frozen], node)
+
     def emit(em, node):
         other = em.orig_arg(node.args[frozen])
-        return [em.chunk(em.call(operator.mul, c.node, other), c.labels)
-                for c in em.terms(node.args[lin])]
+        out = []
+        for c in em.terms(node.args[lin], pending_ok=fold is not None):
+            if c.proj is None:
+                out.append(em.chunk(em.call(operator.mul, c.node, other), c.labels))
+            elif fold == "rows":        # a layer scale γ [E]: folds into the pending W
+                out.append(em.pending(c.node, em.call(rt.fold_rows, c.proj[0], other),
+                                      c.proj[1], c.labels))
+            else:                       # a scalar or a per-row factor: scales the input
+                out.append(em.scaled(c, other))
+        return out
     return Plan.linear([node.args[lin]], emit, demand=pointwise_demand)
+
+
+def _last_dim_factor(f, node: Node) -> str | None:
+    """How a frozen factor of a product can act on a pending projection: ``"scalar"`` (a
+    number, or size 1 along the last dim: scales each row), ``"rows"`` (a vector along the last
+    dim only, e.g. a layer scale: folds into W), or None (evaluate first)."""
+    if not isinstance(f, Node):
+        return "scalar" if isinstance(f, (int, float)) else None
+    s, out = f.meta.get("val"), node.meta.get("val")
+    if not isinstance(s, torch.Tensor) or not isinstance(out, torch.Tensor) or s.dim() > out.dim():
+        return None
+    shape = list(s.shape)
+    if not shape or shape[-1] == 1:
+        return "scalar"
+    return "rows" if all(k == 1 for k in shape[:-1]) and shape[-1] == out.shape[-1] else None
 
 
 @RULES.rule(aten.div, prob_transparent=True, examples=(

@@ -16,7 +16,7 @@ from ...graph.shapes import norm_dim, sizes
 from .. import runtime as rt
 from . import RULES
 from .common import Tail, arg, as_image, mapped, ops
-from .layout import layout_emit
+from .layout import keep_pending, layout_emit, pending_in
 
 
 def _plan_in_first(node, facts):
@@ -61,8 +61,25 @@ def _reduce_demand(node: Node, d: Demand) -> Requests | None:
 @RULES.rule(aten.mean, aten.sum, name="reduce",
             examples=(lambda: Tail(lambda m, x: x.mean(1, keepdim=True) - 3.0 * x.sum(-1, keepdim=True)),))
 def plan_reduce(node, facts):
-    """Means and sums are linear: mean(Σ x_i) = Σ mean(x_i)."""
-    return Plan.linear([node.args[0]], layout_emit(), demand=_reduce_demand)
+    """Means and sums are linear: mean(Σ x_i) = Σ mean(x_i). A reduction over dims other than
+    the last one applies to a pending projection's input (a mean over tokens before the
+    per-head projection: b values per token reduced instead of E)."""
+    x = node.args[0]
+    rank = len(sizes(x))
+    dims = arg(node, 1, "dim")
+    dims = [] if dims is None or dims == [] else [norm_dim(k, rank) for k in
+                                                  ([dims] if isinstance(dims, int) else dims)]
+    plain = layout_emit()
+    if not dims or rank - 1 in dims or any(isinstance(v, Node) for v in node.kwargs.values()):
+        return Plan.linear([x], plain, demand=_reduce_demand)
+
+    def emit(em, node):
+        if not pending_in(em, x):
+            return plain(em, node)
+        args = (None,) + tuple(em.orig_arg(a) for a in node.args[1:])
+        kwargs = dict(node.kwargs)
+        return keep_pending(em, x, lambda t: em.call(rt.pusher(node.target, 0), t, args, kwargs))
+    return Plan.linear([x], emit, demand=_reduce_demand)
 
 
 @RULES.rule(aten.max_pool2d, conv_like=True,
