@@ -429,23 +429,32 @@ def _break_zero_init(model: nn.Module, seed: int) -> None:
                 m.running_var.mul_(0.5 + torch.rand(m.running_var.shape, generator=g))
 
 
+def _instantiate(build: Callable[[bool], nn.Module], random_init: bool, checkpoint: str | None,
+                 seed: int, what: str) -> nn.Module:
+    """``build(pretrained)`` the model: seeded random weights (zero-initialised residual scales
+    perturbed) and/or a local checkpoint loaded strictly, else the family's pretrained weights,
+    an offline download failure (any OSError) becoming ``ModelLoadError``."""
+    if random_init or checkpoint:
+        torch.manual_seed(seed)
+        model = build(False)
+        if random_init:
+            _break_zero_init(model, seed)
+        if checkpoint:
+            _load_strict(model, _read_state_dict(checkpoint), checkpoint, what)
+        return model
+    try:
+        return build(True)
+    except OSError as e:      # huggingface_hub / urllib errors are OSError subclasses
+        raise _download_failed(what, e) from e
+
+
 def _load_timm(name, random_init, checkpoint, seed, output, kwargs):
     import timm
     import timm.data
     if not timm.is_model(name.split(".")[0]):
         raise ModelLoadError(f"timm has no model {name!r}")
-    if random_init or checkpoint:
-        torch.manual_seed(seed)
-        model = timm.create_model(name, pretrained=False, **kwargs)
-        if random_init:
-            _break_zero_init(model, seed)
-        if checkpoint:
-            _load_strict(model, _read_state_dict(checkpoint), checkpoint, f"timm model {name!r}")
-    else:
-        try:
-            model = timm.create_model(name, pretrained=True, **kwargs)
-        except OSError as e:      # huggingface_hub / urllib errors are OSError subclasses
-            raise _download_failed(f"timm model {name!r}", e) from e
+    model = _instantiate(lambda pretrained: timm.create_model(name, pretrained=pretrained, **kwargs),
+                         random_init, checkpoint, seed, f"timm model {name!r}")
     cfg = timm.data.resolve_model_data_config(model)
     input_size = tuple(cfg["input_size"])
     pe = getattr(model, "patch_embed", None)
@@ -538,20 +547,11 @@ def _load_torchvision(name, random_init, checkpoint, seed, output, kwargs):
         default = torchvision.models.get_model_weights(name).DEFAULT
     except (ValueError, KeyError, AttributeError):
         default = None
-    if random_init or checkpoint:
-        torch.manual_seed(seed)
-        model = torchvision.models.get_model(name, weights=None, **kwargs)
-        if random_init:
-            _break_zero_init(model, seed)
-        if checkpoint:
-            _load_strict(model, _read_state_dict(checkpoint), checkpoint, f"torchvision model {name!r}")
-    else:
-        if default is None:
-            raise ModelLoadError(f"torchvision has no pretrained weights for {name!r}; {_OFFLINE_HINT}")
-        try:
-            model = torchvision.models.get_model(name, weights=default, **kwargs)
-        except OSError as e:      # urllib.error.URLError is an OSError
-            raise _download_failed(f"torchvision model {name!r}", e) from e
+    if not (random_init or checkpoint) and default is None:
+        raise ModelLoadError(f"torchvision has no pretrained weights for {name!r}; {_OFFLINE_HINT}")
+    model = _instantiate(lambda pretrained: torchvision.models.get_model(
+        name, weights=default if pretrained else None, **kwargs),
+        random_init, checkpoint, seed, f"torchvision model {name!r}")
     crop, mean, std = 224, IMAGENET_MEAN, IMAGENET_STD
     if default is not None:
         tf = default.transforms()

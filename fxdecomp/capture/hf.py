@@ -118,7 +118,7 @@ def _projected_class(config):
 
 def load_hf(name: str, random_init: bool, checkpoint, seed: int, output: str | None,
             kwargs: dict) -> tuple[HFTarget, dict]:
-    from fxdecomp.capture.adapters import _break_zero_init, _download_failed, _load_strict, _read_state_dict
+    from fxdecomp.capture.adapters import _instantiate
     kwargs = dict(kwargs)
     attn = kwargs.pop("attn_implementation", None)
     family, config = _config(name, random_init, checkpoint, kwargs)
@@ -133,18 +133,9 @@ def load_hf(name: str, random_init: bool, checkpoint, seed: int, output: str | N
         raise InputError(f"output={output!r} is not available for hf models; choose one of {OUTPUTS}")
     cls = projected if (output == "image_embeds" and projected is not None) \
         else transformers.MODEL_MAPPING[type(config)]
-    if random_init or checkpoint:
-        torch.manual_seed(seed)
-        model = cls(config)
-        if random_init:
-            _break_zero_init(model, seed)
-        if checkpoint:
-            _load_strict(model, _read_state_dict(checkpoint), checkpoint, f"transformers {name!r}")
-    else:
-        try:
-            model = cls.from_pretrained(name, config=config)
-        except OSError as e:
-            raise _download_failed(f"transformers model {name!r}", e) from e
+    model = _instantiate(lambda pretrained: cls.from_pretrained(name, config=config) if pretrained
+                         else cls(config), random_init, checkpoint, seed,
+                         f"transformers model {name!r}")
     size = getattr(config, "image_size", 224)
     size = (size, size) if isinstance(size, int) else tuple(size)
     mean, std = _MEAN_STD.get(family, _IMAGENET)

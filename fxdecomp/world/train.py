@@ -64,13 +64,18 @@ PHRASE_WEIGHTS = (0.15, 0.25, 0.4, 0.2)
 
 # ---------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def subject_accuracy(model, world: World, batch: int = 256) -> dict:
-    """Accuracy on ``world``'s ``angular`` label, and per (label, background group) group."""
+def _predict(model, world: World, batch: int) -> np.ndarray:
+    """The classifier's argmax class [N] for every image of ``world`` (eval mode)."""
     model.eval()
     x = world.tensor()
     dev = next(model.parameters()).device
-    pred = torch.cat([model(x[i:i + batch].to(dev)).argmax(-1).cpu()
+    return torch.cat([model(x[i:i + batch].to(dev)).argmax(-1).cpu()
                       for i in range(0, len(x), batch)]).numpy()
+
+
+def subject_accuracy(model, world: World, batch: int = 256) -> dict:
+    """Accuracy on ``world``'s ``angular`` label, and per (label, background group) group."""
+    pred = _predict(model, world, batch)
     y = world.codes("angular")
     land = np.array([r["background"] in ("grass", "sand") for r in world.records])
     groups = {}
@@ -107,15 +112,9 @@ def _schedule(opt, step: int, total: int, lr: float, warmup: int) -> None:
         g["lr"] = lr * scale
 
 
-@torch.no_grad()
 def shape_accuracy(model, world: World, batch: int = 256) -> float:
     """Accuracy of an 8-way shape head (the pretraining stage) on ``world``."""
-    model.eval()
-    x = world.tensor()
-    dev = next(model.parameters()).device
-    pred = torch.cat([model(x[i:i + batch].to(dev)).argmax(-1).cpu()
-                      for i in range(0, len(x), batch)]).numpy()
-    return float((pred == world.codes("shape")).mean())
+    return float((_predict(model, world, batch) == world.codes("shape")).mean())
 
 
 def _fit_stage(model, args, split: str, label: str, epochs: int, lr: float, seed_offset: int,
