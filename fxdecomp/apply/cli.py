@@ -17,7 +17,7 @@ import torch
 
 from fxdecomp.apply.retrieval import property_retrieval, select_components, text_retrieval
 from fxdecomp.errors import InputError
-from fxdecomp.interpret.align import CompAlign
+from fxdecomp.interpret.align import MAX_STEPS, CompAlign
 from fxdecomp.interpret.cli import (_Session, _common, _format_table, _label_name, _text_args,
                                     _write_outputs)
 from fxdecomp.interpret.score import FEATURES, feature_descriptions, score_components
@@ -175,8 +175,9 @@ def add_subcommands(subparsers) -> None:
                         f"{','.join(DEFAULT_AGAINST)})")
     q.add_argument("--k", type=int, default=5, help="components selected for the feature")
     q.add_argument("--top", type=int, default=10, help="images retrieved")
-    q.add_argument("--align-steps", type=int, default=200,
-                   help="without --aligner: CompAlign refinement steps after its closed-form "
-                        "warm start (default 200, CompAlign's; 0: warm start only)")
+    q.add_argument("--align-steps", type=int, default=MAX_STEPS,
+                   help="without --aligner: at most this many CompAlign refinement steps after "
+                        f"its closed-form warm start (default {MAX_STEPS}, CompAlign's; it stops "
+                        "on convergence first; 0: warm start only)")
     q.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_retrieve)

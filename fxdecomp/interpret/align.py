@@ -40,12 +40,17 @@ from torch import nn
 from fxdecomp.errors import FxDecompError, InputError
 from fxdecomp.run.decomposition import ComponentLabel
 
-__all__ = ["CompAlign", "AlignmentMismatchError", "BIAS_LABEL"]
+__all__ = ["CompAlign", "AlignmentMismatchError", "BIAS_LABEL", "MAX_STEPS"]
 
 _META_KEY = "fxdecomp.compalign"
 _FORMAT = 1
 #: Name given to the bias term by ``CompAlign.with_bias``.
 BIAS_LABEL = "compalign.bias"
+#: warm starts of ``CompAlign.fit`` ("auto": the one with the lowest held-out loss)
+STARTS = ("auto", "least_squares", "polar", "tied")
+#: default cap on refinement batches: a safety net, convergence (``patience``) normally stops
+#: first (the ground-truth world converges after 300-400 batches; 200 used to cut it short)
+MAX_STEPS = 2000
 
 Labels = Sequence["ComponentLabel | str | dict"]
 
@@ -231,7 +236,7 @@ class CompAlign(nn.Module):
             warm_start: bool = True, start: str = "auto", ridge: float | None = None,
             max_warm_start_dim: int = 8192,
             lr: float = 1e-3, weight_decay: float = 1e-6, epochs: int | None = None,
-            max_steps: int | None = 200, batch_size: int = 256, patience: int | None = 50,
+            max_steps: int | None = MAX_STEPS, batch_size: int = 256, patience: int | None = 50,
             min_delta: float = 0.0, rel_tol: float = 1e-3, val=None,
             val_fraction: float | None = None, eval_every: int = 10, ema: float = 0.9,
             seed: int = 0, progress: bool = True) -> "CompAlign":
@@ -243,11 +248,12 @@ class CompAlign(nn.Module):
            then rescaled globally (the cosine is scale-invariant) to be as orthogonal as possible.
            Skipped with a warning when C·d exceeds ``max_warm_start_dim`` (for tensor data only
            if N does too: the dual form is used otherwise). ``start``: "auto" keeps whichever of
-           two starts has the lower paper loss on held-out data — the rescaled least-squares maps
-           (best cosine, far from orthogonal) or each map's nearest orthogonal matrix (polar
-           factor; penalty 0); "least_squares" or "polar" force one. On the ground-truth world
-           (2000 images, heads of the shipped subject) least squares reaches held-out cosine 0.89
-           with penalty 0.97, polar 0.76–0.79 with penalty 0.005: "auto" picks polar.
+           three starts has the lowest paper loss on held-out data — the rescaled least-squares
+           maps (best cosine, far from orthogonal), each map's nearest orthogonal matrix (polar
+           factor; penalty 0), or "tied": every component gets the same map, the polar factor of
+           the least-squares map of their sum (penalty 0; the split of the joint map between
+           correlated components is not identified, the total's map is); "least_squares",
+           "polar" or "tied" force one. TIED_WORLD_NOTE
         2. Refinement: Adam on the paper's loss 1 − cos + λ‖G − I‖²/(C·r) (``lam``; see the
            module docstring), until convergence: training stops once the monitored loss has
            not improved by more than max(``min_delta``, ``rel_tol`` · |best|) for ``patience``
@@ -421,16 +427,29 @@ class CompAlign(nn.Module):
             return {"used": False, "reason": sol}
         w = sol.weight.reshape(self.weight.shape[0], self.d_model, self.d_clip)
         alpha = orthogonal_scale(w)
-        # Two starts for the paper's loss: the rescaled least-squares maps, and each map's
-        # nearest (semi-)orthogonal matrix (polar factor U Vᵀ, penalty 0). The lower loss wins.
-        if start not in ("auto", "least_squares", "polar"):
-            raise InputError(f"start must be 'auto', 'least_squares' or 'polar', got {start!r}")
+        # Starts for the paper's loss: the rescaled least-squares maps; each map's nearest
+        # (semi-)orthogonal matrix (polar factor U Vᵀ, penalty 0); and "tied": one map for every
+        # component, the polar factor of the least-squares map of their sum (the components
+        # live in one residual space, and the total's map is identified where the split of the
+        # joint map between correlated components is not). The lowest held-out loss wins.
+        if start not in STARTS:
+            raise InputError(f"start must be one of {STARTS}, got {start!r}")
+        if self.shared and start == "tied":
+            start = "polar"                   # one map already: tied is the polar start
         starts = {"least_squares": (w * alpha, sol.bias * alpha)}
-        if start != "least_squares":
+        if start in ("auto", "polar"):
             u, _, vh = torch.linalg.svd(w.double(), full_matrices=False)
             starts["polar"] = ((u @ vh).float(), sol.bias * alpha)
-        if start == "polar":
-            del starts["least_squares"]
+        if start in ("auto", "tied") and not self.shared:
+            tied = ridge_warm_start(train_batches(0), True, val=val_batches, ridge=ridge,
+                                    max_dim=max_dim, tensor_data=train_x, tensor_targets=train_y)
+            if not isinstance(tied, str):
+                wt = tied.weight.reshape(1, self.d_model, self.d_clip)
+                u, _, vh = torch.linalg.svd(wt.double(), full_matrices=False)
+                starts["tied"] = ((u @ vh).float().expand_as(self.weight),
+                                  tied.bias * orthogonal_scale(wt))
+        if start != "auto":
+            starts = {start: starts[start]}
         check = val_batches if val_batches is not None else list(
             itertools.islice(train_batches(0), 8))
         losses = {}

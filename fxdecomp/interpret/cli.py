@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from fxdecomp.errors import FxDecompError, InputError, one_line
-from fxdecomp.interpret.align import CompAlign
+from fxdecomp.interpret.align import MAX_STEPS, CompAlign
 from fxdecomp.interpret.describe import default_text_pool, describe_component, load_text_pool
 from fxdecomp.interpret.score import (FEATURES, feature_descriptions, retrieval_scores,
                                       score_components, score_components_invariant,
@@ -481,8 +481,9 @@ def add_subcommands(subparsers) -> None:
                    help="the subject is the CLIP image tower: save its projection, no training")
     p.add_argument("--epochs", type=int, default=None,
                    help="at most this many passes (default: until converged or --max-steps)")
-    p.add_argument("--max-steps", type=int, default=200,
-                   help="at most this many refinement batches (default 200; 0: warm start only)")
+    p.add_argument("--max-steps", type=int, default=MAX_STEPS,
+                   help=f"at most this many refinement batches (default {MAX_STEPS}; it stops on "
+                        "convergence first; 0: warm start only)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--lam", type=float, default=1.0, help="orthogonality penalty weight")
     p.add_argument("--weight-decay", type=float, default=1e-6)

@@ -45,7 +45,7 @@ IMAGE_SIZE = 64
 #: channels of the subject's convolutional stem (each stage: conv3x3 stride 2, BatchNorm, ReLU)
 SUBJECT_STEM = (3, 16, 32, 64)
 #: timm VisionTransformer arguments of the subject (patch_size 1 on the stem's 8 x 8 feature map)
-SUBJECT_CONFIG = dict(img_size=IMAGE_SIZE, patch_size=1, embed_dim=64, depth=4, num_heads=4,
+SUBJECT_CONFIG = dict(img_size=IMAGE_SIZE, patch_size=1, embed_dim=64, depth=4, num_heads=8,
                       mlp_ratio=2.0, num_classes=2, global_pool="token", class_token=True)
 #: channels of the tiny CLIP's convolutional stem, which replaces open_clip's patch embedding
 #: ``visual.conv1`` (the same stages as the subject's: stride 8 -> the 8 x 8 grid of

@@ -1,37 +1,57 @@
 """Train the world's two tiny models on CPU and write their weights + records into the package.
 
-    python -m fxdecomp.world.train subject [--n 2048 --pretrain-epochs 40 --epochs 4 --seed 0]
-    python -m fxdecomp.world.train clip    [--n 12000 --epochs 8 --seed 0]
+    python -m fxdecomp.world.train subject [--n 2048 --pretrain-epochs 40 --epochs 4 --seed 0
+                                            --pretrain-recon W --pretrain-simclr W --init PATH]
+    python -m fxdecomp.world.train clip    [--n 12000 --epochs 8 --seed 0 --aux-ce W --fresh
+                                            --init PATH]
 
 subject: a conv-stem timm ViT (``SUBJECT_STEM``, ``SUBJECT_CONFIG``) trained in two stages, as
 Waterbirds models are (generic pretraining, then the task):
 
-1. pretraining stand-in: ``--pretrain-epochs`` of cross-entropy on the **8-way shape** label
-   (``--pretrain-label shape``; the label family the task's binary label derives from) over the
-   unbiased ``train`` split, with an 8-way head;
+1. pretraining stand-in over the unbiased ``train`` split, ``--pretrain-epochs`` of: cross-entropy
+   on the **8-way shape** label (``--pretrain-label shape``; the label family the task's binary
+   label derives from) with an 8-way head, plus two self-supervised losses that no label enters
+   (a generically pretrained backbone keeps what images look like): ``--pretrain-recon`` x the
+   squared error of a linear decoder from the pre-logits to the image pooled to 8 x 8
+   (``RECON_GRID``), and ``--pretrain-simclr`` x SimCLR's loss (``nt_xent``) between two random
+   crops of each image (``SIMCLR_SCALE``, flips, colors never changed);
 2. the task: a new 2-way head and ``--epochs`` of cross-entropy on round vs angular over the
    ``spurious-train`` split (background agrees with the label in 95% of the images), peak
    learning rate ``--finetune-lr``.
 
 Every epoch draws ``--n`` fresh images (seed ``seed * 1000 + epoch``, counting on over both
 stages), so nothing is memorised. The subject is never told color, texture or background.
-(``--pretrain-label angular`` is the earlier recipe: the binary label in both stages; the model
+``--init`` continues from an earlier run's weights (its record is embedded in the new one).
+(``--pretrain-label angular`` is an earlier recipe: the binary label in both stages; the model
 then separates round from angular but not the 8 shapes. A ViT trained from scratch on the
-spurious split alone learns only the background cue: balanced accuracy 0.50 after 10 epochs.)
+spurious split alone learns only the background cue: balanced accuracy 0.50 after 10 epochs;
+so does the self-supervised losses' model fine-tuned without shape, ``--pretrain-label none``:
+0.52, worst group 0.00. Shape cross-entropy alone keeps little color: best single head 0.47
+precision@10 for color, against 0.81 with the self-supervised losses.)
 Evaluated on the balanced test split (accuracy and worst-group accuracy over the four label x
 background-group groups); the record also holds stage 1's 8-way shape accuracy on ``test``.
+The shipped subject is three runs, each continuing from the one before: ``subject --threads 1``
+(4 heads, shape only, 40 + 4 epochs), ``subject --threads 1 --init <run 1> --pretrain-epochs
+15 --pretrain-recon 2.0 --pretrain-simclr 1.0`` (4 heads), then the same with ``--init <run 2>
+--pretrain-epochs 12`` and 8 heads (``SUBJECT_CONFIG``; a head count is not in the weights,
+each 16-wide head of run 2 became two 8-wide heads).
 
 clip: the tiny CLIP (``CLIP_CONFIG``) trained contrastively on texts about the training images:
 each image gets either its full caption or one attribute phrase ("red color", ...), at random.
 The loss is a multi-positive InfoNCE: text j is a positive for image i whenever every attribute
 the text names has i's value (so "red color" is a positive for every red image in the batch).
-Evaluated by zero-shot classification of each attribute on the test split with
-``attribute_prompts`` (one phrase per value, no template). ``--phrase-weights`` sets how often
-each attribute's phrase is the text; ``--init`` continues from an earlier run's weights (its
-record is embedded in the new one). The shipped CLIP is two runs: ``clip --threads 1`` (8
-epochs; zero-shot shape 0.15: contrastive training on these texts learns color, texture and
-background long before shape), then ``clip --threads 2 --init <run 1>/clip.safetensors --epochs
-5 --p-full 0.2 --phrase-weights 0.1 0.1 0.7 0.1`` (shape 0.36).
+``--aux-ce`` adds that weight x the cross-entropy of one linear probe per attribute on the unit
+image embedding (the supervision the captions carry, given every step for every attribute);
+``--fresh`` draws new images every epoch. Evaluated by zero-shot classification of each
+attribute on the test split with ``attribute_prompts`` (one phrase per value, no template).
+``--phrase-weights`` sets how often each attribute's phrase is the text; ``--init`` continues
+from an earlier run's weights (its record is embedded in the new one). The shipped CLIP is five
+runs, each continuing from the one before: ``clip --threads 1`` (8 epochs; zero-shot shape 0.15:
+contrastive training on these texts learns color, texture and background long before shape),
+``clip --threads 2 --init <run 1> --epochs 5 --p-full 0.2 --phrase-weights 0.1 0.1 0.7 0.1``
+(shape 0.36), ``clip --threads 1 --init <run 2> --aux-ce 1.0 --fresh --n 4096 --epochs 15 --lr
+1e-3`` (0.51), then twice ``clip --threads 1 --init <previous> --aux-ce 2.0 --fresh --n 4096
+--epochs 30 --lr 1e-3`` (0.87, 0.98).
 
 Each run writes ``weights/{subject,clip}.safetensors`` and a JSON record: the exact command,
 seed, data sizes, seconds, accuracies on the evaluation set, and the same accuracies on its first
@@ -57,6 +77,12 @@ from fxdecomp.world.models import (CLIP_CONFIG, SUBJECT_CONFIG, SUBJECT_STEM, WE
 
 EVAL_SEED = 1
 CHECK_N = 512
+#: the subject's pretraining reconstructs the image average-pooled to this grid (``--pretrain-recon``)
+RECON_GRID = 8
+#: temperature of the tiny CLIP's auxiliary attribute probes (``--aux-ce``)
+AUX_SCALE = 10.0
+#: area range of the subject's instance-discrimination crops (``--pretrain-simclr``)
+SIMCLR_SCALE = (0.5, 1.0)
 #: how often each attribute's phrase is the text of an image (color, texture, shape, background):
 #: shape is the hardest to see, so it is named most often
 PHRASE_WEIGHTS = (0.15, 0.25, 0.4, 0.2)
@@ -117,52 +143,142 @@ def shape_accuracy(model, world: World, batch: int = 256) -> float:
     return float((_predict(model, world, batch) == world.codes("shape")).mean())
 
 
+def _downsampled(x: torch.Tensor) -> torch.Tensor:
+    """The reconstruction target of the subject's pretraining: the image average-pooled to
+    ``RECON_GRID`` x ``RECON_GRID`` cells, flattened [B, 3 * RECON_GRID ** 2]."""
+    return F.adaptive_avg_pool2d(x, RECON_GRID).flatten(1)
+
+
+def _load_init(model, path: str | None) -> dict | None:
+    """Load an earlier run's weights into ``model`` (``--init``); its record, read from the JSON
+    beside the weights, goes into the new record."""
+    if not path:
+        return None
+    from safetensors.torch import load_file
+    model.load_state_dict(load_file(path))
+    record = Path(path).with_suffix(".json")
+    return {"weights": path, "record": json.loads(record.read_text()) if record.is_file() else None}
+
+
+def _views(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """A random view of every image (``SIMCLR_SCALE`` resized crop and a horizontal flip; no
+    color change), the augmentation of the subject's instance-discrimination loss."""
+    from torchvision.transforms.v2 import functional as TF
+    size = x.shape[-1]
+    out = torch.empty_like(x)
+    for i in range(len(x)):
+        u = torch.rand(4, generator=g).tolist()
+        side = max(8, round(size * math.sqrt(SIMCLR_SCALE[0] + u[0] * (SIMCLR_SCALE[1] - SIMCLR_SCALE[0]))))
+        top, left = int(u[1] * (size - side + 1)), int(u[2] * (size - side + 1))
+        v = TF.resized_crop(x[i], top, left, side, side, [size, size], antialias=True)
+        out[i] = v.flip(-1) if u[3] < 0.5 else v
+    return out
+
+
+def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
+    """SimCLR's loss for two views' embeddings a, b [B, E]: view i of one side must pick view i
+    of the other among the batch (both directions)."""
+    logits = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T / temperature
+    target = torch.arange(len(a), device=a.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
 def _fit_stage(model, args, split: str, label: str, epochs: int, lr: float, seed_offset: int,
-               g: torch.Generator, t0: float) -> None:
+               g: torch.Generator, t0: float, recon: torch.nn.Module | None = None,
+               recon_weight: float = 0.0, simclr: torch.nn.Module | None = None,
+               simclr_weight: float = 0.0) -> None:
     """``epochs`` epochs of cross-entropy on ``label`` (its codes), a fresh draw of ``args.n``
     images of ``split`` every epoch (seed ``args.seed * 1000 + seed_offset + epoch``), AdamW with
-    warmup and a cosine decay over the stage."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    warmup and a cosine decay over the stage. With ``recon``: plus ``recon_weight`` x the mean
+    squared error of ``recon(pre-logits)`` against the downsampled image (``_downsampled``).
+    With ``simclr`` (a projection head): plus ``simclr_weight`` x ``nt_xent`` of the projected
+    pre-logits of two random views (``_views``) of the batch."""
+    params = [p for m in (model, recon, simclr) if m is not None for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     steps = epochs * math.ceil(args.n / args.batch)
     step = 0
     for epoch in range(epochs):
         data = generate(args.n, seed=args.seed * 1000 + seed_offset + epoch, split=split,
                         workers=args.workers)
-        x, y = data.tensor(), torch.from_numpy(data.codes(label))
+        x = data.tensor()
+        y = torch.from_numpy(data.codes(label)) if label != "none" else None
         model.train()
         perm = torch.randperm(len(x), generator=g)
-        losses = []
+        losses, recon_losses, simclr_losses = [], [], []
         for i in range(0, len(x), args.batch):
             idx = perm[i:i + args.batch]
             _schedule(opt, step, steps, lr, warmup=max(1, steps // 20))
-            loss = F.cross_entropy(model(x[idx].to(args.device)), y[idx].to(args.device))
+            xb = x[idx].to(args.device)
+            pre = model.forward_head(model.forward_features(xb), pre_logits=True)
+            loss = (F.cross_entropy(model.head(pre), y[idx].to(args.device)) if y is not None
+                    else pre.new_zeros(()))
+            if recon is not None:
+                r = F.mse_loss(recon(pre), _downsampled(xb))
+                recon_losses.append(r.item())
+                loss = loss + recon_weight * r
+            if simclr is not None:
+                v1, v2 = _views(xb, g), _views(xb, g)
+                z = simclr(model.forward_head(model.forward_features(torch.cat([v1, v2])),
+                                              pre_logits=True))
+                c = nt_xent(*z.chunk(2))
+                simclr_losses.append(c.item())
+                loss = loss + simclr_weight * c
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             losses.append(loss.item())
             step += 1
-        print(f"epoch {epoch + 1}/{epochs} ({split}, {label}) loss {np.mean(losses):.4f} "
+        extra = (f" recon {np.mean(recon_losses):.4f}" if recon_losses else "") + \
+            (f" simclr {np.mean(simclr_losses):.4f}" if simclr_losses else "")
+        print(f"epoch {epoch + 1}/{epochs} ({split}, {label}) loss {np.mean(losses):.4f}{extra} "
               f"({time.perf_counter() - t0:.0f}s)", flush=True)
 
 
 def train_subject(args) -> dict:
     test = generate(args.eval_n, seed=EVAL_SEED, split="balanced-test", workers=args.workers)
-    model = build_subject(args.seed).to(args.device)
+    model = build_subject(args.seed)
+    init = _load_init(model, args.init)
+    model = model.to(args.device)
     g = torch.Generator().manual_seed(args.seed)
     t0 = time.perf_counter()
     pretrain = {"split": "train", "label": args.pretrain_label, "epochs": args.pretrain_epochs,
-                "lr": args.lr}
+                "lr": args.lr, "recon_weight": args.pretrain_recon,
+                "recon_target": f"image average-pooled to {RECON_GRID}x{RECON_GRID}, linear decoder "
+                                "from the pre-logits",
+                "simclr_weight": args.pretrain_simclr,
+                "simclr_views": f"resized crop (area {SIMCLR_SCALE}) + horizontal flip, no color "
+                                "change; temperature 0.2; MLP projection head"}
+    if args.pretrain_epochs and args.pretrain_label == "none" and not (
+            args.pretrain_recon or args.pretrain_simclr):
+        raise SystemExit("--pretrain-label none needs --pretrain-recon or --pretrain-simclr")
     if args.pretrain_epochs:
         # stage 1: the generic pretraining stand-in on the unbiased train split (every image
         # drawn afresh, so nothing is memorised); the label family the task's label derives from
         if args.pretrain_label == "shape":
             torch.manual_seed(args.seed + 1)
             model.reset_classifier(len(ATTRIBUTES["shape"]))
+        recon = None
+        if args.pretrain_recon:
+            # self-supervised part of the pretraining stand-in: the pre-logits must keep what
+            # the image looks like (a linear decoder to a coarse copy of it), as a generically
+            # pretrained backbone does; no attribute label is involved
+            torch.manual_seed(args.seed + 3)
+            recon = torch.nn.Linear(SUBJECT_CONFIG["embed_dim"], 3 * RECON_GRID ** 2).to(args.device)
+        simclr = None
+        if args.pretrain_simclr:
+            # instance discrimination between two crops of each image (SimCLR), the other
+            # generic self-supervised part; colors are never jittered, so color stays useful
+            torch.manual_seed(args.seed + 5)
+            d = SUBJECT_CONFIG["embed_dim"]
+            simclr = torch.nn.Sequential(torch.nn.Linear(d, d), torch.nn.ReLU(),
+                                         torch.nn.Linear(d, d)).to(args.device)
         _fit_stage(model, args, "train", args.pretrain_label, args.pretrain_epochs, args.lr,
-                   0, g, t0)
+                   0, g, t0, recon=recon, recon_weight=args.pretrain_recon, simclr=simclr,
+                   simclr_weight=args.pretrain_simclr)
         held = generate(args.eval_n, seed=EVAL_SEED, split="test", workers=args.workers)
         if args.pretrain_label == "shape":
             pretrain["test_shape_accuracy"] = shape_accuracy(model, held)
+        if args.pretrain_label in ("shape", "none"):
             torch.manual_seed(args.seed + 2)
             model.reset_classifier(SUBJECT_CONFIG["num_classes"])        # new binary head
         else:
@@ -185,7 +301,7 @@ def train_subject(args) -> dict:
                         "the unbiased train split; stage 2: a new 2-way head, cross-entropy on "
                         "round vs angular over spurious-train; every epoch a fresh draw. Never "
                         "told color, texture or background.",
-              "pretrain": pretrain,
+              "pretrain": pretrain, "init": init,
               "train_split": "spurious-train", "train_label": "angular",
               "train_n_per_epoch": args.n, "train_seeds": "seed * 1000 + (stage offset) + epoch",
               "epochs": args.epochs, "batch": args.batch, "finetune_lr": args.finetune_lr,
@@ -229,26 +345,30 @@ def train_clip(args) -> dict:
     test = generate(args.eval_n, seed=EVAL_SEED, split="test", workers=args.workers)
     tokenizer = WorldTokenizer()
     clip = build_clip(tokenizer, args.seed)
-    init = None
-    if args.init:                       # continue from an earlier run's weights (and record it)
-        from safetensors.torch import load_file
-        clip.load_state_dict(load_file(args.init))
-        init_record = Path(args.init).with_suffix(".json")
-        init = {"weights": args.init, "record": json.loads(init_record.read_text())
-                if init_record.is_file() else None}
+    init = _load_init(clip, args.init)
     clip = clip.to(args.device)
     phrase_weights = np.asarray(args.phrase_weights, float) / np.sum(args.phrase_weights)
-    x = data.tensor()
-    codes = torch.from_numpy(np.stack([data.codes(a) for a in ATTRIBUTES], 1))       # [N, 4]
-    opt = torch.optim.AdamW(clip.parameters(), lr=args.lr, weight_decay=0.05)
+    # --aux-ce: one linear probe per attribute on the unit image embedding (a cosine classifier
+    # with temperature AUX_SCALE), cross-entropy on the attribute's value: the supervised signal
+    # the captions carry, given every step for every attribute (shape is otherwise learned last)
+    torch.manual_seed(args.seed + 4)
+    probes = torch.nn.ModuleList(torch.nn.Linear(CLIP_CONFIG["embed_dim"], len(v), bias=False)
+                                 for v in ATTRIBUTES.values()).to(args.device)
+    params = list(clip.parameters()) + (list(probes.parameters()) if args.aux_ce else [])
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05)
     g = torch.Generator().manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    steps = args.epochs * (len(x) // args.batch)
+    steps = args.epochs * (args.n // args.batch)
     step, t0 = 0, time.perf_counter()
     for epoch in range(args.epochs):
+        if args.fresh and epoch:        # --fresh: a new draw of the train split every epoch
+            data = generate(args.n, seed=args.seed * 1000 + epoch, split="train",
+                            workers=args.workers)
+        x = data.tensor()
+        codes = torch.from_numpy(np.stack([data.codes(a) for a in ATTRIBUTES], 1))   # [N, 4]
         clip.train()
         perm = torch.randperm(len(x), generator=g)
-        losses = []
+        losses, aux_correct = [], []
         for i in range(0, len(x) - args.batch + 1, args.batch):
             idx = perm[i:i + args.batch]
             texts, named = _texts([data.records[j] for j in idx.tolist()], rng, args.p_full,
@@ -261,16 +381,27 @@ def train_clip(args) -> dict:
             txt = F.normalize(clip.encode_text(tokenizer(texts).to(args.device)), dim=-1)
             positive = positive.to(args.device)
             loss = multi_positive_clip_loss(img, txt, positive, clip.logit_scale.exp().clamp(max=100))
+            if args.aux_ce:
+                c = c.to(args.device)
+                logits = [AUX_SCALE * probe(img) for probe in probes]
+                loss = loss + args.aux_ce * sum(F.cross_entropy(lg, c[:, a])
+                                                for a, lg in enumerate(logits)) / len(logits)
+                aux_correct.append([(lg.argmax(-1) == c[:, a]).float().mean().item()
+                                    for a, lg in enumerate(logits)])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             losses.append(loss.item())
             step += 1
-        print(f"epoch {epoch + 1}/{args.epochs} loss {np.mean(losses):.4f} "
+        extra = (" probe accuracy " + " ".join(f"{a} {v:.3f}" for a, v in
+                                               zip(ATTRIBUTES, np.mean(aux_correct, 0)))
+                 if aux_correct else "")
+        print(f"epoch {epoch + 1}/{args.epochs} loss {np.mean(losses):.4f}{extra} "
               f"({time.perf_counter() - t0:.0f}s)", flush=True)
     seconds = time.perf_counter() - t0
     record = {"model": "clip", "config": CLIP_CONFIG, "train_split": "train", "train_n": args.n,
               "epochs": args.epochs, "batch": args.batch, "lr": args.lr, "p_full": args.p_full,
+              "aux_ce": args.aux_ce, "aux_scale": AUX_SCALE, "fresh_draw_per_epoch": args.fresh,
               "phrase_weights": dict(zip(ATTRIBUTES, phrase_weights.tolist())), "init": init,
               "seed": args.seed, "seconds": round(seconds, 1),
               "tokenizer": {"words": tokenizer.vocab[3:-1],
@@ -319,20 +450,31 @@ def build_parser() -> argparse.ArgumentParser:
         if which == "subject":
             s.add_argument("--pretrain-epochs", type=int, default=40,
                            help="epochs of --pretrain-label on the unbiased train split first")
-            s.add_argument("--pretrain-label", choices=("shape", "angular"), default="shape",
-                           help="stage-1 label: the 8 shapes (then a new binary head) or "
-                                "round/angular itself")
+            s.add_argument("--pretrain-label", choices=("shape", "angular", "none"),
+                           default="shape",
+                           help="stage-1 label: the 8 shapes (then a new binary head), "
+                                "round/angular itself, or none (self-supervised losses only)")
             s.add_argument("--finetune-lr", type=float, default=3e-4,
                            help="peak learning rate of stage 2 (the spurious split)")
+            s.add_argument("--pretrain-recon", type=float, default=0.0,
+                           help="weight of the stage-1 reconstruction loss (a linear decoder "
+                                "from the pre-logits to the image pooled to 8x8); 0: none")
+            s.add_argument("--pretrain-simclr", type=float, default=0.0,
+                           help="weight of the stage-1 instance-discrimination loss between two "
+                                "crops of each image (SimCLR, no color change); 0: none")
+        s.add_argument("--init", default=None,
+                       help="start from these weights (an earlier run's .safetensors; its "
+                            ".json record beside it is copied into the new record)")
         if which == "clip":
+            s.add_argument("--aux-ce", type=float, default=0.0,
+                           help="weight of the auxiliary per-attribute probe cross-entropy")
+            s.add_argument("--fresh", action="store_true",
+                           help="draw --n new training images every epoch")
             s.add_argument("--p-full", type=float, default=0.5,
                            help="share of texts that are full captions (else one phrase)")
             s.add_argument("--phrase-weights", type=float, nargs=4, default=PHRASE_WEIGHTS,
                            metavar=("COLOR", "TEXTURE", "SHAPE", "BACKGROUND"),
                            help="how often each attribute's phrase is the text (normalised)")
-            s.add_argument("--init", default=None,
-                           help="start from these weights (an earlier run's .safetensors; its "
-                                ".json record beside it is copied into the new record)")
     return p
 
 
