@@ -26,7 +26,7 @@ __all__ = [
     "group_components", "pusher", "multi_pusher", "einsum_pusher", "addmm_bias", "scalar_terms",
     "where_scalar", "masked_value", "pad_border", "unsqueeze_terms", "index_tensor", "repeat_kv",
     "split_windows", "fold_centering", "fold_rows", "fold_linear", "fold_projection", "inv_std",
-    "project_terms", "write_terms", "reshape_rest", "block_diagonal_heads", "identity_weight",
+    "project_terms", "write_terms", "reshape_rest", "block_diagonal_heads", "linear_output_terms", "identity_weight",
 ]
 
 
@@ -247,6 +247,18 @@ def _folded(fn):
                 weakref.finalize(a, _FOLDED.pop, key, None)
         return out
     return cached
+
+
+def linear_output_terms(out: torch.Tensor, bias: torch.Tensor | None,
+                        channel_dim: int = -1) -> torch.Tensor:
+    """The terms of a linear map's (or convolution's) output when its input is one component
+    (the whole input value x): A(x) = (A(x) + b) − b, the forward's own output less the bias
+    (a component of its own; added along ``channel_dim``): [1, *out.shape]."""
+    if bias is None:
+        return out.unsqueeze(0)
+    shape = [1] * out.dim()
+    shape[channel_dim % out.dim()] = -1
+    return (out - bias.reshape(shape)).unsqueeze(0)
 
 
 @_folded

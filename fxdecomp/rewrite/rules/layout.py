@@ -85,6 +85,8 @@ def _pending_layout(em, node: Node, target, args: list, kwargs: dict, merged: in
     x = node.args[0]
     out = []
     for c in em.terms(x, pending_ok=True):
+        if c.proj is None:   # a constant may be stored unbroadcast ([1, 1, N, E] for [B, N, E])
+            c = em.chunk(em.call(rt.expand_terms, c.node, em.orig(x)), c.labels)
         if c.proj is None and merged == 1:
             out.append(em.chunk(em.call(rt.pusher(target, 0), c.node, tuple(args), kwargs), c.labels))
             continue
@@ -374,8 +376,8 @@ def keep_pending(em, x: Node, apply) -> list:
     op applies to it and the projection stays pending (the op commutes with it)."""
     out = []
     for c in em.terms(x, pending_ok=True):
-        if c.proj is None:
-            out.append(em.chunk(apply(c.node), c.labels))
+        if c.proj is None:   # a constant may be stored unbroadcast: broadcast it first
+            out.append(em.chunk(apply(em.call(rt.expand_terms, c.node, em.orig(x))), c.labels))
         else:
             out.append(em.pending(apply(c.node), c.proj[0], c.proj[1], c.labels))
     return out
@@ -458,6 +460,8 @@ def plan_pad(node, facts):
         def emit_rows(em, node):
             """A pad of the dims before the last one (F.pad lists the last dim first) moves
             whole rows: pending projections take it on their input."""
+            if isinstance(pad, (list, tuple)) and all(p == 0 for p in pad):
+                return list(em.terms(node.args[0], blocked_ok=True, pending_ok=True))  # no-op
             if not (pending_in(em, node.args[0]) and isinstance(pad, (list, tuple))
                     and list(pad[:2]) == [0, 0]):
                 return plain(em, node)
