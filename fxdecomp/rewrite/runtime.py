@@ -231,6 +231,13 @@ def blocked_linear(t: torch.Tensor, weight: torch.Tensor, heads: int, backend: s
 _FOLDED: dict = {}
 
 
+def _version(t: torch.Tensor) -> int:
+    """The in-place version counter (inference tensors keep none: -1; the folds this module
+    keeps are never written to, and a weight created in inference mode cannot be updated
+    outside it)."""
+    return -1 if t.is_inference() else t._version
+
+
 def _folded(fn):
     @functools.wraps(fn)
     def cached(*args):
@@ -238,7 +245,7 @@ def _folded(fn):
         if torch.compiler.is_compiling() or (
                 torch.is_grad_enabled() and any(a.requires_grad for a in tensors)):
             return fn(*args)
-        key = (fn.__name__,) + tuple((id(a), a._version) if isinstance(a, torch.Tensor) else a
+        key = (fn.__name__,) + tuple((id(a), _version(a)) if isinstance(a, torch.Tensor) else a
                                      for a in args)
         out = _FOLDED.get(key)
         if out is None:
