@@ -4,6 +4,22 @@
 splitting. Under a row demand the rows map through the op (``transpose`` moves the dim,
 ``reshape`` may merge it with its neighbours, ``select`` asks for one row); head-blocked terms
 (per-head components stored without zero padding) stay blocked through the pure layout ops.
+
+Pending projections and token functionals (issue 13, Swin). A pending chunk is terms
+blocked_linear(t, W, H): t [c, *rest, b] the head-blocked input, W [E, H·b]. An op that only
+moves positions of the dims before the last (window reverse, roll, zero pad, a reshape that
+keeps E) moves whole rows, so it applies to t and W is untouched (``PendingMove`` = 1). A patch
+merging's gather ([..., 2, 2, E] -> [..., 4E]) moves K = 4 sub-positions into the last dim: t
+becomes [..., K·b] (same size) and W block diagonal [K·E, H·K·b] (``rt.block_diagonal_heads``);
+the merging's LayerNorm (centring, γ into W; frozen 1/σ scales t) and its linear map fold in.
+Through three mergings a first-stage head carries 64 sub-position blocks: the final mean over
+tokens (with the final norm's per-token 1/σ, a weight per token known only at run time) then
+reduces t to [c, B, 64·b] before W [E, H·64·b] applies: one token functional per sub-position
+path, each followed by its slice of the composed reductions, which is what a demand of linear
+functionals over tokens computes, obtained here by carrying the input forward instead of
+propagating functionals backward (the rewrite emits in forward order; W is folded from the
+weights only and kept between calls, ``rt._folded``). Not covered: an op moving the last dim
+(NCHW stages, MaxViT), attention over a pending value.
 """
 from __future__ import annotations
 
