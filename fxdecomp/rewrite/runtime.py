@@ -26,7 +26,7 @@ __all__ = [
     "group_components", "pusher", "multi_pusher", "einsum_pusher", "addmm_bias", "scalar_terms",
     "where_scalar", "masked_value", "pad_border", "unsqueeze_terms", "index_tensor", "repeat_kv",
     "split_windows", "fold_centering", "fold_rows", "fold_linear", "fold_projection", "inv_std",
-    "project_terms", "write_terms", "reshape_rest", "block_diagonal_heads", "linear_output_terms", "identity_weight",
+    "project_terms", "write_terms", "reshape_rest", "block_diagonal_heads", "linear_output_terms", "normalize_terms", "identity_weight",
 ]
 
 
@@ -339,6 +339,18 @@ def inv_std(x: torch.Tensor, n_dims: int, eps, centered: bool = True) -> torch.T
     var = xf.var(dim=dims, unbiased=False, keepdim=True) if centered else \
         xf.pow(2).mean(dim=dims, keepdim=True)
     return torch.rsqrt(var + eps).to(x.dtype)
+
+
+def normalize_terms(t: torch.Tensor, inv: torch.Tensor, weight, centered: bool) -> torch.Tensor:
+    """A LayerNorm (``centered``) or RMSNorm over the last dim on terms, with its frozen 1/σ
+    ``inv`` (from ``inv_std``) given: γ ⊙ (t − mean t)·inv, or γ ⊙ t·inv (see
+    ``layer_norm_terms``; one σ for every chunk of the value)."""
+    tf = t.float()
+    out = (tf - tf.mean(dim=-1, keepdim=True)) if centered else tf
+    out = out * inv.float()
+    if weight is not None:
+        out = out * weight.float()
+    return out.to(t.dtype)
 
 
 def project_terms(t: torch.Tensor, ref: torch.Tensor, project: torch.Tensor) -> torch.Tensor:
