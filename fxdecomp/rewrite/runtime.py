@@ -11,6 +11,8 @@ rules build graphs only out of these, so ``print(dm.code)`` names nothing privat
 """
 from __future__ import annotations
 
+import functools
+import weakref
 from typing import Sequence
 
 import torch
@@ -24,7 +26,7 @@ __all__ = [
     "group_components", "pusher", "multi_pusher", "einsum_pusher", "addmm_bias", "scalar_terms",
     "where_scalar", "masked_value", "pad_border", "unsqueeze_terms", "index_tensor", "repeat_kv",
     "split_windows", "fold_centering", "fold_rows", "fold_linear", "fold_projection", "inv_std",
-    "project_terms", "write_terms",
+    "project_terms", "write_terms", "reshape_rest", "block_diagonal_heads", "linear_output_terms", "normalize_terms", "identity_weight",
 ]
 
 
@@ -220,6 +222,53 @@ def blocked_linear(t: torch.Tensor, weight: torch.Tensor, heads: int, backend: s
     return y.reshape((c,) + rest + (e,))
 
 
+# -------------------------------------------------------------------------------- folded weights
+# A fold (``fold_*``, ``block_diagonal_heads``, ``identity_weight``) depends on weights only, not
+# on the image: its result is kept between calls, keyed on the identity and version counter of
+# each tensor argument (an in-place update bumps the version: the fold is recomputed; the entry
+# goes when any of its tensors is freed). Not kept while autograd records through a weight, nor
+# under torch.compile (which traces the fold itself).
+_FOLDED: dict = {}
+
+
+def _version(t: torch.Tensor) -> int:
+    """The in-place version counter (inference tensors keep none: -1; the folds this module
+    keeps are never written to, and a weight created in inference mode cannot be updated
+    outside it)."""
+    return -1 if t.is_inference() else t._version
+
+
+def _folded(fn):
+    @functools.wraps(fn)
+    def cached(*args):
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if torch.compiler.is_compiling() or (
+                torch.is_grad_enabled() and any(a.requires_grad for a in tensors)):
+            return fn(*args)
+        key = (fn.__name__,) + tuple((id(a), _version(a)) if isinstance(a, torch.Tensor) else a
+                                     for a in args)
+        out = _FOLDED.get(key)
+        if out is None:
+            out = _FOLDED[key] = fn(*args)
+            for a in tensors:
+                weakref.finalize(a, _FOLDED.pop, key, None)
+        return out
+    return cached
+
+
+def linear_output_terms(out: torch.Tensor, bias: torch.Tensor | None,
+                        channel_dim: int = -1) -> torch.Tensor:
+    """The terms of a linear map's (or convolution's) output when its input is one component
+    (the whole input value x): A(x) = (A(x) + b) − b, the forward's own output less the bias
+    (a component of its own; added along ``channel_dim``): [1, *out.shape]."""
+    if bias is None:
+        return out.unsqueeze(0)
+    shape = [1] * out.dim()
+    shape[channel_dim % out.dim()] = -1
+    return (out - bias.reshape(shape)).unsqueeze(0)
+
+
+@_folded
 def fold_centering(weight: torch.Tensor, gamma: torch.Tensor | None) -> torch.Tensor:
     """A LayerNorm's centring and γ folded into the linear map W [E, d] before it:
     γ ⊙ (xWᵀ − mean_E(xWᵀ)) = x (γ ⊙ (W − mean_E W))ᵀ (the mean over output rows is linear)."""
@@ -227,20 +276,57 @@ def fold_centering(weight: torch.Tensor, gamma: torch.Tensor | None) -> torch.Te
     return w if gamma is None else w * gamma.reshape(-1, 1).to(w.dtype)
 
 
+@_folded
 def fold_rows(weight: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
     """A per-output-feature scale (RMSNorm's γ, a layer scale) folded into W [E, d]:
     γ ⊙ (xWᵀ) = x (γ ⊙ W)ᵀ."""
     return weight * gamma.reshape(-1, 1).to(weight.dtype)
 
 
+@_folded
 def fold_linear(weight: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
     """A later linear map A [E', E] folded into W [E, d]: (xWᵀ)Aᵀ = x (A W)ᵀ."""
     return after.to(weight.dtype) @ weight
 
 
+@_folded
 def fold_projection(weight: torch.Tensor, project: torch.Tensor) -> torch.Tensor:
     """Output directions D [E, k] folded into W [E, d]: (xWᵀ) D = x (Dᵀ W)ᵀ."""
     return project.to(weight.dtype).t() @ weight
+
+
+@_folded
+def block_diagonal_heads(weight: torch.Tensor, heads: int, merged: int) -> torch.Tensor:
+    """A pending projection's W [E, H·b] after K = ``merged`` positions are merged into the
+    value's last dim (a patch merging's gather: [..., K, E] -> [..., K·E]): the input becomes
+    [..., K·b] and W' [K·E, H·K·b] is block diagonal, W'[k·E + e, h·K·b + k·b + j] =
+    W[e, h·b + j] (position k of the merged input only reaches block k of the value)."""
+    e, hb = weight.shape
+    w = weight.reshape(1, e, heads, 1, hb // heads)
+    eye = torch.eye(merged, dtype=weight.dtype, device=weight.device)
+    return (eye.reshape(merged, 1, 1, merged, 1) * w).reshape(merged * e, heads * merged * (hb // heads))
+
+
+_IDENTITY: dict = {}
+
+
+def identity_weight(n: int, like: torch.Tensor) -> torch.Tensor:
+    """I [n, n] (``like``'s dtype and device; one tensor per kind, so folds into it are kept):
+    terms t made pending as blocked_linear(t, I, 1) = t."""
+    if torch.compiler.is_compiling():
+        return torch.eye(n, dtype=like.dtype, device=like.device)
+    key = (n, like.dtype, like.device)
+    if key not in _IDENTITY:
+        _IDENTITY[key] = torch.eye(n, dtype=like.dtype, device=like.device)
+    return _IDENTITY[key]
+
+
+def reshape_rest(t: torch.Tensor, shape, merged: int = 1) -> torch.Tensor:
+    """A pending projection's input [c, *rest, b] through reshape(value, shape), where the
+    value's new last dim is ``merged`` trailing positions times its old last dim (1: the last
+    dim is unchanged): [c, *shape[:-1], merged·b]. A row-major reshape that keeps the last dim
+    E moves whole rows, so the input moves the same rows."""
+    return t.reshape((t.shape[0],) + tuple(shape[:-1]) + (merged * t.shape[-1],))
 
 
 def inv_std(x: torch.Tensor, n_dims: int, eps, centered: bool = True) -> torch.Tensor:
@@ -253,6 +339,18 @@ def inv_std(x: torch.Tensor, n_dims: int, eps, centered: bool = True) -> torch.T
     var = xf.var(dim=dims, unbiased=False, keepdim=True) if centered else \
         xf.pow(2).mean(dim=dims, keepdim=True)
     return torch.rsqrt(var + eps).to(x.dtype)
+
+
+def normalize_terms(t: torch.Tensor, inv: torch.Tensor, weight, centered: bool) -> torch.Tensor:
+    """A LayerNorm (``centered``) or RMSNorm over the last dim on terms, with its frozen 1/σ
+    ``inv`` (from ``inv_std``) given: γ ⊙ (t − mean t)·inv, or γ ⊙ t·inv (see
+    ``layer_norm_terms``; one σ for every chunk of the value)."""
+    tf = t.float()
+    out = (tf - tf.mean(dim=-1, keepdim=True)) if centered else tf
+    out = out * inv.float()
+    if weight is not None:
+        out = out * weight.float()
+    return out.to(t.dtype)
 
 
 def project_terms(t: torch.Tensor, ref: torch.Tensor, project: torch.Tensor) -> torch.Tensor:

@@ -4,9 +4,26 @@
 splitting. Under a row demand the rows map through the op (``transpose`` moves the dim,
 ``reshape`` may merge it with its neighbours, ``select`` asks for one row); head-blocked terms
 (per-head components stored without zero padding) stay blocked through the pure layout ops.
+
+Pending projections and token functionals (issue 13, Swin). A pending chunk is terms
+blocked_linear(t, W, H): t [c, *rest, b] the head-blocked input, W [E, H·b]. An op that only
+moves positions of the dims before the last (window reverse, roll, zero pad, a reshape that
+keeps E) moves whole rows, so it applies to t and W is untouched (``PendingMove`` = 1). A patch
+merging's gather ([..., 2, 2, E] -> [..., 4E]) moves K = 4 sub-positions into the last dim: t
+becomes [..., K·b] (same size) and W block diagonal [K·E, H·K·b] (``rt.block_diagonal_heads``);
+the merging's LayerNorm (centring, γ into W; frozen 1/σ scales t) and its linear map fold in.
+Through three mergings a first-stage head carries 64 sub-position blocks: the final mean over
+tokens (with the final norm's per-token 1/σ, a weight per token known only at run time) then
+reduces t to [c, B, 64·b] before W [E, H·64·b] applies: one token functional per sub-position
+path, each followed by its slice of the composed reductions, which is what a demand of linear
+functionals over tokens computes, obtained here by carrying the input forward instead of
+propagating functionals backward (the rewrite emits in forward order; W is folded from the
+weights only and kept between calls, ``rt._folded``). Not covered: an op moving the last dim
+(NCHW stages, MaxViT), attention over a pending value.
 """
 from __future__ import annotations
 
+import math
 import operator
 from typing import Callable, Optional
 
@@ -35,11 +52,78 @@ RULES.register(Rule(
     shape_only=True, doc="Values that depend on their inputs' shapes only: never data."))
 
 
-def layout_emit(move_block: BlockMove | None = None, shape_arg: bool = False):
+# (node) -> how the op moves a pending projection's input [c, *rest, b] (``Chunk.proj``): 1 (it
+# moves only positions of the dims before the last one, which stays: the input takes the op as
+# is), K > 1 (it also merges trailing dims of K positions into the last one: a patch merging's
+# gather; W becomes block diagonal, ``rt.block_diagonal_heads``), or None (evaluate first).
+PendingMove = Callable[[Node], Optional[int]]
+
+
+def _reshape_pending(node: Node) -> int | None:
+    """A reshape keeps the last dim (1), or merges trailing static dims into it (K)."""
+    ins, outs = sizes(node.args[0]), sizes(node)
+    if not ins or not outs or ins[-1] is None or outs[-1] is None or outs[-1] % ins[-1]:
+        return None
+    merged, k = outs[-1] // ins[-1], len(ins) - 1
+    got = 1
+    while got < merged and k > 0 and ins[k - 1] is not None:
+        k -= 1
+        got *= ins[k]
+    return merged if got == merged else None
+
+
+def _flatten_pending(node: Node) -> int | None:
+    rank_in = len(sizes(node.args[0]))
+    start = norm_dim(arg(node, 1, "start_dim", 0), rank_in)
+    end = norm_dim(arg(node, 2, "end_dim", -1), rank_in)
+    if end < rank_in - 1:
+        return 1
+    inner = sizes(node.args[0])[start:end]
+    return None if any(s is None for s in inner) else math.prod(inner)
+
+
+def _last_kept(dims_of) -> PendingMove:
+    """The op moves positions along ``dims_of(node)`` (normalised) only: 1 if the last is not
+    among them."""
+    def how(node: Node) -> int | None:
+        rank_in = len(sizes(node.args[0]))
+        dims = dims_of(node)
+        return None if dims is None or rank_in - 1 in [norm_dim(d, rank_in) for d in dims] else 1
+    return how
+
+
+def _pending_layout(em, node: Node, target, args: list, kwargs: dict, merged: int,
+                    shape_arg: bool) -> list:
+    """The op applied to pending projections' inputs, chunk by chunk (see ``PendingMove``);
+    with ``merged`` > 1, the other chunks become pending too (W = I), so that everything
+    downstream (a norm's centring and γ, the merge's linear map) folds into W instead of
+    running on E-wide terms at every position."""
+    x = node.args[0]
+    out = []
+    for c in em.terms(x, pending_ok=True):
+        if c.proj is None:   # a constant may be stored unbroadcast ([1, 1, N, E] for [B, N, E])
+            c = em.chunk(em.call(rt.expand_terms, c.node, em.orig(x)), c.labels)
+        if c.proj is None and merged == 1:
+            out.append(em.chunk(em.call(rt.pusher(target, 0), c.node, tuple(args), kwargs), c.labels))
+            continue
+        if c.proj is None:
+            c = em.pending(c.node, em.call(rt.identity_weight, sizes(x)[-1], em.orig(x)), 1, c.labels)
+        if shape_arg:
+            t = em.call(rt.reshape_rest, c.node, args[1], merged)
+        else:
+            t = em.call(rt.pusher(target, 0), c.node, tuple(args), kwargs)
+        w = c.proj[0] if merged == 1 else em.call(rt.block_diagonal_heads, c.proj[0], c.proj[1], merged)
+        out.append(em.pending(t, w, c.proj[1], c.labels))
+    return out
+
+
+def layout_emit(move_block: BlockMove | None = None, shape_arg: bool = False,
+                pending: PendingMove | None = None):
     """Emit: apply the op to every component. ``shape_arg``: argument 1 is a size list whose
     entry at the narrowed dim becomes the number of rows kept under a row demand. Head-blocked
     terms stay blocked where ``move_block`` says where the blocks go; otherwise they are
-    densified. (view runs as reshape: components need not be contiguous.)"""
+    densified. Pending projections stay pending where ``pending`` says how the op moves their
+    input. (view runs as reshape: components need not be contiguous.)"""
     def emit(em, node):
         layout = em.layout(node)
         target = aten.reshape.default if op_key(node) in (aten.view, aten._unsafe_view) else node.target
@@ -50,6 +134,10 @@ def layout_emit(move_block: BlockMove | None = None, shape_arg: bool = False):
                 # grouped rows: the kept outer factors times the (symbolic) inner size
                 shape[layout.dim] = len(layout.index) if layout.group is None else -1
             args[1] = shape
+        merged = pending(node) if pending is not None and pending_in(em, node.args[0]) else None
+        if merged is not None and (layout is None or layout.dim < len(sizes(node)) - 1):
+            kwargs = {k: em.orig_arg(v) for k, v in node.kwargs.items()}
+            return _pending_layout(em, node, target, args, kwargs, merged, shape_arg)
         c = em.merged(node.args[0], blocked_ok=True)
         block = None
         if c.block is not None:
@@ -117,7 +205,7 @@ def _reshape_blocks(node: Node, block, shape_arg):
             examples=(lambda: Tail(lambda m, x: x.reshape(x.shape[0], 4, 32).view(-1, 16, 2, 4)),))
 def plan_view(node, facts):
     """A reshape is linear: reshape(Σ x_i) = Σ reshape(x_i)."""
-    return Plan.linear([node.args[0]], layout_emit(_reshape_blocks, shape_arg=True),
+    return Plan.linear([node.args[0]], layout_emit(_reshape_blocks, shape_arg=True, pending=_reshape_pending),
                        demand=_reshape_demand)
 
 
@@ -139,7 +227,7 @@ def _flatten_demand(node: Node, d: Demand) -> Requests | None:
             examples=(lambda: Tail(lambda m, x: x.flatten(1)),))
 def plan_flatten(node, facts):
     """flatten is a reshape: linear; rows of the dims it keeps map through."""
-    return Plan.linear([node.args[0]], layout_emit(), demand=_flatten_demand)
+    return Plan.linear([node.args[0]], layout_emit(pending=_flatten_pending), demand=_flatten_demand)
 
 
 @RULES.rule(aten.unflatten, moves_layout=True, prob_transparent=True,
@@ -171,7 +259,8 @@ def _transpose_blocks(node: Node, block, shape_arg):
             examples=(lambda: Tail(lambda m, x: x.transpose(1, 2)),))
 def plan_transpose(node, facts):
     """transpose is a permutation of positions: linear; rows follow the swapped dims."""
-    return Plan.linear([node.args[0]], layout_emit(_transpose_blocks), demand=_transpose_demand)
+    return Plan.linear([node.args[0]], layout_emit(_transpose_blocks, pending=_last_kept(_transpose_dims)),
+                       demand=_transpose_demand)
 
 
 def _perm(node: Node) -> list[int]:
@@ -185,14 +274,15 @@ def plan_permute(node, facts):
     """permute is a permutation of positions: linear; rows follow their dim."""
     return Plan.linear(
         [node.args[0]],
-        layout_emit(lambda node, block, shape: ((_perm(node).index(block[0]),) + block[1:], None)),
+        layout_emit(lambda node, block, shape: ((_perm(node).index(block[0]),) + block[1:], None),
+                    pending=lambda node: 1 if _perm(node)[-1] == len(_perm(node)) - 1 else None),
         demand=lambda node, d: mapped(node.args[0], d, None if d is None else _perm(node)[d.dim]))
 
 
 RULES.register(Rule(
     "copy", ops("contiguous", "clone", "alias", "lift_fresh_copy", "_to_copy", "to", "type_as"),
     plan=lambda node, facts: Plan.linear(
-        [node.args[0]], layout_emit(lambda node, block, shape: (block, None)),
+        [node.args[0]], layout_emit(lambda node, block, shape: (block, None), pending=lambda node: 1),
         demand=lambda node, d: same_rows(node.args[0], d)),
     moves_layout=True, prob_transparent=True,
     doc="Copies and dtype casts keep every value where it is: linear, rows and blocks unchanged.",
@@ -246,7 +336,12 @@ def plan_narrow(node, facts):
 
 
 def _plan_in_first(node, facts):
-    """op(Σ x_i) = Σ op(x_i): linear in the first argument, the rest frozen."""
+    """op(Σ x_i) = Σ op(x_i): linear in the first argument, the rest frozen. A roll along
+    dims other than the last keeps pending projections pending (it moves whole rows)."""
+    if op_key(node) is aten.roll:
+        dims = arg(node, 2, "dims", [])
+        how = _last_kept(lambda n: list(dims) if isinstance(dims, (list, tuple)) and dims else None)
+        return Plan.linear([node.args[0]], layout_emit(pending=how))
     return Plan.linear([node.args[0]], layout_emit())
 
 
@@ -297,8 +392,8 @@ def keep_pending(em, x: Node, apply) -> list:
     op applies to it and the projection stays pending (the op commutes with it)."""
     out = []
     for c in em.terms(x, pending_ok=True):
-        if c.proj is None:
-            out.append(em.chunk(apply(c.node), c.labels))
+        if c.proj is None:   # a constant may be stored unbroadcast: broadcast it first
+            out.append(em.chunk(apply(em.call(rt.expand_terms, c.node, em.orig(x))), c.labels))
         else:
             out.append(em.pending(apply(c.node), c.proj[0], c.proj[1], c.labels))
     return out
@@ -375,7 +470,22 @@ def plan_pad(node, facts):
     if mode not in ("constant", "reflect", "replicate", "circular"):
         raise UnsupportedGraphError(f"padding mode {mode!r}", node)
     if mode != "constant" or value == 0.0:
-        return Plan.linear([node.args[0]], push_emit(0))
+        plain = push_emit(0)
+        pad = node.args[1]
+
+        def emit_rows(em, node):
+            """A pad of the dims before the last one (F.pad lists the last dim first) moves
+            whole rows: pending projections take it on their input."""
+            if isinstance(pad, (list, tuple)) and all(p == 0 for p in pad):
+                return list(em.terms(node.args[0], blocked_ok=True, pending_ok=True))  # no-op
+            if not (pending_in(em, node.args[0]) and isinstance(pad, (list, tuple))
+                    and list(pad[:2]) == [0, 0]):
+                return plain(em, node)
+            args = (None,) + tuple(em.orig_arg(a) for a in node.args[1:])
+            kwargs = {k: em.orig_arg(v) for k, v in node.kwargs.items()}
+            return keep_pending(em, node.args[0],
+                                lambda t: em.call(rt.pusher(node.target, 0), t, args, kwargs))
+        return Plan.linear([node.args[0]], emit_rows)
 
     def emit(em, node):
         chunk = em.merged(node.args[0])

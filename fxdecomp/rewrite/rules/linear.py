@@ -53,9 +53,10 @@ def plan_linear(node, facts):
             # evaluated where the terms are gathered, with later linear maps folded in
             out = em.pending(c.node, em.orig(w), c.block[1], c.labels)
         elif c.block is None and len(c.labels) == 1 and len(sizes(w)) == 2:
-            # one component (an MLP's hidden activation): pending as well (one "head"), so a
-            # later mean over tokens reduces its input before W applies
-            out = em.pending(c.node, em.orig(w), 1, c.labels)
+            # one component (an MLP's hidden activation) is the whole input, so its term is
+            # the forward's own output less the bias: no second matmul, and E wide instead of
+            # the hidden width for every later op (a mean over tokens, a patch merging)
+            out = em.chunk(em.call(rt.linear_output_terms, em.orig(node), em.orig(bias)), c.labels)
         else:
             c = em.densify(c)
             out = em.chunk(em.call(F.linear, c.node, em.orig(w)), c.labels)
@@ -79,6 +80,10 @@ def plan_conv(node, facts):
 
     def emit(em, node):
         c = em.merged(x)
+        if len(c.labels) == 1:
+            # one component is the whole input: the forward's own output less the bias
+            out = em.call(rt.linear_output_terms, em.orig(node), em.orig_arg(bias), 1)
+            return [em.chunk(out, c.labels)] + bias_chunk(em, node, bias, 1)
         args = tuple(None if i == 0 else (None if i == 2 else em.orig_arg(a))
                      for i, a in enumerate(node.args))
         out = em.call(rt.pusher(node.target, 0), c.node, args, {})

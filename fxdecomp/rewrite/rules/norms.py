@@ -46,11 +46,10 @@ def _fold_norm(em, x: Node, shape, weight, eps, centered: bool) -> list | None:
     chunks = em.terms(x, pending_ok=True)
     inv = em.call(rt.inv_std, em.orig(x), 1, eps, centered)
     gamma = em.orig_arg(weight)
-    fn = rt.layer_norm_terms if centered else rt.rms_norm_terms
     out = []
     for c in chunks:   # in order: the components keep their order
-        if c.proj is None:
-            out.append(em.chunk(em.call(fn, c.node, em.orig(x), shape, gamma, eps), c.labels))
+        if c.proj is None:   # the same frozen 1/σ, computed once for all chunks
+            out.append(em.chunk(em.call(rt.normalize_terms, c.node, inv, gamma, centered), c.labels))
             continue
         w = em.call(rt.fold_centering, c.proj[0], gamma) if centered else \
             (em.call(rt.fold_rows, c.proj[0], gamma) if gamma is not None else c.proj[0])
