@@ -26,7 +26,8 @@ __all__ = [
     "group_components", "pusher", "multi_pusher", "einsum_pusher", "addmm_bias", "scalar_terms",
     "where_scalar", "masked_value", "pad_border", "unsqueeze_terms", "index_tensor", "repeat_kv",
     "split_windows", "fold_centering", "fold_rows", "fold_linear", "fold_projection", "inv_std",
-    "project_terms", "write_terms", "reshape_rest", "block_diagonal_heads", "linear_output_terms", "normalize_terms", "identity_weight",
+    "project_terms", "write_terms", "reshape_rest", "block_diagonal_heads", "linear_output_terms",
+    "normalize_terms", "identity_weight",
 ]
 
 

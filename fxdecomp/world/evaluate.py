@@ -175,6 +175,7 @@ def evaluate_world(n: int = 2000, seed: int = 0, k: int = 3, queries: int = 500,
     g = np.random.default_rng(seed + 1)
     random_sets = [cand_idx[torch.from_numpy(g.choice(len(cand_idx), k, replace=False))]
                    for _ in range(RANDOM_DRAWS)]
+    rand_prec, last_random = _random_precisions(components, world, query_idx, random_sets)
     precision, retrieved, chance = {}, {}, {}
     for attr in ATTRIBUTE_ORDER:
         values = world.labels(attr)
@@ -184,11 +185,8 @@ def evaluate_world(n: int = 2000, seed: int = 0, k: int = 3, queries: int = 500,
             idx, _ = property_retrieval(components, query_idx, sel, top=PRECISION_K)
             retrieved[(attr, method)] = idx
             row[method] = precision_at_k(idx, values, qvals)
-        rand = []
-        for sel in random_sets:
-            idx, _ = property_retrieval(components, query_idx, sel, top=PRECISION_K)
-            rand.append(precision_at_k(idx, values, qvals))
-        retrieved[(attr, "random_components")] = idx
+        rand = rand_prec[attr]
+        retrieved[(attr, "random_components")] = last_random
         row["random_components"] = float(np.mean(rand))
         row["random_components_std"] = float(np.std(rand))
         precision[attr] = row
@@ -260,19 +258,34 @@ def _retrieval_sweep(components: torch.Tensor, world: World, query_idx: torch.Te
         g = np.random.default_rng([seed, k])
         random_sets = [cand_idx[torch.from_numpy(g.choice(len(cand_idx), k, replace=False))]
                        for _ in range(RANDOM_DRAWS)]
+        rand, _ = _random_precisions(components, world, query_idx, random_sets)
         row = {}
         for attr in ATTRIBUTE_ORDER:
             values = world.labels(attr)
-            qvals = [values[i] for i in query_idx.tolist()]
-
-            def precision(sel):
-                idx, _ = property_retrieval(components, query_idx, sel, top=PRECISION_K)
-                return precision_at_k(idx, values, qvals)
-            top = precision(cand_idx[select_components(cand_scores, attr, k)])
-            row[attr] = {"top_components": top,
-                         "random_components": float(np.mean([precision(s) for s in random_sets]))}
+            idx, _ = property_retrieval(components, query_idx,
+                                        cand_idx[select_components(cand_scores, attr, k)],
+                                        top=PRECISION_K)
+            row[attr] = {"top_components": precision_at_k(idx, values,
+                                                          [values[i] for i in query_idx.tolist()]),
+                         "random_components": float(np.mean(rand[attr]))}
         out[str(k)] = row
     return out
+
+
+def _random_precisions(components: torch.Tensor, world: World, query_idx: torch.Tensor,
+                       random_sets: list) -> tuple[dict, torch.Tensor]:
+    """precision@10 of every random component set for every attribute ({attribute: [draws]};
+    one retrieval per set serves all attributes) and the last set's retrieved indices."""
+    from fxdecomp.apply import precision_at_k, property_retrieval
+    labels = {a: world.labels(a) for a in ATTRIBUTE_ORDER}
+    qvals = {a: [v[i] for i in query_idx.tolist()] for a, v in labels.items()}
+    out = {a: [] for a in ATTRIBUTE_ORDER}
+    idx = None
+    for sel in random_sets:
+        idx, _ = property_retrieval(components, query_idx, sel, top=PRECISION_K)
+        for a in ATTRIBUTE_ORDER:
+            out[a].append(precision_at_k(idx, labels[a], qvals[a]))
+    return out, idx
 
 
 def _heatmap_eval(subject, world: World, x: torch.Tensor, img_idx: torch.Tensor, aligner,
