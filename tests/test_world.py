@@ -174,7 +174,7 @@ def test_shipped_subject_decomposes_exactly():
         d = dm(x)
         assert dm.verify(x) <= 1e-5
     assert torch.allclose(d.components.sum(0), target(x), rtol=0, atol=1e-4)
-    assert sum(lab.kind == "attn_head" for lab in d.labels) == 4 * 4     # depth 4 x 4 heads
+    assert sum(lab.kind == "attn_head" for lab in d.labels) == 4 * 8     # depth 4 x 8 heads
 
 
 def test_training_script_records_the_recipe(tmp_path):

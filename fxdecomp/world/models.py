@@ -4,8 +4,9 @@
   3 x [conv3x3 stride 2, BatchNorm, ReLU] giving an 8 x 8 grid of tokens through
   ``timm.layers.HybridEmbed``, then ``SUBJECT_CONFIG``'s 4 blocks; "Early convolutions help
   transformers see better", Xiao et al. 2021: the plain patch-16 ViT never learned shape here)
-  trained only on the binary label round vs angular shape (unbiased pretraining, then the
-  spurious split); never told color, texture or background. The decomposition treats the stem
+  pretrained on the 8 shapes plus self-supervised losses (reconstruction, SimCLR crops), then
+  trained on the binary label round vs angular shape over the spurious split; never told color,
+  texture or background (``fxdecomp.world.train``). The decomposition treats the stem
   as the embedding (it is before the first residual block). ``load_subject()`` -> (``TimmTarget`` of its pre-logits, info).
 - the *tiny CLIP*: an open_clip ``CLIP`` (``CLIP_CONFIG``: a ViT image tower on an 8 x 8 grid
   whose patch embedding is a convolutional stem like the subject's, ``CLIP_STEM``: the earlier
