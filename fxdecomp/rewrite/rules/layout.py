@@ -274,9 +274,22 @@ def plan_permute(node, facts):
     """permute is a permutation of positions: linear; rows follow their dim."""
     return Plan.linear(
         [node.args[0]],
-        layout_emit(lambda node, block, shape: ((_perm(node).index(block[0]),) + block[1:], None),
-                    pending=lambda node: 1 if _perm(node)[-1] == len(_perm(node)) - 1 else None),
+        _permute_emit,
         demand=lambda node, d: mapped(node.args[0], d, None if d is None else _perm(node)[d.dim]))
+
+
+_permute_plain = layout_emit(lambda node, block, shape: ((_perm(node).index(block[0]),) + block[1:], None))
+
+
+def _permute_emit(em, node):
+    """A permute moves a pending projection's channel dim (``Chunk.cdim``) with it: NHWC <->
+    NCHW keeps the terms pending, only their input is permuted."""
+    if not pending_in(em, node.args[0]):
+        return _permute_plain(em, node)
+    perm = _perm(node)
+    return keep_pending(em, node.args[0],
+                        lambda t: em.call(rt.pusher(node.target, 0), t, (None, perm), {}),
+                        moves=perm.index, rank_out=len(perm))
 
 
 RULES.register(Rule(
@@ -386,16 +399,27 @@ def pending_in(em, x: Node) -> bool:
     return any(c.proj is not None for c in em.terms_of[x])
 
 
-def keep_pending(em, x: Node, apply) -> list:
-    """An op acting on dims other than the last one, chunk by chunk: ``apply(terms node)``.
-    A pending projection's head-blocked input has the same leading dims as its value, so the
-    op applies to it and the projection stays pending (the op commutes with it)."""
+def keep_pending(em, x: Node, apply, moves: Callable[[int], Optional[int]] | None = None,
+                 rank_out: int | None = None) -> list:
+    """An op acting on dims other than the channel one, chunk by chunk: ``apply(terms node)``.
+    A pending projection's head-blocked input has the same dims as its value but b channels,
+    so the op applies to it and the projection stays pending (the op commutes with it).
+    Without ``moves`` the channels are last and stay last (ops on the leading dims only);
+    with it, ``moves(channel dim) -> its dim in the output`` (None: the op acts on it, the
+    terms are evaluated first) and channels in any dim are kept (``Chunk.cdim``), with
+    ``rank_out`` the output's rank."""
+    rank = len(sizes(x))
     out = []
-    for c in em.terms(x, pending_ok=True):
-        if c.proj is None:   # a constant may be stored unbroadcast: broadcast it first
-            out.append(em.chunk(apply(em.call(rt.expand_terms, c.node, em.orig(x))), c.labels))
-        else:
-            out.append(em.pending(apply(c.node), c.proj[0], c.proj[1], c.labels))
+    for c in em.terms(x, pending_ok=True, channel_ok=moves is not None):
+        if c.proj is not None:
+            new = None if moves is None else moves(rank - 1 if c.cdim is None else c.cdim)
+            if moves is None or new is not None:
+                cdim = None if moves is None or new == rank_out - 1 else new
+                out.append(em.pending(apply(c.node), c.proj[0], c.proj[1], c.labels, cdim))
+                continue
+            c = em.materialize(c)
+        # a constant may be stored unbroadcast: broadcast it first
+        out.append(em.chunk(apply(em.call(rt.expand_terms, c.node, em.orig(x))), c.labels))
     return out
 
 

@@ -79,6 +79,22 @@ def plan_conv(node, facts):
         return refuse
 
     def emit(em, node):
+        if _pointwise_conv(node) and any(c.proj is not None for c in em.terms_of[x]):
+            # a 1x1 convolution is a linear map of the channel dim (1): pending projections
+            # with their channels there fold it into W; the others are convolved one by one
+            w2 = em.call(torch.flatten, em.orig(w), 1)
+            args = tuple(None if i == 0 else (None if i == 2 else em.orig_arg(a))
+                         for i, a in enumerate(node.args))
+            out = []
+            for c in em.terms(x, pending_ok=True, channel_ok=True):
+                if c.proj is not None and c.cdim == 1:
+                    out.append(em.pending(c.node, em.call(rt.fold_linear, c.proj[0], w2),
+                                          c.proj[1], c.labels, 1))
+                else:
+                    c = em.densify(c)
+                    out.append(em.chunk(em.call(rt.pusher(node.target, 0), c.node, args, {}),
+                                        c.labels))
+            return out + bias_chunk(em, node, bias, 1)
         c = em.merged(x)
         if len(c.labels) == 1:
             # one component is the whole input: the forward's own output less the bias
@@ -89,6 +105,28 @@ def plan_conv(node, facts):
         out = em.call(rt.pusher(node.target, 0), c.node, args, {})
         return [em.chunk(out, c.labels)] + bias_chunk(em, node, bias, 1)
     return Plan.linear([x], emit)
+
+
+def _pointwise_conv(node: Node) -> bool:
+    """A 2D convolution with a 1x1 kernel, stride 1, no padding, no groups, not transposed, on
+    a batched NCHW input: y[:, o] = Σ_i W[o, i] x[:, i] (+ b[o]), a linear map of dim 1."""
+    w = node.args[1]
+    if len(sizes(node.args[0])) != 4 or len(sizes(w)) != 4 or tuple(sizes(w)[2:]) != (1, 1):
+        return False
+    general = op_key(node) is aten.convolution
+    names = ("stride", "padding", "dilation") + (("transposed", "output_padding") if general else ()) + ("groups",)
+    defaults = {"stride": 1, "padding": 0, "dilation": 1, "transposed": False,
+                "output_padding": 0, "groups": 1}
+    if op_key(node) not in (aten.convolution, aten.conv2d):
+        return False
+    for i, name in enumerate(names):
+        v = arg(node, 3 + i, name, defaults[name])
+        if name == "padding" and isinstance(v, str):
+            v = 0 if v in ("valid", "same") else v
+        vals = list(v) if isinstance(v, (list, tuple)) else [v]
+        if any(e != (1 if name in ("stride", "dilation", "groups") else 0) for e in vals):
+            return False
+    return True
 
 
 def _is_data(facts, a) -> bool:
