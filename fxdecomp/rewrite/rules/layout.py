@@ -498,17 +498,21 @@ def plan_pad(node, facts):
         pad = node.args[1]
 
         def emit_rows(em, node):
-            """A pad of the dims before the last one (F.pad lists the last dim first) moves
+            """A pad of dims other than the channel one (F.pad lists the last dim first) moves
             whole rows: pending projections take it on their input."""
             if isinstance(pad, (list, tuple)) and all(p == 0 for p in pad):
-                return list(em.terms(node.args[0], blocked_ok=True, pending_ok=True))  # no-op
+                return list(em.terms(node.args[0], blocked_ok=True, pending_ok=True,
+                                     channel_ok=True))  # no-op
             if not (pending_in(em, node.args[0]) and isinstance(pad, (list, tuple))
-                    and list(pad[:2]) == [0, 0]):
+                    and all(isinstance(p, int) for p in pad)):
                 return plain(em, node)
+            rank = len(sizes(node.args[0]))
+            padded = {rank - 1 - i for i in range(len(pad) // 2) if pad[2 * i] or pad[2 * i + 1]}
             args = (None,) + tuple(em.orig_arg(a) for a in node.args[1:])
             kwargs = {k: em.orig_arg(v) for k, v in node.kwargs.items()}
             return keep_pending(em, node.args[0],
-                                lambda t: em.call(rt.pusher(node.target, 0), t, args, kwargs))
+                                lambda t: em.call(rt.pusher(node.target, 0), t, args, kwargs),
+                                moves=lambda ch: None if ch in padded else ch, rank_out=rank)
         return Plan.linear([node.args[0]], emit_rows)
 
     def emit(em, node):
