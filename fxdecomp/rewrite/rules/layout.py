@@ -18,8 +18,14 @@ reduces t to [c, B, 64·b] before W [E, H·64·b] applies: one token functional 
 path, each followed by its slice of the composed reductions, which is what a demand of linear
 functionals over tokens computes, obtained here by carrying the input forward instead of
 propagating functionals backward (the rewrite emits in forward order; W is folded from the
-weights only and kept between calls, ``rt._folded``). Not covered: an op moving the last dim
-(NCHW stages, MaxViT), attention over a pending value.
+weights only and kept between calls, ``rt._folded``).
+
+Channels not last (NCHW stages, MaxViT): a pending chunk records the value dim holding its
+channels (``Chunk.cdim``) and its input keeps the value's layout with b channels there
+([c, B, b, H, W]). A permute moves that dim (``_permute_emit``), average pools, means and zero
+pads of the other dims apply to the input as is (``keep_pending`` with ``moves``), and a 1x1
+convolution folds into W (``linear.plan_conv``); rules that do not pass ``channel_ok`` get
+such chunks evaluated (``rt.blocked_linear_at``). Not covered: attention over a pending value.
 """
 from __future__ import annotations
 
