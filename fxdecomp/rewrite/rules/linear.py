@@ -81,19 +81,18 @@ def plan_conv(node, facts):
     def emit(em, node):
         if _pointwise_conv(node) and any(c.proj is not None for c in em.terms_of[x]):
             # a 1x1 convolution is a linear map of the channel dim (1): pending projections
-            # with their channels there fold it into W; the others are convolved one by one
+            # with their channels there fold it into W; the other terms become pending with
+            # W = I first (no convolution of every component: the map waits for the final mean)
             w2 = em.call(torch.flatten, em.orig(w), 1)
-            args = tuple(None if i == 0 else (None if i == 2 else em.orig_arg(a))
-                         for i, a in enumerate(node.args))
             out = []
             for c in em.terms(x, pending_ok=True, channel_ok=True):
-                if c.proj is not None and c.cdim == 1:
-                    out.append(em.pending(c.node, em.call(rt.fold_linear, c.proj[0], w2),
-                                          c.proj[1], c.labels, 1))
-                else:
+                if c.proj is None or c.cdim != 1:
                     c = em.densify(c)
-                    out.append(em.chunk(em.call(rt.pusher(node.target, 0), c.node, args, {}),
-                                        c.labels))
+                    t = em.call(rt.expand_terms, c.node, em.orig(x))
+                    c = em.pending(t, em.call(rt.identity_weight, sizes(x)[1], em.orig(x)), 1,
+                                   c.labels, 1)
+                out.append(em.pending(c.node, em.call(rt.fold_linear, c.proj[0], w2),
+                                      c.proj[1], c.labels, 1))
             return out + bias_chunk(em, node, bias, 1)
         c = em.merged(x)
         if len(c.labels) == 1:
