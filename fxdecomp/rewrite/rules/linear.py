@@ -106,24 +106,26 @@ def plan_conv(node, facts):
     return Plan.linear([x], emit)
 
 
+# argument positions after (input, weight, bias) of aten.conv2d / aten.convolution, with the
+# value each takes in a pointwise convolution
+_CONV2D_ARGS = (("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1))
+_CONVOLUTION_ARGS = (("stride", 1), ("padding", 0), ("dilation", 1), ("transposed", 0),
+                     ("output_padding", 0), ("groups", 1))
+
+
 def _pointwise_conv(node: Node) -> bool:
     """A 2D convolution with a 1x1 kernel, stride 1, no padding, no groups, not transposed, on
     a batched NCHW input: y[:, o] = Σ_i W[o, i] x[:, i] (+ b[o]), a linear map of dim 1."""
+    names = {aten.conv2d: _CONV2D_ARGS, aten.convolution: _CONVOLUTION_ARGS}.get(op_key(node))
     w = node.args[1]
-    if len(sizes(node.args[0])) != 4 or len(sizes(w)) != 4 or tuple(sizes(w)[2:]) != (1, 1):
+    if names is None or len(sizes(node.args[0])) != 4 or len(sizes(w)) != 4 \
+            or tuple(sizes(w)[2:]) != (1, 1):
         return False
-    general = op_key(node) is aten.convolution
-    names = ("stride", "padding", "dilation") + (("transposed", "output_padding") if general else ()) + ("groups",)
-    defaults = {"stride": 1, "padding": 0, "dilation": 1, "transposed": False,
-                "output_padding": 0, "groups": 1}
-    if op_key(node) not in (aten.convolution, aten.conv2d):
-        return False
-    for i, name in enumerate(names):
-        v = arg(node, 3 + i, name, defaults[name])
-        if name == "padding" and isinstance(v, str):
-            v = 0 if v in ("valid", "same") else v
-        vals = list(v) if isinstance(v, (list, tuple)) else [v]
-        if any(e != (1 if name in ("stride", "dilation", "groups") else 0) for e in vals):
+    for i, (name, want) in enumerate(names):
+        v = arg(node, 3 + i, name, want)
+        if isinstance(v, str):      # padding="valid" / "same": none for a 1x1 kernel
+            continue
+        if any(e != want for e in (v if isinstance(v, (list, tuple)) else [v])):
             return False
     return True
 

@@ -5,6 +5,8 @@ element per output: with the argmax frozen at the forward pass they are a gather
 """
 from __future__ import annotations
 
+import re
+
 import torch.nn.functional as F
 from torch import nn
 from torch.fx import Node
@@ -28,7 +30,7 @@ def _plan_pool(node, facts):
     """Average pooling over the last 1/2/3 dims (by the op's name) is linear; it acts on a
     pending projection's input when its channels are elsewhere (NCHW: [c, B, b, H, W])."""
     x = node.args[0]
-    spatial = int(str(node.target).split("_pool")[1][0])
+    spatial = int(re.search(r"pool(\d)d", str(node.target)).group(1))
     plain = layout_emit()
 
     def emit(em, node):
