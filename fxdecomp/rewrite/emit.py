@@ -40,6 +40,11 @@ class Chunk:
     # layer scale, the output directions of ``project=``) fold into W, so each component's final
     # value is written once, where all terms of a value are gathered (``Emitter.write``).
     proj: tuple | None = None
+    # The value dim holding a pending projection's channels (E) when it is not the last one
+    # (NCHW stages, after a permute): ``node`` then holds the input with b in that dim instead
+    # ([c, B, b, H, W]), so ops on the other dims (pooling, means, permutes) apply to it as is
+    # and a 1x1 convolution folds into W. None: the last dim (the layout above).
+    cdim: int | None = None
 
 
 @dataclass
@@ -102,14 +107,18 @@ class Emitter:
     def chunk(self, node: Node, labels, block=None) -> Chunk:
         return Chunk(node, tuple(labels), block)
 
-    def pending(self, t: Node, weight: Node, heads: int, labels) -> Chunk:
-        """Terms blocked_linear(t, weight, heads), left unevaluated (see ``Chunk.proj``)."""
-        return Chunk(t, tuple(labels), None, (weight, heads))
+    def pending(self, t: Node, weight: Node, heads: int, labels, cdim: int | None = None) -> Chunk:
+        """Terms blocked_linear(t, weight, heads), left unevaluated (see ``Chunk.proj``), with
+        the channels in value dim ``cdim`` (None: the last; see ``Chunk.cdim``)."""
+        return Chunk(t, tuple(labels), None, (weight, heads), cdim)
 
     def materialize(self, c: Chunk) -> Chunk:
         """A pending projection -> its terms (other chunks unchanged)."""
         if c.proj is None:
             return c
+        if c.cdim is not None:
+            return Chunk(self.call(rt.blocked_linear_at, c.node, c.proj[0], c.proj[1], c.cdim,
+                                   self.backend), c.labels)
         return Chunk(self.call(rt.blocked_linear, c.node, c.proj[0], c.proj[1], self.backend),
                      c.labels)
 
@@ -126,27 +135,31 @@ class Emitter:
             return chunks
         out = []
         for c in chunks:
-            if c.block is not None and c.block[0] == pos[0] or \
-                    c.proj is not None and (rank is None or pos[0] >= rank - 1):
+            if c.block is not None and c.block[0] == pos[0] or c.proj is not None and (
+                    rank is None or (pos[0] >= rank - 1 if c.cdim is None else pos[0] == c.cdim)):
                 c = self.densify(c)
             out.append(Chunk(self.call(rt.take, c.node, pos[0] + 1, pos[1], pos[2]), c.labels,
-                             c.block, c.proj))
+                             c.block, c.proj, c.cdim))
         return out
 
-    def terms(self, n: Node, blocked_ok: bool = False, pending_ok: bool = False) -> list[Chunk]:
+    def terms(self, n: Node, blocked_ok: bool = False, pending_ok: bool = False,
+              channel_ok: bool = False) -> list[Chunk]:
         """Terms of ``n``, at the rows the current rule asked for. Rules that understand
-        head-blocked chunks pass ``blocked_ok``, pending projections ``pending_ok``; others get
-        them densified/evaluated."""
+        head-blocked chunks pass ``blocked_ok``, pending projections ``pending_ok`` (with their
+        channels last), and also with their channels in another dim ``channel_ok``
+        (``Chunk.cdim``); others get them densified/evaluated."""
         chunks = self._narrow(self.terms_of[n], self.demand[n], self._view.get(n), _rank(n))
         if not pending_ok:
             chunks = [self.materialize(c) for c in chunks]
+        elif not channel_ok:
+            chunks = [self.materialize(c) if c.cdim is not None else c for c in chunks]
         return chunks if blocked_ok else [self.densify(c) if c.proj is None else c for c in chunks]
 
     def write(self, chunks: list[Chunk], ref: Node) -> Chunk:
         """All ``chunks`` of one value as one terms tensor, each component written once into a
         preallocated slab (pending projections straight into it; ``rt.write_terms``)."""
-        parts = [(c.node, c.proj[0], c.proj[1]) if c.proj is not None else self.densify(c).node
-                 for c in chunks]
+        parts = [(c.node, c.proj[0], c.proj[1]) if c.proj is not None and c.cdim is None
+                 else self.densify(c).node for c in chunks]
         return Chunk(self.call(rt.write_terms, parts, ref, self.backend),
                      sum((c.labels for c in chunks), ()))
 
@@ -160,7 +173,7 @@ class Emitter:
     def scaled(self, c: Chunk, factor) -> Chunk:
         """``c`` times a scalar or a frozen factor that broadcasts along the last dim (size 1
         there): for a pending projection it applies to the head-blocked input."""
-        return Chunk(self.call(operator.mul, c.node, factor), c.labels, c.block, c.proj)
+        return Chunk(self.call(operator.mul, c.node, factor), c.labels, c.block, c.proj, c.cdim)
 
     def const_chunk(self, node: Node, source, suffix: str) -> Chunk:
         """A constant component (a bias, a shift) created by the rule of the current node."""
@@ -293,7 +306,7 @@ class Emitter:
             d = self.graph.placeholder("project")
         out = []
         for c in chunks:
-            if c.proj is not None:
+            if c.proj is not None and c.cdim is None:
                 out.append(self.pending(c.node, self.call(rt.fold_projection, c.proj[0], d),
                                         c.proj[1], c.labels))
             else:

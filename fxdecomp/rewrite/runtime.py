@@ -223,6 +223,15 @@ def blocked_linear(t: torch.Tensor, weight: torch.Tensor, heads: int, backend: s
     return y.reshape((c,) + rest + (e,))
 
 
+def blocked_linear_at(t: torch.Tensor, weight: torch.Tensor, heads: int, cdim: int,
+                      backend: str = "auto") -> torch.Tensor:
+    """``blocked_linear`` for a pending input whose channels (b per head) are in value dim
+    ``cdim`` (NCHW: [c, B, b, H, W]) instead of the last: the value [c, B, E, H, W], E in the
+    same dim."""
+    y = blocked_linear(t.movedim(cdim + 1, -1).contiguous(), weight, heads, backend)
+    return y.movedim(-1, cdim + 1)
+
+
 # -------------------------------------------------------------------------------- folded weights
 # A fold (``fold_*``, ``block_diagonal_heads``, ``identity_weight``) depends on weights only, not
 # on the image: its result is kept between calls, keyed on the identity and version counter of

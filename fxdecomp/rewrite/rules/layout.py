@@ -18,8 +18,14 @@ reduces t to [c, B, 64·b] before W [E, H·64·b] applies: one token functional 
 path, each followed by its slice of the composed reductions, which is what a demand of linear
 functionals over tokens computes, obtained here by carrying the input forward instead of
 propagating functionals backward (the rewrite emits in forward order; W is folded from the
-weights only and kept between calls, ``rt._folded``). Not covered: an op moving the last dim
-(NCHW stages, MaxViT), attention over a pending value.
+weights only and kept between calls, ``rt._folded``).
+
+Channels not last (NCHW stages, MaxViT): a pending chunk records the value dim holding its
+channels (``Chunk.cdim``) and its input keeps the value's layout with b channels there
+([c, B, b, H, W]). A permute moves that dim (``_permute_emit``), average pools, means and zero
+pads of the other dims apply to the input as is (``keep_pending`` with ``moves``), and a 1x1
+convolution folds into W (``linear.plan_conv``); rules that do not pass ``channel_ok`` get
+such chunks evaluated (``rt.blocked_linear_at``). Not covered: attention over a pending value.
 """
 from __future__ import annotations
 
@@ -274,9 +280,22 @@ def plan_permute(node, facts):
     """permute is a permutation of positions: linear; rows follow their dim."""
     return Plan.linear(
         [node.args[0]],
-        layout_emit(lambda node, block, shape: ((_perm(node).index(block[0]),) + block[1:], None),
-                    pending=lambda node: 1 if _perm(node)[-1] == len(_perm(node)) - 1 else None),
+        _permute_emit,
         demand=lambda node, d: mapped(node.args[0], d, None if d is None else _perm(node)[d.dim]))
+
+
+_permute_plain = layout_emit(lambda node, block, shape: ((_perm(node).index(block[0]),) + block[1:], None))
+
+
+def _permute_emit(em, node):
+    """A permute moves a pending projection's channel dim (``Chunk.cdim``) with it: NHWC <->
+    NCHW keeps the terms pending, only their input is permuted."""
+    if not pending_in(em, node.args[0]):
+        return _permute_plain(em, node)
+    perm = _perm(node)
+    return keep_pending(em, node.args[0],
+                        lambda t: em.call(rt.pusher(node.target, 0), t, (None, perm), {}),
+                        moves=perm.index, rank_out=len(perm))
 
 
 RULES.register(Rule(
@@ -386,16 +405,27 @@ def pending_in(em, x: Node) -> bool:
     return any(c.proj is not None for c in em.terms_of[x])
 
 
-def keep_pending(em, x: Node, apply) -> list:
-    """An op acting on dims other than the last one, chunk by chunk: ``apply(terms node)``.
-    A pending projection's head-blocked input has the same leading dims as its value, so the
-    op applies to it and the projection stays pending (the op commutes with it)."""
+def keep_pending(em, x: Node, apply, moves: Callable[[int], Optional[int]] | None = None,
+                 rank_out: int | None = None) -> list:
+    """An op acting on dims other than the channel one, chunk by chunk: ``apply(terms node)``.
+    A pending projection's head-blocked input has the same dims as its value but b channels,
+    so the op applies to it and the projection stays pending (the op commutes with it).
+    Without ``moves`` the channels are last and stay last (ops on the leading dims only);
+    with it, ``moves(channel dim) -> its dim in the output`` (None: the op acts on it, the
+    terms are evaluated first) and channels in any dim are kept (``Chunk.cdim``), with
+    ``rank_out`` the output's rank."""
+    rank = len(sizes(x))
     out = []
-    for c in em.terms(x, pending_ok=True):
-        if c.proj is None:   # a constant may be stored unbroadcast: broadcast it first
-            out.append(em.chunk(apply(em.call(rt.expand_terms, c.node, em.orig(x))), c.labels))
-        else:
-            out.append(em.pending(apply(c.node), c.proj[0], c.proj[1], c.labels))
+    for c in em.terms(x, pending_ok=True, channel_ok=moves is not None):
+        if c.proj is not None:
+            new = None if moves is None else moves(rank - 1 if c.cdim is None else c.cdim)
+            if moves is None or new is not None:
+                cdim = None if moves is None or new == rank_out - 1 else new
+                out.append(em.pending(apply(c.node), c.proj[0], c.proj[1], c.labels, cdim))
+                continue
+            c = em.materialize(c)
+        # a constant may be stored unbroadcast: broadcast it first
+        out.append(em.chunk(apply(em.call(rt.expand_terms, c.node, em.orig(x))), c.labels))
     return out
 
 
@@ -474,17 +504,21 @@ def plan_pad(node, facts):
         pad = node.args[1]
 
         def emit_rows(em, node):
-            """A pad of the dims before the last one (F.pad lists the last dim first) moves
+            """A pad of dims other than the channel one (F.pad lists the last dim first) moves
             whole rows: pending projections take it on their input."""
             if isinstance(pad, (list, tuple)) and all(p == 0 for p in pad):
-                return list(em.terms(node.args[0], blocked_ok=True, pending_ok=True))  # no-op
+                return list(em.terms(node.args[0], blocked_ok=True, pending_ok=True,
+                                     channel_ok=True))  # no-op
             if not (pending_in(em, node.args[0]) and isinstance(pad, (list, tuple))
-                    and list(pad[:2]) == [0, 0]):
+                    and all(isinstance(p, int) for p in pad)):
                 return plain(em, node)
+            rank = len(sizes(node.args[0]))
+            padded = {rank - 1 - i for i in range(len(pad) // 2) if pad[2 * i] or pad[2 * i + 1]}
             args = (None,) + tuple(em.orig_arg(a) for a in node.args[1:])
             kwargs = {k: em.orig_arg(v) for k, v in node.kwargs.items()}
             return keep_pending(em, node.args[0],
-                                lambda t: em.call(rt.pusher(node.target, 0), t, args, kwargs))
+                                lambda t: em.call(rt.pusher(node.target, 0), t, args, kwargs),
+                                moves=lambda ch: None if ch in padded else ch, rank_out=rank)
         return Plan.linear([node.args[0]], emit_rows)
 
     def emit(em, node):

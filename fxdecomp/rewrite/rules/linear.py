@@ -79,6 +79,21 @@ def plan_conv(node, facts):
         return refuse
 
     def emit(em, node):
+        if _pointwise_conv(node) and any(c.proj is not None for c in em.terms_of[x]):
+            # a 1x1 convolution is a linear map of the channel dim (1): pending projections
+            # with their channels there fold it into W; the other terms become pending with
+            # W = I first (no convolution of every component: the map waits for the final mean)
+            w2 = em.call(torch.flatten, em.orig(w), 1)
+            out = []
+            for c in em.terms(x, pending_ok=True, channel_ok=True):
+                if c.proj is None or c.cdim != 1:
+                    c = em.densify(c)
+                    t = em.call(rt.expand_terms, c.node, em.orig(x))
+                    c = em.pending(t, em.call(rt.identity_weight, sizes(x)[1], em.orig(x)), 1,
+                                   c.labels, 1)
+                out.append(em.pending(c.node, em.call(rt.fold_linear, c.proj[0], w2),
+                                      c.proj[1], c.labels, 1))
+            return out + bias_chunk(em, node, bias, 1)
         c = em.merged(x)
         if len(c.labels) == 1:
             # one component is the whole input: the forward's own output less the bias
@@ -89,6 +104,30 @@ def plan_conv(node, facts):
         out = em.call(rt.pusher(node.target, 0), c.node, args, {})
         return [em.chunk(out, c.labels)] + bias_chunk(em, node, bias, 1)
     return Plan.linear([x], emit)
+
+
+# argument positions after (input, weight, bias) of aten.conv2d / aten.convolution, with the
+# value each takes in a pointwise convolution
+_CONV2D_ARGS = (("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1))
+_CONVOLUTION_ARGS = (("stride", 1), ("padding", 0), ("dilation", 1), ("transposed", 0),
+                     ("output_padding", 0), ("groups", 1))
+
+
+def _pointwise_conv(node: Node) -> bool:
+    """A 2D convolution with a 1x1 kernel, stride 1, no padding, no groups, not transposed, on
+    a batched NCHW input: y[:, o] = Σ_i W[o, i] x[:, i] (+ b[o]), a linear map of dim 1."""
+    names = {aten.conv2d: _CONV2D_ARGS, aten.convolution: _CONVOLUTION_ARGS}.get(op_key(node))
+    w = node.args[1]
+    if names is None or len(sizes(node.args[0])) != 4 or len(sizes(w)) != 4 \
+            or tuple(sizes(w)[2:]) != (1, 1):
+        return False
+    for i, (name, want) in enumerate(names):
+        v = arg(node, 3 + i, name, want)
+        if isinstance(v, str):      # padding="valid" / "same": none for a 1x1 kernel
+            continue
+        if any(e != want for e in (v if isinstance(v, (list, tuple)) else [v])):
+            return False
+    return True
 
 
 def _is_data(facts, a) -> bool:

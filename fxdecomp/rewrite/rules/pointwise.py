@@ -34,7 +34,7 @@ def plan_add(node, facts):
         for side, x in enumerate((a, b)):
             factor = 1 if side == 0 else sign * alpha
             if isinstance(x, Node):
-                for c in em.terms(x, pending_ok=True):   # pending projections stay pending
+                for c in em.terms(x, pending_ok=True, channel_ok=True):   # stay pending
                     chunks.append(c if factor == 1 else em.scaled(c, factor))
             elif x != 0:
                 const = em.call(rt.scalar_terms, em.orig(node), float(x) * factor)

@@ -5,6 +5,8 @@ element per output: with the argmax frozen at the forward pass they are a gather
 """
 from __future__ import annotations
 
+import re
+
 import torch.nn.functional as F
 from torch import nn
 from torch.fx import Node
@@ -24,13 +26,31 @@ def _plan_in_first(node, facts):
     return Plan.linear([node.args[0]], layout_emit())
 
 
+def _plan_pool(node, facts):
+    """Average pooling over the last 1/2/3 dims (by the op's name) is linear; it acts on a
+    pending projection's input when its channels are elsewhere (NCHW: [c, B, b, H, W])."""
+    x = node.args[0]
+    spatial = int(re.search(r"pool(\d)d", str(node.target)).group(1))
+    plain = layout_emit()
+
+    def emit(em, node):
+        if not pending_in(em, x):
+            return plain(em, node)
+        rank = len(sizes(x))
+        args = (None,) + tuple(em.orig_arg(a) for a in node.args[1:])
+        kwargs = {k: em.orig_arg(v) for k, v in node.kwargs.items()}
+        return keep_pending(em, x, lambda t: em.call(rt.pusher(node.target, 0), t, args, kwargs),
+                            moves=lambda ch: ch if ch < rank - spatial else None, rank_out=rank)
+    return Plan.linear([x], emit)
+
+
 RULES.register(Rule(
-    "avg_pool", ops("avg_pool1d", "avg_pool2d", "avg_pool3d"), plan=_plan_in_first,
+    "avg_pool", ops("avg_pool1d", "avg_pool2d", "avg_pool3d"), plan=_plan_pool,
     conv_like=True, doc="Average pooling is linear.",
     examples=(lambda: Tail(lambda m, x: F.avg_pool2d(as_image(x), 2)),)))
 RULES.register(Rule(
     "adaptive_avg_pool", ops("adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d"),
-    plan=_plan_in_first, doc="Adaptive average pooling is linear.",
+    plan=_plan_pool, doc="Adaptive average pooling is linear.",
     examples=(lambda: nn.Sequential(Tail(lambda m, x: as_image(x)), nn.AdaptiveAvgPool2d(1)),)))
 RULES.register(Rule(
     "resample", ops("upsample_nearest1d", "upsample_nearest2d", "upsample_bilinear2d",
@@ -70,15 +90,21 @@ def plan_reduce(node, facts):
     dims = [] if dims is None or dims == [] else [norm_dim(k, rank) for k in
                                                   ([dims] if isinstance(dims, int) else dims)]
     plain = layout_emit()
-    if not dims or rank - 1 in dims or any(isinstance(v, Node) for v in node.kwargs.values()):
+    if not dims or any(isinstance(v, Node) for v in node.kwargs.values()):
         return Plan.linear([x], plain, demand=_reduce_demand)
+    keep = arg(node, 2, "keepdim", False)
+
+    def moves(ch: int) -> int | None:
+        """The channel dim after the reduction (None: it is reduced)."""
+        return None if ch in dims else ch - (0 if keep else sum(d < ch for d in dims))
 
     def emit(em, node):
         if not pending_in(em, x):
             return plain(em, node)
         args = (None,) + tuple(em.orig_arg(a) for a in node.args[1:])
         kwargs = dict(node.kwargs)
-        return keep_pending(em, x, lambda t: em.call(rt.pusher(node.target, 0), t, args, kwargs))
+        return keep_pending(em, x, lambda t: em.call(rt.pusher(node.target, 0), t, args, kwargs),
+                            moves=moves, rank_out=len(sizes(node)))
     return Plan.linear([x], emit, demand=_reduce_demand)
 
 
