@@ -49,8 +49,9 @@ BIAS_LABEL = "compalign.bias"
 #: warm starts of ``CompAlign.fit`` ("auto": the one with the lowest held-out loss)
 STARTS = ("auto", "least_squares", "polar", "tied")
 #: default cap on refinement batches: a safety net, convergence (``patience``) normally stops
-#: first (the ground-truth world converges after 300-400 batches; 200 used to cut it short)
-MAX_STEPS = 2000
+#: first (the ground-truth world converges after 280-560 batches; 200 used to cut it short;
+#: without validation data, e.g. under 50 samples, it may run to the cap)
+MAX_STEPS = 1000
 
 Labels = Sequence["ComponentLabel | str | dict"]
 
