@@ -33,6 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["ReferenceDecomposition", "reference_timm_vit", "reference_open_clip_vit"]
@@ -427,3 +428,26 @@ def reference_open_clip_vit(clip_or_visual: nn.Module, x: torch.Tensor) -> Refer
         steps.append(_Project(visual.proj))
     return _run(visual, visual.transformer.resblocks[0], blocks, _Tail(steps),
                 [(visual.ln_post, ln)], x)
+
+
+class TinyAttention(nn.Module):
+    """A hand-written multi-head self-attention [B, N, d] -> [B, N, d] (qkv, SDPA, proj) for the
+    tests' tiny models; ``probs_values`` recomputes its P and V for a float64 reference."""
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def _qkv(self, x):
+        b, n, d = x.shape
+        return self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def probs_values(self, x):
+        q, k, v = self._qkv(x)
+        return torch.softmax(q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5, -1), v
+
+    def forward(self, x):
+        b, n, d = x.shape
+        o = F.scaled_dot_product_attention(*self._qkv(x))
+        return self.proj(o.transpose(1, 2).reshape(b, n, d))

@@ -23,29 +23,10 @@ from torch import nn
 
 import fxdecomp
 
+from .pending_checks import assert_exact_and_heads_match, sizes_after_first_heads
+from .reference_heads import TinyAttention
+
 C, HEADS = 8, 2
-
-
-class Attn(nn.Module):
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def probs_values(self, x):
-        b, n, d = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        p = torch.softmax(q @ k.transpose(-2, -1) * (d // self.heads) ** -0.5, -1)
-        return p, v
-
-    def forward(self, x):
-        b, n, d = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        o = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(o.transpose(1, 2).reshape(b, n, d))
 
 
 class AttnStage(nn.Module):
@@ -53,7 +34,7 @@ class AttnStage(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.norm, self.attn = nn.LayerNorm(dim), Attn(dim, HEADS)
+        self.norm, self.attn = nn.LayerNorm(dim), TinyAttention(dim, HEADS)
 
     def forward(self, x):
         b, c, h, w = x.shape
@@ -124,48 +105,15 @@ def _reference_stage1_heads(model, x):
 
 def test_heads_exact_and_match_a_hand_written_reference():
     model, x = _model_and_input()
-    dm = fxdecomp.decompose(model, x, granularity="heads")
-    with torch.no_grad():
-        d = dm(x)
-        y = model(x)
-    err = float((d.components.double().sum(0) - y.double()).abs().max() / y.double().abs().max())
-    assert err <= 1e-5, err
-    ref = _reference_stage1_heads(model, x)
-    heads = {lab.head: d.components[i] for i, lab in enumerate(d.labels)
-             if lab.kind == "attn_head" and lab.module.startswith("stage1")}
-    assert sorted(heads) == list(range(HEADS))
-    for h in range(HEADS):
-        scale = float(ref[h].abs().max())
-        assert scale > 1e-3   # a head that reaches the output
-        assert float((heads[h].double() - ref[h]).abs().max()) <= 1e-5 * scale + 1e-7, h
+    assert_exact_and_heads_match(model, x, _reference_stage1_heads(model, x), lambda m: m.startswith("stage1"), HEADS)
 
 
 def test_first_stage_heads_stay_pending_through_nchw():
-    from fxdecomp.rewrite import runtime as rt
     model, x = _model_and_input()
     dm = fxdecomp.decompose(model, x, granularity="heads")
     assert "fold_linear" in dm.code   # the 1x1 convolution folded into W
-    g = dm.graph_module.graph
-    first = next(n for n in g.nodes if n.target is rt.head_blocks)
-    after, todo = set(), [first]
-    while todo:
-        n = todo.pop()
-        for u in n.users:
-            if u not in after:
-                after.add(u)
-                todo.append(u)
-    numel = {}
-
-    class Record(torch.fx.Interpreter):
-        def run_node(self, n):
-            out = super().run_node(n)
-            if isinstance(out, torch.Tensor):
-                numel[n] = out.numel()
-            return out
-
-    with torch.no_grad():
-        Record(dm.graph_module).run(x)
+    first, numel, shapes = sizes_after_first_heads(dm, x)
     limit = x.shape[0] * 64 * C
-    assert numel[first] == limit
-    big = {n.name: numel[n] for n in after if numel.get(n, 0) > limit}
+    assert first == limit
+    big = {n: k for n, k in numel.items() if k > limit}
     assert not big, big

@@ -1,0 +1,57 @@
+"""Checks shared by the pending-projection tests (tests/test_pending_*.py): exactness plus
+agreement of the first stage's heads with a float64 reference, and the sizes of every value the
+rewritten graph computes from the first head-blocked terms."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+import fxdecomp
+
+
+def assert_exact_and_heads_match(model, x: torch.Tensor, ref: dict, in_stage: Callable[[str], bool],
+                                 heads: int) -> None:
+    """components.sum(0) equals model(x) (rel. err <= 1e-5), and the heads of the modules
+    ``in_stage`` accepts equal ``ref`` {head: [B, E] float64} to 1e-5 of their scale."""
+    dm = fxdecomp.decompose(model, x, granularity="heads")
+    with torch.no_grad():
+        d = dm(x)
+        y = model(x)
+    err = float((d.components.double().sum(0) - y.double()).abs().max() / y.double().abs().max())
+    assert err <= 1e-5, err
+    got = {lab.head: d.components[i] for i, lab in enumerate(d.labels)
+           if lab.kind == "attn_head" and in_stage(lab.module)}
+    assert sorted(got) == list(range(heads))
+    for h in range(heads):
+        scale = float(ref[h].abs().max())
+        assert scale > 1e-3   # a head that reaches the output
+        assert float((got[h].double() - ref[h]).abs().max()) <= 1e-5 * scale + 1e-7, h
+
+
+def sizes_after_first_heads(dm, x: torch.Tensor) -> tuple[int, dict, list]:
+    """Runs the rewritten graph on x: (numel of the first head-blocked terms, {node name: numel}
+    of every tensor value computed from them, the shapes of all tensor values)."""
+    from fxdecomp.rewrite import runtime as rt
+    g = dm.graph_module.graph
+    first = next(n for n in g.nodes if n.target is rt.head_blocks)
+    after, todo = set(), [first]
+    while todo:
+        n = todo.pop()
+        for u in n.users:
+            if u not in after:
+                after.add(u)
+                todo.append(u)
+    numel, shapes = {}, []
+
+    class Record(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if isinstance(out, torch.Tensor):
+                numel[n] = out.numel()
+                shapes.append(tuple(out.shape))
+            return out
+
+    with torch.no_grad():
+        Record(dm.graph_module).run(x)
+    return numel[first], {n.name: numel[n] for n in after if n in numel}, shapes
