@@ -535,3 +535,30 @@ def test_end_to_end_deit_tiny_to_clip_b32(clip_b32, tmp_path):
     assert torch.equal(before, after)
     with pytest.raises(AlignmentMismatchError):
         CompAlign.load(path, labels=d.labels[1:])
+
+
+def test_tied_warm_start_is_one_orthogonal_map_for_every_component():
+    """start="tied": every component starts from the same map, the polar factor of the
+    least-squares map of their sum; with targets planted as (Σ_i c_i) M (M semi-orthogonal) that
+    is M itself, for every component, and the aligned sum reproduces the targets."""
+    g = torch.Generator().manual_seed(3)
+    m = torch.linalg.qr(torch.randn(24, 12, generator=g))[0]              # [24, 12], MᵀM = I
+    comps = torch.randn(5, 1500, 24, generator=g)
+    targets = comps.sum(0) @ m
+    al = CompAlign(5, 24, 12).fit(comps[:, :1200], targets[:1200], start="tied", max_steps=0,
+                                  progress=False)
+    assert al.stats["warm_start"]["start"] == "tied"
+    for i in range(5):
+        assert torch.allclose(al.weight[i], m, atol=1e-4), i
+    assert al.mean_cosine(comps[:, 1200:], targets[1200:]) > 0.9999
+    # with a different planted map per component the tied start is still one shared orthogonal
+    # map, where the polar start keeps one map per component
+    maps = torch.linalg.qr(torch.randn(5, 24, 12, generator=g))[0]
+    targets = torch.einsum("cnd,cde->ne", comps, maps)
+    tied = CompAlign(5, 24, 12).fit(comps, targets, start="tied", max_steps=0, progress=False)
+    polar = CompAlign(5, 24, 12).fit(comps, targets, start="polar", max_steps=0, progress=False)
+    w = tied.weight.detach()
+    assert torch.allclose(w, w[:1].expand_as(w))
+    assert torch.allclose(w[0].T @ w[0], torch.eye(12), atol=1e-4)
+    assert torch.allclose(polar.weight[1], maps[1], atol=1e-3)
+    assert not torch.allclose(w[1], maps[1], atol=1e-1)

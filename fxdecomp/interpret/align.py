@@ -441,7 +441,7 @@ class CompAlign(nn.Module):
         if self.shared and start == "tied":
             start = "polar"                   # one map already: tied is the polar start
         starts = {"least_squares": (w * alpha, sol.bias * alpha)}
-        if start in ("auto", "polar"):
+        if start != "least_squares":
             u, _, vh = torch.linalg.svd(w.double(), full_matrices=False)
             starts["polar"] = ((u @ vh).float(), sol.bias * alpha)
         if start in ("auto", "tied") and not self.shared:
@@ -452,8 +452,8 @@ class CompAlign(nn.Module):
                 u, _, vh = torch.linalg.svd(wt.double(), full_matrices=False)
                 starts["tied"] = ((u @ vh).float().expand_as(self.weight),
                                   tied.bias * orthogonal_scale(wt))
-        if start != "auto":
-            starts = {start: starts[start]}
+        if start != "auto":           # ("tied" falls back to polar if its solve was refused)
+            starts = {start: starts[start]} if start in starts else {"polar": starts["polar"]}
         check = val_batches if val_batches is not None else list(
             itertools.islice(train_batches(0), 8))
         losses = {}
