@@ -55,3 +55,15 @@ def sizes_after_first_heads(dm, x: torch.Tensor) -> tuple[int, dict, list]:
     with torch.no_grad():
         Record(dm.graph_module).run(x)
     return numel[first], {n.name: numel[n] for n in after if n in numel}, shapes
+
+
+def record_inputs(model, x: torch.Tensor, modules: dict) -> dict:
+    """{key: the input of ``modules[key]``} during one forward of ``model`` on x."""
+    rec = {}
+    hooks = [m.register_forward_pre_hook(lambda _m, a, key=key: rec.__setitem__(key, a[0]))
+             for key, m in modules.items()]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return rec

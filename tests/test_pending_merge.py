@@ -19,7 +19,7 @@ from torch import nn
 
 import fxdecomp
 
-from .pending_checks import assert_exact_and_heads_match, sizes_after_first_heads
+from .pending_checks import assert_exact_and_heads_match, record_inputs, sizes_after_first_heads
 from .reference_heads import TinyAttention
 
 C, HEADS = 8, 2
@@ -80,14 +80,7 @@ def _frozen_ln(t, stream, ln):
 
 def _reference_stage1_heads(model, x):
     """Hand-written float64 per-head contributions of attn1 to the output: {h: [B, 2C]}."""
-    rec = {}
-    hooks = [model.attn1.register_forward_pre_hook(lambda m, a: rec.__setitem__("a", a[0])),
-             model.merge_norm.register_forward_pre_hook(lambda m, a: rec.__setitem__("m", a[0])),
-             model.norm.register_forward_pre_hook(lambda m, a: rec.__setitem__("n", a[0]))]
-    with torch.no_grad():
-        model(x)
-    for h in hooks:
-        h.remove()
+    rec = record_inputs(model, x, {"a": model.attn1, "m": model.merge_norm, "n": model.norm})
     with torch.no_grad():
         p, v = model.attn1.probs_values(rec["a"])
         p, v = p.double(), v.double()

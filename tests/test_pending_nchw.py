@@ -23,7 +23,7 @@ from torch import nn
 
 import fxdecomp
 
-from .pending_checks import assert_exact_and_heads_match, sizes_after_first_heads
+from .pending_checks import assert_exact_and_heads_match, record_inputs, sizes_after_first_heads
 from .reference_heads import TinyAttention
 
 C, HEADS = 8, 2
@@ -77,13 +77,7 @@ def _model_and_input():
 
 def _reference_stage1_heads(model, x):
     """Hand-written float64 per-head contributions of stage1's attention to the output."""
-    rec = {}
-    hooks = [model.stage1.attn.register_forward_pre_hook(lambda m, a: rec.__setitem__("a", a[0])),
-             model.norm.register_forward_pre_hook(lambda m, a: rec.__setitem__("n", a[0]))]
-    with torch.no_grad():
-        model(x)
-    for h in hooks:
-        h.remove()
+    rec = record_inputs(model, x, {"a": model.stage1.attn, "n": model.norm})
     with torch.no_grad():
         p, v = model.stage1.attn.probs_values(rec["a"])
         p, v = p.double(), v.double()

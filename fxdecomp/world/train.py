@@ -351,10 +351,12 @@ def train_clip(args) -> dict:
     # --aux-ce: one linear probe per attribute on the unit image embedding (a cosine classifier
     # with temperature AUX_SCALE), cross-entropy on the attribute's value: the supervised signal
     # the captions carry, given every step for every attribute (shape is otherwise learned last)
-    torch.manual_seed(args.seed + 4)
-    probes = torch.nn.ModuleList(torch.nn.Linear(CLIP_CONFIG["embed_dim"], len(v), bias=False)
-                                 for v in ATTRIBUTES.values()).to(args.device)
-    params = list(clip.parameters()) + (list(probes.parameters()) if args.aux_ce else [])
+    params = list(clip.parameters())
+    if args.aux_ce:
+        torch.manual_seed(args.seed + 4)
+        probes = torch.nn.ModuleList(torch.nn.Linear(CLIP_CONFIG["embed_dim"], len(v), bias=False)
+                                     for v in ATTRIBUTES.values()).to(args.device)
+        params += list(probes.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05)
     g = torch.Generator().manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
