@@ -22,16 +22,19 @@ def test_default_main_job(tmp_path, monkeypatch, capsys):
     prec = m["retrieval_precision_at_10"]
     assert set(prec) == {"color", "shape", "texture", "background"}
     for attr in prec:
-        assert set(prec[attr]) >= {"top_components", "full_representation", "random_components"}
+        assert set(prec[attr]) >= {"top_components", "top_scored_components", "full_representation",
+                                   "random_components"}
     for attr in prec:
         assert all(0 <= prec[attr][meth] <= 1 for meth in prec[attr]), prec[attr]
     # what the shipped models carry (see README, The ground-truth world): the subject knows the
     # 8 shapes (full representation 0.951 measured, chance 0.125) ...
     assert prec["shape"]["full_representation"] >= 0.8, prec["shape"]
     # ... the components the text scores select retrieve color and shape far better than random
-    # components (+0.19 and +0.20 measured on seed 0, the issue's target being +0.2) ...
+    # components, by both selection rules (seed 0, the issue's target being +0.2: score − max
+    # other +0.19 / +0.20, score alone +0.36 / +0.20 measured) ...
     for attr in ("color", "shape"):
-        assert prec[attr]["top_components"] >= prec[attr]["random_components"] + 0.1, prec[attr]
+        for method in ("top_components", "top_scored_components"):
+            assert prec[attr][method] >= prec[attr]["random_components"] + 0.1, (method, prec[attr])
     # ... and for an attribute the subject was never trained on they beat the full
     # representation (color: 0.696 vs 0.482 measured; background 1.000 vs 0.941)
     assert max(prec[a]["top_components"] - prec[a]["full_representation"]
@@ -42,7 +45,8 @@ def test_default_main_job(tmp_path, monkeypatch, capsys):
     # the k sweep: k = 1..8, top-k and random-k for every attribute, k = 3 the same as the table
     sweep = m["retrieval_sweep_k"]
     assert list(sweep) == [str(k) for k in range(1, 9)]
-    assert sweep["3"]["shape"]["top_components"] == prec["shape"]["top_components"]
+    for method in ("top_components", "top_scored_components"):
+        assert sweep["3"]["shape"][method] == prec["shape"][method]
     # token heatmaps and segmentation (README, How to read it): shares and metrics in [0, 1],
     # the chance level is the objects' share of the image (neither empty nor the whole image)
     assert 0 <= m["heatmap_pointing_accuracy"] <= 1

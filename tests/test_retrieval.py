@@ -120,6 +120,40 @@ def test_selection_picks_the_feature_specific_component_over_a_generalist():
     assert top3.dtype == torch.long and top3.shape == (3,) and int(top3[0]) == 0
 
 
+def test_score_rule_keeps_the_best_encoder_that_leaks_into_an_unencoded_feature():
+    """The world's failure mode of the paper's margin, planted: no component encodes texture, but
+    the best color component (0) also moves along the texture texts (in CLIP space a color
+    changes the projection on texture descriptions), so the total's texture projection is that
+    leak and component 0's texture score is as high as its color score. The margin rule then
+    prefers the weaker color component 1; rule="score" keeps component 0, which retrieves by
+    color far better (planted labels)."""
+    g = torch.Generator().manual_seed(5)
+    n, e, n_colors = 600, 32, 6
+    basis = torch.linalg.qr(torch.randn(e, 9, generator=g))[0].T
+    texts = {"color": basis[0:3], "shape": basis[3:6], "texture": basis[6:9]}
+    color = torch.randint(0, n_colors, (n,), generator=g)
+    code = torch.randn(n_colors, 3, generator=g)[color]                 # [n, 3] per color value
+    code = (code - code.mean(0)) / code.std(0)
+    aligned = 0.05 * torch.randn(4, n, e, generator=g)
+    aligned[0] += code @ texts["color"] + code @ texts["texture"]       # clean color + leak
+    aligned[1] += 0.5 * (code + torch.randn(n, 3, generator=g)) @ texts["color"]   # noisier
+    aligned[2] += torch.randn(n, 3, generator=g) @ texts["shape"]
+    scores = {f: score_components(aligned, t) for f, t in texts.items()}
+    assert scores["texture"][0] > 0.8 * scores["color"][0]              # the leak's score
+    margin = select_components(scores, "color", 1)
+    by_score = select_components(scores, "color", 1, rule="score")
+    assert margin.tolist() == [1] and by_score.tolist() == [0]
+    assert torch.equal(select_components(scores, "color", 4, rule="score"),
+                       torch.argsort(scores["color"], descending=True))
+    labels, queries = color.tolist(), list(range(100))
+    prec = {name: precision_at_k(property_retrieval(aligned, queries, sel, top=10)[0], labels,
+                                 [labels[q] for q in queries])
+            for name, sel in (("margin", margin), ("score", by_score))}
+    assert prec["score"] > 0.95 and prec["score"] > prec["margin"] + 0.3, prec
+    with pytest.raises(InputError, match="rule must be one of"):
+        select_components(scores, "color", 1, rule="max")
+
+
 def test_precision_and_chance_reference_values():
     idx = torch.tensor([[1, 2], [0, 3]])
     labels = ["x", "x", "y", "y"]

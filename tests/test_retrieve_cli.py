@@ -60,7 +60,16 @@ def test_retrieve_text_query_and_bad_arguments(folder, tmp_path, capsys):
     assert main(_common(folder) + ["--query", "red color", "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["query_kind"] == "text" and r["score"] == "projection"
-    assert len(r["results"]["top_components"]["files"]) == 4
+    assert len(r["results"]["top_components"]["files"]) == 4 and r["rank"] == "margin"
+    # --rank score: the k best color scores, in order (at least as high as the margin's picks)
+    out2 = tmp_path / "t2.json"
+    assert main(_common(folder) + ["--query", "red color", "--rank", "score",
+                                   "--json", str(out2)]) == 0
+    r2 = json.loads(out2.read_text())
+    assert r2["rank"] == "score" and r2["component_scores"] == sorted(r2["component_scores"])[::-1]
+    passed_over = [sc for c, sc in zip(r["components"], r["component_scores"])
+                   if c not in r2["components"]]
+    assert all(min(r2["component_scores"]) >= sc for sc in passed_over)
     with pytest.raises(Exception, match="exactly one of --query-image"):
         run(_common(folder))
     with pytest.raises(Exception, match="neither a file nor one of the 8 image names"):

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from fxdecomp.apply.retrieval import property_retrieval, select_components, text_retrieval
+from fxdecomp.apply.retrieval import (SELECTION_RULES, property_retrieval, select_components,
+                                      text_retrieval)
 from fxdecomp.errors import InputError
 from fxdecomp.interpret.align import MAX_STEPS, CompAlign
 from fxdecomp.interpret.cli import (_Session, _common, _format_table, _label_name, _text_args,
@@ -110,7 +111,7 @@ def cmd_retrieve(args) -> dict:
     features = dict([(fname, descs)] + [_parse_feature(f.strip()) for f in against])
     scores = {f: score_components(aligned, s.text(d)) for f, d in features.items()}
     k = min(args.k, len(labels))
-    selected = select_components(scores, fname, k)
+    selected = select_components(scores, fname, k, rule=args.rank)
     bar.update(1)
     bar.set_postfix_str("retrieval")
     top = min(args.top, len(s.images) - (q is not None))
@@ -133,6 +134,7 @@ def cmd_retrieve(args) -> dict:
         "query": args.query if q is None else s.image_names[q],
         "query_kind": "text" if q is None else "image",
         "feature": fname, "descriptions": descs, "against": list(features)[1:], "k": k,
+        "rank": args.rank,
         "components": [names[i] for i in selected.tolist()],
         "component_scores": [float(scores[fname][i]) for i in selected.tolist()],
         "subject": s.subject_id, "clip_model": s.clip_id,
@@ -174,6 +176,9 @@ def add_subcommands(subparsers) -> None:
                    help="comma list of the other features (default: "
                         f"{','.join(DEFAULT_AGAINST)})")
     q.add_argument("--k", type=int, default=5, help="components selected for the feature")
+    q.add_argument("--rank", choices=SELECTION_RULES, default="margin",
+                   help="how components are selected: margin (default, the paper's: score for "
+                        "the feature minus the max over --against) or score (the feature's own)")
     q.add_argument("--top", type=int, default=10, help="images retrieved")
     q.add_argument("--align-steps", type=int, default=MAX_STEPS,
                    help="without --aligner: at most this many CompAlign refinement steps after "

@@ -28,32 +28,45 @@ import torch
 from fxdecomp.errors import InputError
 from fxdecomp.interpret.score import retrieval_scores
 
-__all__ = ["select_components", "property_retrieval", "text_retrieval", "precision_at_k",
+__all__ = ["select_components", "SELECTION_RULES", "property_retrieval", "text_retrieval", "precision_at_k",
            "chance_precision"]
 
 #: Similarity entries held at once per query chunk ([chunk, N] floats).
 _BLOCK_ELEMENTS = 1 << 24
 
 
-def select_components(scores: Mapping[str, torch.Tensor], feature: str, k: int
-                      ) -> torch.Tensor:
-    """The k components [k] (long) that best encode ``feature`` and not the others.
+#: how ``select_components`` ranks: "margin" (the paper's) or "score" (the feature's own)
+SELECTION_RULES = ("margin", "score")
 
-    ``scores`` maps every feature name -> [C] scores of the same C components (e.g.
-    ``score_components`` per feature; at least two features). Components are ranked by
-    score_F − max over the other features (``fxdecomp.interpret.retrieval_scores``), so a
-    component that scores high on every feature is not picked for any one of them.
+
+def select_components(scores: Mapping[str, torch.Tensor], feature: str, k: int,
+                      rule: str = "margin") -> torch.Tensor:
+    """The k components [k] (long) that best encode ``feature``.
+
+    ``scores`` maps feature names -> [C] scores of the same C components (e.g.
+    ``score_components`` per feature). ``rule``:
+
+    - "margin" (default, the paper's): rank by score_F − max over the other features
+      (``fxdecomp.interpret.retrieval_scores``; needs at least two features), so a component
+      that scores high on every feature is not picked for any one of them;
+    - "score": rank by score_F alone. Where the subject does not encode another feature G, the
+      aligned total's projection on G's texts is made of whatever does vary (on the world, the
+      texture-blind subject's texture scores are high for its color heads), and subtracting
+      score_G then demotes the components that encode F best.
     """
+    if rule not in SELECTION_RULES:
+        raise InputError(f"rule must be one of {SELECTION_RULES}, got {rule!r}")
     if feature not in scores:
         raise InputError(f"no scores for feature {feature!r}; scored features: {list(scores)}")
     sizes = {name: tuple(torch.as_tensor(s).shape) for name, s in scores.items()}
     if len(set(sizes.values())) != 1 or len(next(iter(sizes.values()))) != 1:
         raise InputError(f"scores must all be [C] for the same C components, got {sizes}")
-    margin = retrieval_scores(scores)[feature]
-    n = margin.numel()
+    rank = (retrieval_scores(scores)[feature] if rule == "margin"
+            else torch.as_tensor(scores[feature]).float())
+    n = rank.numel()
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= n:
         raise InputError(f"k must be an int in [1, {n}] (the number of components), got {k!r}")
-    return torch.topk(margin, k).indices
+    return torch.topk(rank, k).indices
 
 
 def _as_index(values, n: int, what: str, allow_empty: bool = False) -> torch.Tensor:

@@ -74,11 +74,12 @@ def run_demo(args) -> int:
           f"{m['exactness_max_relative_error']:.2e} ({m['n_components']} components: attn_head, "
           f"mlp, embed, bias)")
     print(f"CompAlign held-out cosine to the tiny CLIP: {m['alignment_heldout_cosine']:.3f}")
-    print(f"precision@10 (k={m['k']})   top-k   full    random  chance")
+    print(f"precision@10 (k={m['k']})   top-k   by score  full    random  chance")
     for a in ATTRIBUTE_ORDER:
         p = m["retrieval_precision_at_10"][a]
-        print(f"  {a:12s}        {p['top_components']:.3f}   {p['full_representation']:.3f}   "
-              f"{p['random_components']:.3f}   {m['chance_precision_at_10'][a]:.3f}")
+        print(f"  {a:12s}        {p['top_components']:.3f}   {p['top_scored_components']:.3f}     "
+              f"{p['full_representation']:.3f}   {p['random_components']:.3f}   "
+              f"{m['chance_precision_at_10'][a]:.3f}")
     if "segmentation" in m:
         seg, blob = m["segmentation"], m["segmentation_center_blob"]
         print(f"token heatmaps ({m['n_heatmap_images']} images, {m['heatmap_attribute']} heads): "

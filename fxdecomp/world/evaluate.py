@@ -10,11 +10,12 @@ On a freshly generated ``test`` split (all attributes independent):
 3. score every component for each attribute (``score_components`` on the aligned components and
    the CLIP text embeddings of the attribute's values, ``WORLD_FEATURES``);
 4. property retrieval (``fxdecomp.apply``): for query images, rank all images by the cosine of
-   (a) the sum of the k components selected for the attribute (``select_components``),
-   (b) the full representation, (c) the sum of k random components (averaged over
-   ``RANDOM_DRAWS`` seeded draws), and measure precision@10: the share of the 10 nearest images
-   that have the query's value of the attribute. The same for every k in 1..``SWEEP_K``
-   (``retrieval_sweep_k``: top-k and random-k precision).
+   (a) the sum of the k components selected for the attribute (``select_components``: score
+   minus the max over the other attributes, the paper's rule), (a') the k with the best score
+   for the attribute alone (``rule="score"``), (b) the full representation, (c) the sum of k
+   random components (averaged over ``RANDOM_DRAWS`` seeded draws), and measure precision@10:
+   the share of the 10 nearest images that have the query's value of the attribute. The same
+   for every k in 1..``SWEEP_K`` (``retrieval_sweep_k``: top-k by both rules and random-k).
 
 5. token heatmaps (``fxdecomp.apply.heatmap``): on the first ``heatmap_images`` held-out images
    a tokens-mode decomposition splits every head's contribution per source token; each token
@@ -62,7 +63,11 @@ from fxdecomp.world.generate import ATTRIBUTES, World, generate
 __all__ = ["ATTRIBUTE_ORDER", "METHODS", "evaluate_world", "WorldEvaluation", "CANDIDATE_KINDS"]
 
 ATTRIBUTE_ORDER = ("color", "shape", "texture", "background")
-METHODS = ("top_components", "full_representation", "random_components")
+#: top_components: the paper's rule (score − max over the other attributes); top_scored_components:
+#: the attribute's own score (``select_components(rule="score")``)
+METHODS = ("top_components", "top_scored_components", "full_representation", "random_components")
+#: (method, ``select_components`` rule) of the two selections
+_SELECTIONS = (("top_components", "margin"), ("top_scored_components", "score"))
 CANDIDATE_KINDS = ("attn_head", "attn", "mlp", "attn_head_token")
 ALIGN_FRACTION = 0.7
 #: random k-sets averaged for the random baseline: one draw's precision@10 spreads by ~0.1, so
@@ -170,6 +175,8 @@ def evaluate_world(n: int = 2000, seed: int = 0, k: int = 3, queries: int = 500,
         scores[attr] = full
     k = min(k, len(cand_idx))
     selected = {a: cand_idx[select_components(cand_scores, a, k)] for a in ATTRIBUTE_ORDER}
+    by_score = {a: cand_idx[select_components(cand_scores, a, k, rule="score")]
+                for a in ATTRIBUTE_ORDER}
 
     query_idx = held_idx[: min(queries, len(held_idx))]
     g = np.random.default_rng(seed + 1)
@@ -181,7 +188,9 @@ def evaluate_world(n: int = 2000, seed: int = 0, k: int = 3, queries: int = 500,
         values = world.labels(attr)
         qvals = [values[i] for i in query_idx.tolist()]
         row = {}
-        for method, sel in (("top_components", selected[attr]), ("full_representation", None)):
+        for method, sel in (("top_components", selected[attr]),
+                            ("top_scored_components", by_score[attr]),
+                            ("full_representation", None)):
             idx, _ = property_retrieval(components, query_idx, sel, top=PRECISION_K)
             retrieved[(attr, method)] = idx
             row[method] = precision_at_k(idx, values, qvals)
@@ -230,6 +239,8 @@ def evaluate_world(n: int = 2000, seed: int = 0, k: int = 3, queries: int = 500,
         "retrieval_sweep_k": sweep,
         "selected_components": {a: [names[i] for i in selected[a].tolist()]
                                 for a in ATTRIBUTE_ORDER},
+        "selected_components_by_score": {a: [names[i] for i in by_score[a].tolist()]
+                                         for a in ATTRIBUTE_ORDER},
         "component_scores": {a: {names[i]: float(scores[a][i]) for i in cand_idx.tolist()}
                              for a in ATTRIBUTE_ORDER},
         "n_images": n, "n_queries": int(len(query_idx)), "n_align_fit": n_fit,
@@ -249,9 +260,10 @@ def evaluate_world(n: int = 2000, seed: int = 0, k: int = 3, queries: int = 500,
 
 def _retrieval_sweep(components: torch.Tensor, world: World, query_idx: torch.Tensor,
                      cand_idx: torch.Tensor, cand_scores: dict, seed: int) -> dict:
-    """precision@10 of the top-k and of k random candidate components (mean of
-    ``RANDOM_DRAWS`` seeded draws) for every k in 1..``SWEEP_K``:
-    {str(k): {attribute: {"top_components": p, "random_components": p}}}."""
+    """precision@10 of the top-k (both selection rules, ``_SELECTIONS``) and of k random
+    candidate components (mean of ``RANDOM_DRAWS`` seeded draws) for every k in 1..``SWEEP_K``:
+    {str(k): {attribute: {"top_components": p, "top_scored_components": p,
+    "random_components": p}}}."""
     from fxdecomp.apply import precision_at_k, property_retrieval, select_components
     out = {}
     for k in range(1, min(SWEEP_K, len(cand_idx)) + 1):
@@ -262,12 +274,13 @@ def _retrieval_sweep(components: torch.Tensor, world: World, query_idx: torch.Te
         row = {}
         for attr in ATTRIBUTE_ORDER:
             values = world.labels(attr)
-            idx, _ = property_retrieval(components, query_idx,
-                                        cand_idx[select_components(cand_scores, attr, k)],
-                                        top=PRECISION_K)
-            row[attr] = {"top_components": precision_at_k(idx, values,
-                                                          [values[i] for i in query_idx.tolist()]),
-                         "random_components": float(np.mean(rand[attr]))}
+            qvals = [values[i] for i in query_idx.tolist()]
+            row[attr] = {}
+            for method, rule in _SELECTIONS:
+                sel = cand_idx[select_components(cand_scores, attr, k, rule=rule)]
+                idx, _ = property_retrieval(components, query_idx, sel, top=PRECISION_K)
+                row[attr][method] = precision_at_k(idx, values, qvals)
+            row[attr]["random_components"] = float(np.mean(rand[attr]))
         out[str(k)] = row
     return out
 

@@ -20,7 +20,9 @@ from fxdecomp.world.evaluate import ATTRIBUTE_ORDER, METHODS, WorldEvaluation
 
 __all__ = ["write_report"]
 
-_METHOD_NAMES = {"top_components": "top-k components", "full_representation": "full representation",
+_METHOD_NAMES = {"top_components": "top-k components (score − max other)",
+                 "top_scored_components": "top-k components by score alone",
+                 "full_representation": "full representation",
                  "random_components": "random k components"}
 
 
@@ -48,21 +50,21 @@ def _plot_scores(ev: WorldEvaluation, path: Path) -> None:
 def _plot_precision(ev: WorldEvaluation, path: Path) -> None:
     import matplotlib.pyplot as plt
     prec = ev.metrics["retrieval_precision_at_10"]
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    width = 0.26
+    fig, ax = plt.subplots(figsize=(7.5, 4.4))
+    width = 0.8 / len(METHODS)
     for j, method in enumerate(METHODS):
         vals = [prec[a][method] for a in ATTRIBUTE_ORDER]
-        ax.bar(np.arange(len(ATTRIBUTE_ORDER)) + (j - 1) * width, vals, width,
-               label=_METHOD_NAMES[method])
+        ax.bar(np.arange(len(ATTRIBUTE_ORDER)) + (j - (len(METHODS) - 1) / 2) * width, vals,
+               width, label=_METHOD_NAMES[method])
     for i, a in enumerate(ATTRIBUTE_ORDER):
         c = ev.metrics["chance_precision_at_10"][a]
-        ax.plot([i - 1.5 * width, i + 1.5 * width], [c, c], color="black", lw=1, ls=":")
+        ax.plot([i - 0.4, i + 0.4], [c, c], color="black", lw=1, ls=":")
     ax.set_xticks(range(len(ATTRIBUTE_ORDER)))
     ax.set_xticklabels(ATTRIBUTE_ORDER)
     ax.set_ylim(0, 1)
     ax.set_ylabel("precision@10")
     ax.set_title(f"property retrieval (k={ev.metrics['k']}; dotted: chance)")
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -215,13 +217,14 @@ def _spurious_lines(m: dict) -> list[str]:
 def _sweep_lines(m: dict) -> list[str]:
     sweep = m["retrieval_sweep_k"]
     lines = ["### Every k", "",
-             "precision@10 of the top-k / random k components (mean of "
-             f"{m['random_draws']} draws) for k = 1 ... {len(sweep)}:", "",
+             "precision@10 of the top-k (score − max other) / top-k (score alone) / random k "
+             f"components (mean of {m['random_draws']} draws) for k = 1 ... {len(sweep)}:", "",
              "| k | " + " | ".join(ATTRIBUTE_ORDER) + " |",
              "| ---: |" + " ---: |" * len(ATTRIBUTE_ORDER)]
     for k, row in sweep.items():
         lines.append(f"| {k} | " + " | ".join(
-            f"{row[a]['top_components']:.3f} / {row[a]['random_components']:.3f}"
+            f"{row[a]['top_components']:.3f} / {row[a]['top_scored_components']:.3f} / "
+            f"{row[a]['random_components']:.3f}"
             for a in ATTRIBUTE_ORDER) + " |")
     return lines + [""]
 
@@ -257,7 +260,8 @@ def write_report(ev: WorldEvaluation, out: str | Path) -> Path:
         f"**{m['alignment_heldout_cosine']:.3f}** to CLIP's own embedding;",
         f"- scoring: each component is scored for each attribute through CLIP text embeddings of "
         f"the attribute's values; the k = {m['k']} components with the best score minus their "
-        f"best score on another attribute are selected (`scores.png`).",
+        f"best score on another attribute are selected (the paper's rule, `scores.png`), and "
+        f"alongside the k with the best score for the attribute alone.",
         "",
         f"- the models (records in `fxdecomp/world/weights/*.json`): the subject's accuracy on "
         f"the balanced test split is {m['subject_balanced_test']['accuracy']:.3f} (worst group "
@@ -271,12 +275,14 @@ def write_report(ev: WorldEvaluation, out: str | Path) -> Path:
         f"of components; precision = the share of them with the query's value of the attribute. "
         f"Random: {m['random_draws']} draws of k random components (mean ± std).",
         "",
-        "| attribute | top-k components | full representation | random k components | chance |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| attribute | top-k components | top-k by score alone | full representation | "
+        "random k components | chance |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for a in ATTRIBUTE_ORDER:
         p = prec[a]
-        lines.append(f"| {a} | {p['top_components']:.3f} | {p['full_representation']:.3f} | "
+        lines.append(f"| {a} | {p['top_components']:.3f} | {p['top_scored_components']:.3f} | "
+                     f"{p['full_representation']:.3f} | "
                      f"{p['random_components']:.3f} ± {p['random_components_std']:.3f} | "
                      f"{m['chance_precision_at_10'][a]:.3f} |")
     lines += [
@@ -289,7 +295,10 @@ def write_report(ev: WorldEvaluation, out: str | Path) -> Path:
         "what it was trained for; where they beat random components, the text-based scores "
         "point at the right parts. Shape is the attribute the subject was trained on (the 8 "
         "shapes, then round vs angular), background the one it may learn by accident (the "
-        "spurious cue).",
+        "spurious cue). The two selection rules differ where the subject does not encode an "
+        "attribute: its aligned total then varies along that attribute's texts only through "
+        "what it does encode, so (texture here) the components that encode color best also "
+        "score high on texture, and subtracting the best other score demotes them.",
         "",
     ]
     if m.get("retrieval_sweep_k"):
@@ -299,7 +308,9 @@ def write_report(ev: WorldEvaluation, out: str | Path) -> Path:
         "",
     ]
     for a in ATTRIBUTE_ORDER:
-        lines.append(f"- {a}: {', '.join('`' + n + '`' for n in m['selected_components'][a])}")
+        lines.append(f"- {a}: {', '.join('`' + n + '`' for n in m['selected_components'][a])} "
+                     f"(by score alone: "
+                     f"{', '.join('`' + n + '`' for n in m['selected_components_by_score'][a])})")
     lines += ["", "![scores](scores.png)", "", "## Retrieved images", "",
               "![retrieval](retrieval.png)", ""]
     if "segmentation" in m:
