@@ -174,9 +174,9 @@ def evaluate_world(n: int = 2000, seed: int = 0, k: int = 3, queries: int = 500,
         full[cand_idx] = s
         scores[attr] = full
     k = min(k, len(cand_idx))
-    selected = {a: cand_idx[select_components(cand_scores, a, k)] for a in ATTRIBUTE_ORDER}
-    by_score = {a: cand_idx[select_components(cand_scores, a, k, rule="score")]
-                for a in ATTRIBUTE_ORDER}
+    picks = {method: {a: cand_idx[select_components(cand_scores, a, k, rule=rule)]
+                      for a in ATTRIBUTE_ORDER} for method, rule in _SELECTIONS}
+    selected, by_score = picks["top_components"], picks["top_scored_components"]
 
     query_idx = held_idx[: min(queries, len(held_idx))]
     g = np.random.default_rng(seed + 1)
@@ -188,9 +188,8 @@ def evaluate_world(n: int = 2000, seed: int = 0, k: int = 3, queries: int = 500,
         values = world.labels(attr)
         qvals = [values[i] for i in query_idx.tolist()]
         row = {}
-        for method, sel in (("top_components", selected[attr]),
-                            ("top_scored_components", by_score[attr]),
-                            ("full_representation", None)):
+        for method, sel in [(m, picks[m][attr]) for m, _ in _SELECTIONS] + [
+                ("full_representation", None)]:
             idx, _ = property_retrieval(components, query_idx, sel, top=PRECISION_K)
             retrieved[(attr, method)] = idx
             row[method] = precision_at_k(idx, values, qvals)
