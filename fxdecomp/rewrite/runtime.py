@@ -12,6 +12,7 @@ rules build graphs only out of these, so ``print(dm.code)`` names nothing privat
 from __future__ import annotations
 
 import functools
+import math
 import weakref
 from typing import Sequence
 
@@ -27,7 +28,8 @@ __all__ = [
     "where_scalar", "masked_value", "pad_border", "unsqueeze_terms", "index_tensor", "repeat_kv",
     "split_windows", "fold_centering", "fold_rows", "fold_linear", "fold_projection", "inv_std",
     "project_terms", "write_terms", "reshape_rest", "block_diagonal_heads", "linear_output_terms",
-    "normalize_terms", "identity_weight",
+    "normalize_terms", "identity_weight", "home_positions", "scale_positions", "gather_positions",
+    "reduce_positions",
 ]
 
 
@@ -396,6 +398,72 @@ def write_terms(parts: Sequence, ref: torch.Tensor, backend: str = "auto") -> to
         else:
             dst.copy_(materialize(p))
         start += n
+    return out
+
+
+# -------------------------------------------------------------------------------- deferred moves
+# A pending projection's input t [c, *rest, b] moved by ops that only move rows (window reverse,
+# roll, zero pad, reshapes and permutes that keep the last dim, a patch merging's gather of K
+# rows into one) and scaled per row (a norm's frozen 1/σ) is, after all of them,
+#     V[c, r, k·b + j] = w[r, k] · t[c, i[r, k], j]      (i: flat index over t's rest dims)
+# for one integer map i and one weight w per (output row r, merged sub-row k). ``positions``
+# [2, *rest', K] float64 holds them (row 0: i, exact up to 2^53; row 1: w): the ops apply to it
+# (as 2 components) instead of to t, which is read once, where V is needed (``gather_positions``).
+def home_positions(ref: torch.Tensor) -> torch.Tensor:
+    """The positions of a value ``ref`` [*rest, E] before any move: i = the flat row index, w = 1
+    ([2, *rest, 1], float64)."""
+    rest = tuple(ref.shape[:-1])
+    index = torch.arange(math.prod(rest), dtype=torch.float64, device=ref.device).reshape(rest + (1,))
+    return torch.stack([index, torch.ones_like(index)])
+
+
+def scale_positions(positions: torch.Tensor, factor) -> torch.Tensor:
+    """Rows scaled by a frozen factor (a scalar, or [*rest', 1]: one per row, e.g. 1/σ): the
+    weights w take it, the indices stay."""
+    if not isinstance(factor, torch.Tensor):
+        factor = torch.tensor(factor, dtype=torch.float64)
+    return torch.cat([positions[:1], positions[1:] * factor.to(positions.device, torch.float64)])
+
+
+def gather_positions(t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The moved and scaled input V (see above) from t [c, *rest, b] and its ``positions``
+    [2, *rest', K]: [c, *rest', K·b], one gather and one multiply."""
+    c, b = t.shape[0], t.shape[-1]
+    rest, k = tuple(positions.shape[1:-1]), positions.shape[-1]
+    flat = t.reshape(c, -1, b)
+    index = positions[0].reshape(-1).to(torch.long)
+    out = flat.index_select(1, index).view(c, -1, k, b)
+    out.mul_(positions[1].reshape(1, -1, k, 1).to(out.dtype))
+    return out.reshape((c,) + rest + (k * b,))
+
+
+def reduce_positions(t: torch.Tensor, positions: torch.Tensor, dims: tuple, keepdim: bool,
+                     mean: bool) -> torch.Tensor:
+    """sum (``mean``: mean) over value dims ``dims`` (not the last) of the moved and scaled
+    input V of t [c, *rest, b] (see ``gather_positions``), without gathering V: each output row
+    (kept dims, sub-row k) is one weighted sum of n rows of t, Σ_r w[r, k]·t[i[r, k]] (divided
+    by n for a mean), one ``embedding_bag`` per component that reads each row of t once.
+    -> [c, *kept, K·b] (keepdim: size 1 at ``dims``)."""
+    rank = positions.dim() - 1                              # the value's rank
+    kept = [d for d in range(rank - 1) if d not in dims]
+    order = [0] + [1 + d for d in kept] + [rank] + [1 + d for d in dims]
+    p = positions.permute(order)                            # [2, *kept, K, *reduced]
+    kept_shape, k = tuple(p.shape[1:1 + len(kept)]), p.shape[1 + len(kept)]
+    n = math.prod(p.shape[2 + len(kept):])
+    index = p[0].reshape(-1, n).to(torch.long)
+    weight = (p[1].reshape(-1, n) / n if mean else p[1].reshape(-1, n)).to(t.dtype)
+    c, b = t.shape[0], t.shape[-1]
+    flat = t.reshape(c, -1, b)
+    if c <= 64:
+        out = torch.stack([F.embedding_bag(index, flat[i], per_sample_weights=weight, mode="sum")
+                           for i in range(c)])
+    else:   # many components (tokens mode): one gather, one multiply, one sum
+        out = (flat.index_select(1, index.reshape(-1)).view(c, -1, n, b)
+               * weight.view(1, -1, n, 1)).sum(2)
+    out = out.reshape((c,) + kept_shape + (k * b,))
+    if keepdim:
+        for d in sorted(dims):
+            out = out.unsqueeze(1 + d)
     return out
 
 
