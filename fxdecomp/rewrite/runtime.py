@@ -29,7 +29,7 @@ __all__ = [
     "split_windows", "fold_centering", "fold_rows", "fold_linear", "fold_projection", "inv_std",
     "project_terms", "write_terms", "reshape_rest", "block_diagonal_heads", "linear_output_terms",
     "normalize_terms", "identity_weight", "home_positions", "scale_positions", "gather_positions",
-    "reduce_positions",
+    "reduce_positions", "linear_terms",
 ]
 
 
@@ -92,13 +92,19 @@ def layer_norm_terms(t: torch.Tensor, x: torch.Tensor, normalized_shape, weight,
     forward pass, x ↦ γ ⊙ (x − mean(x)) / σ is linear, so each component is centred on its own
     (never spread evenly) and scaled by the same 1/σ; β is a separate constant term."""
     dims = tuple(range(-len(normalized_shape), 0))
-    xf = x.float()
-    var = xf.var(dim=dims, unbiased=False, keepdim=True)
-    inv = torch.rsqrt(var + eps)
-    out = (t.float() - t.float().mean(dim=dims, keepdim=True)) * inv
+    inv = inv_std(x, len(normalized_shape), eps).float()
+    tf = t.float()
+    out = _times(tf - tf.mean(dim=dims, keepdim=True), inv)
     if weight is not None:
-        out = out * weight.float()
+        out = _times(out, weight.float())
     return out.to(t.dtype)
+
+
+def _times(out: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """out · factor, in place when out (a fresh tensor) already has the broadcast shape."""
+    if tuple(torch.broadcast_shapes(out.shape, factor.shape)) == tuple(out.shape):
+        return out.mul_(factor)
+    return out * factor
 
 
 def rms_norm_terms(t: torch.Tensor, x: torch.Tensor, normalized_shape, weight, eps):
@@ -268,6 +274,16 @@ def _folded(fn):
     return cached
 
 
+def linear_terms(t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear(t, W) on terms; dims that t stores broadcast (stride 0: a constant such as a bias
+    spread over every position) are mapped once and broadcast again."""
+    dims = [d for d in range(t.dim() - 1) if t.stride(d) == 0 and t.shape[d] > 1]
+    if not dims:
+        return F.linear(t, weight)
+    one = t[tuple(slice(0, 1) if d in dims else slice(None) for d in range(t.dim()))]
+    return F.linear(one, weight).expand(tuple(t.shape[:-1]) + (weight.shape[0],))
+
+
 def linear_output_terms(out: torch.Tensor, bias: torch.Tensor | None,
                         channel_dim: int = -1) -> torch.Tensor:
     """The terms of a linear map's (or convolution's) output when its input is one component
@@ -348,6 +364,11 @@ def inv_std(x: torch.Tensor, n_dims: int, eps, centered: bool = True) -> torch.T
     xf = x.float()
     if eps is None:
         eps = torch.finfo(x.dtype).eps
+    if centered and not (torch.is_grad_enabled() and x.requires_grad):
+        # the fused kernel's own 1/σ (a separate var() is several times slower on CPU; its
+        # 1/σ output has no gradient, so not while autograd records through x)
+        inv = torch.ops.aten.native_layer_norm(xf, list(xf.shape[-n_dims:]), None, None, eps)[2]
+        return inv.reshape(tuple(x.shape[:-n_dims]) + (1,) * n_dims).to(x.dtype)
     var = xf.var(dim=dims, unbiased=False, keepdim=True) if centered else \
         xf.pow(2).mean(dim=dims, keepdim=True)
     return torch.rsqrt(var + eps).to(x.dtype)
@@ -358,10 +379,9 @@ def normalize_terms(t: torch.Tensor, inv: torch.Tensor, weight, centered: bool) 
     ``inv`` (from ``inv_std``) given: γ ⊙ (t − mean t)·inv, or γ ⊙ t·inv (see
     ``layer_norm_terms``; one σ for every chunk of the value)."""
     tf = t.float()
-    out = (tf - tf.mean(dim=-1, keepdim=True)) if centered else tf
-    out = out * inv.float()
+    out = _times(tf - tf.mean(dim=-1, keepdim=True), inv.float()) if centered else tf * inv.float()
     if weight is not None:
-        out = out * weight.float()
+        out = _times(out, weight.float())
     return out.to(t.dtype)
 
 
@@ -389,16 +409,36 @@ def write_terms(parts: Sequence, ref: torch.Tensor, backend: str = "auto") -> to
     if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
         return torch.cat([expand_terms(materialize(p), ref) for p in parts], 0)
     sizes = [int(p[0].shape[0] if isinstance(p, (tuple, list)) else p.shape[0]) for p in parts]
+    starts = [sum(sizes[:i]) for i in range(len(parts))]
     out = ref.new_empty((sum(sizes),) + tuple(ref.shape))
-    start = 0
-    for p, n in zip(parts, sizes):
+    fits = [isinstance(p, (tuple, list)) and tuple(p[0].shape[1:-1]) == tuple(ref.shape[:-1])
+            for p in parts]
+    for group in _shared_weight_groups(parts, fits):
+        # one W for all their components (H = 1; e.g. terms made pending with W = I at the
+        # same patch merging, then folded alike): read it once, for their concatenated inputs
+        y = blocked_linear(torch.cat([parts[i][0] for i in group]), parts[group[0]][1], 1, backend)
+        offset = 0
+        for i in group:
+            out[starts[i]:starts[i] + sizes[i]].copy_(y[offset:offset + sizes[i]])
+            offset += sizes[i]
+            fits[i] = None
+    for p, n, start, fit in zip(parts, sizes, starts, fits):
         dst = out[start:start + n]
-        if isinstance(p, (tuple, list)) and tuple(p[0].shape[1:-1]) == tuple(ref.shape[:-1]):
+        if fit:
             blocked_linear(p[0], p[1], p[2], backend, out=dst)
-        else:
+        elif fit is not None:
             dst.copy_(materialize(p))
-        start += n
     return out
+
+
+def _shared_weight_groups(parts: Sequence, fits: list) -> list[list[int]]:
+    """Indices of pending parts (t, W, 1) that share one W tensor and t's shape (after the first
+    dim), in groups of two or more."""
+    groups: dict = {}
+    for i, (p, fit) in enumerate(zip(parts, fits)):
+        if fit and p[2] == 1:
+            groups.setdefault((id(p[1]), tuple(p[0].shape[1:]), p[0].dtype), []).append(i)
+    return [g for g in groups.values() if len(g) > 1]
 
 
 # -------------------------------------------------------------------------------- deferred moves
