@@ -499,7 +499,10 @@ def write_terms(parts: Sequence, ref: torch.Tensor, backend: str = "auto") -> to
 
 def _shared_weight_groups(parts: Sequence, fits: list) -> list[list[int]]:
     """Indices of pending parts (t, W, 1) that share one W tensor and t's shape (after the first
-    dim), in groups of two or more."""
+    dim), in groups of two or more (none under torch.compile, where folds are traced, not
+    kept: no two parts hold one W tensor)."""
+    if torch.compiler.is_compiling():
+        return []
     groups: dict = {}
     for i, (p, fit) in enumerate(zip(parts, fits)):
         if fit and p[2] == 1:

@@ -20,6 +20,17 @@ functionals over tokens computes, obtained here by carrying the input forward in
 propagating functionals backward (the rewrite emits in forward order; W is folded from the
 weights only and kept between calls, ``rt._folded``).
 
+Deferred moves (``Chunk.at``). Applying those moves to t itself copies it at every op (window
+reverse, roll, each reshape/permute/flatten of a merging) and every per-token 1/σ multiplies it
+again, once per chunk and stage. Instead a pending chunk with its channels last keeps t where
+it was computed and carries a positions map [2, *rest, K] (``rt.home_positions``: row index
+into t, weight 1): the moves apply to the map (``Emitter.moved``; chunks that took the same
+moves share one map, so each op runs once per map, on B·N·K numbers), a per-row scale
+multiplies its weights (``Emitter.scaled``), and a merging's gather moves K rows into its last
+dim as it does for t. The final mean over tokens reads t once, one weighted sum per output row
+and sub-position (``rt.reduce_positions``, the token functionals of issue 13 evaluated from
+the forward side); any other consumer gathers the moved input first (``rt.gather_positions``).
+
 Channels not last (NCHW stages, MaxViT): a pending chunk records the value dim holding its
 channels (``Chunk.cdim``) and its input keeps the value's layout with b channels there
 ([c, B, b, H, W]). A permute moves that dim (``_permute_emit``), average pools, means and zero
