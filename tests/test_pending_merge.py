@@ -151,3 +151,17 @@ def test_folded_weights_follow_in_place_updates():
     assert torch.allclose(d.output, y, rtol=1e-5, atol=1e-6)
     err = float((d.components.double().sum(0) - y.double()).abs().max() / y.double().abs().max())
     assert err <= 1e-5, err
+
+
+def test_gradients_through_deferred_moves():
+    """The positions map carries the frozen 1/σ as weights: with autograd recording through
+    the input, d(Σ components · w)/dx equals d(model(x) · w)/dx (the 1/σ depend on x)."""
+    model, x = _model_and_input()
+    dm = fxdecomp.decompose(model, x, granularity="heads")
+    xg = x.clone().requires_grad_(True)
+    comps = dm(xg).components
+    w = torch.randn(comps.shape[1:], generator=torch.Generator().manual_seed(1))
+    (g_dec,) = torch.autograd.grad((comps.sum(0) * w).sum(), xg)
+    xr = x.clone().requires_grad_(True)
+    (g_ref,) = torch.autograd.grad((model(xr) * w).sum(), xr)
+    assert float((g_dec - g_ref).abs().max() / g_ref.abs().max()) <= 1e-5
