@@ -10,6 +10,8 @@ LayerNorm and a mean over tokens. Checked:
 - the first stage's heads are never evaluated at full resolution: no value of the rewritten
   graph has a component axis of >= 2 heads over the first stage's [B, 8, 8, C] positions (they
   stay pending: per-head inputs, reduced by the final mean before W applies);
+- the window moves, rolls, the merge's gather and the per-token 1/σ are applied to a positions
+  map, never to the head inputs themselves, which the final mean reads once;
 - folded weights are kept between calls but recomputed after an in-place weight update.
 """
 from __future__ import annotations
@@ -114,8 +116,27 @@ def test_first_stage_heads_stay_pending():
     assert first == limit
     big = {n: k for n, k in numel.items() if k > limit}
     assert not big, big
-    # what flows instead: the heads' inputs after the merge, 4 positions x dh wide
-    assert (HEADS, 3, 4, 4, 4 * (C // HEADS)) in shapes
+    # what flows instead: the heads' inputs reduced by the final mean, 4 positions x dh wide
+    assert (HEADS, 3, 4 * (C // HEADS)) in shapes
+
+
+def test_first_stage_heads_moved_and_scaled_never():
+    """The window reverse, the rolls, the merge's gather and the per-token 1/σ of the merge norm
+    and the final norm never touch the first stage's head inputs: they act on a positions map
+    (index and weight per row), and the final mean reads the inputs once, reducing them
+    (``rt.reduce_positions``). Only the attention's own layout ops before its output projection
+    (transpose, reshape: 2 values) hold them at full size."""
+    model, x = _model_and_input()
+    dm = fxdecomp.decompose(model, x, granularity="heads")
+    assert "reduce_positions" in dm.code
+    first, numel, _ = sizes_after_first_heads(dm, x)
+    full = sorted(n for n, k in numel.items() if k >= first)
+    assert len(full) <= 2, full
+    with torch.no_grad():
+        d = dm(x)
+        y = model(x)
+    err = float((d.components.double().sum(0) - y.double()).abs().max() / y.double().abs().max())
+    assert err <= 1e-5, err
 
 
 def test_folded_weights_follow_in_place_updates():
@@ -130,3 +151,17 @@ def test_folded_weights_follow_in_place_updates():
     assert torch.allclose(d.output, y, rtol=1e-5, atol=1e-6)
     err = float((d.components.double().sum(0) - y.double()).abs().max() / y.double().abs().max())
     assert err <= 1e-5, err
+
+
+def test_gradients_through_deferred_moves():
+    """The positions map carries the frozen 1/σ as weights: with autograd recording through
+    the input, d(Σ components · w)/dx equals d(model(x) · w)/dx (the 1/σ depend on x)."""
+    model, x = _model_and_input()
+    dm = fxdecomp.decompose(model, x, granularity="heads")
+    xg = x.clone().requires_grad_(True)
+    comps = dm(xg).components
+    w = torch.randn(comps.shape[1:], generator=torch.Generator().manual_seed(1))
+    (g_dec,) = torch.autograd.grad((comps.sum(0) * w).sum(), xg)
+    xr = x.clone().requires_grad_(True)
+    (g_ref,) = torch.autograd.grad((model(xr) * w).sum(), xr)
+    assert float((g_dec - g_ref).abs().max() / g_ref.abs().max()) <= 1e-5

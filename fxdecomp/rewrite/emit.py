@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import operator
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -45,6 +45,12 @@ class Chunk:
     # ([c, B, b, H, W]), so ops on the other dims (pooling, means, permutes) apply to it as is
     # and a 1x1 convolution folds into W. None: the last dim (the layout above).
     cdim: int | None = None
+    # Deferred moves of a pending projection (channels last): ``node`` still holds the input as
+    # it was before them and ``at`` the positions map [2, *rest, K] the moves and per-row
+    # scales were applied to instead (``rt.gather_positions``: the input they give is
+    # [c, *rest, K·b]). ``Emitter.terms`` gathers it for every rule that does not pass
+    # ``lazy_ok``.
+    at: Node | None = None
 
 
 @dataclass
@@ -74,6 +80,7 @@ class Emitter:
         self.demand, self.requests = demand.compute(walk)
         self._view: dict[Node, object] = {}
         self._taken: dict = {}
+        self._positions: dict = {}   # (positions node, what moved it) -> moved positions node
         self._head_counter: dict[str, int] = {}
         self._separate_heads: Counter = Counter(
             structure.site(n).name for n, p in walk.plans.items()
@@ -112,10 +119,43 @@ class Emitter:
         the channels in value dim ``cdim`` (None: the last; see ``Chunk.cdim``)."""
         return Chunk(t, tuple(labels), None, (weight, heads), cdim)
 
+    def refold(self, c: Chunk, weight: Node) -> Chunk:
+        """A pending projection with its W replaced (a later linear map folded in); its input,
+        deferred moves included, unchanged."""
+        return replace(c, proj=(weight, c.proj[1]))
+
+    def moved(self, c: Chunk, ref: Node, apply: Callable[[Node], Node], key) -> Chunk:
+        """A pending projection (channels last) moved by an op that only moves rows of its input
+        (``apply``: input node -> moved node): the move is deferred, applied to the positions
+        map (``Chunk.at``, made from the value ``ref`` before the op when there is none yet).
+        Chunks that share a map share its moves: ``key`` names the op."""
+        at = c.at
+        if at is None:
+            at = self._cached(("home", ref), lambda: self.call(rt.home_positions, ref))
+        return replace(c, at=self._cached((at, key), lambda: apply(at)))
+
+    def scaled_rows(self, c: Chunk, factor) -> Chunk:
+        """A pending projection with deferred moves, its rows scaled by a frozen factor (size 1
+        along the last dim): the positions' weights take it."""
+        return replace(c, at=self._cached((c.at, "scale", factor),
+                                          lambda: self.call(rt.scale_positions, c.at, factor)))
+
+    def _cached(self, key, make: Callable[[], Node]) -> Node:
+        if key not in self._positions:
+            self._positions[key] = make()
+        return self._positions[key]
+
+    def settle(self, c: Chunk) -> Chunk:
+        """A chunk with deferred moves -> the same chunk with them applied to its input."""
+        if c.at is None:
+            return c
+        return replace(c, node=self.call(rt.gather_positions, c.node, c.at), at=None)
+
     def materialize(self, c: Chunk) -> Chunk:
         """A pending projection -> its terms (other chunks unchanged)."""
         if c.proj is None:
             return c
+        c = self.settle(c)
         if c.cdim is not None:
             return Chunk(self.call(rt.blocked_linear_at, c.node, c.proj[0], c.proj[1], c.cdim,
                                    self.backend), c.labels)
@@ -138,17 +178,24 @@ class Emitter:
             if c.block is not None and c.block[0] == pos[0] or c.proj is not None and (
                     rank is None or (pos[0] >= rank - 1 if c.cdim is None else pos[0] == c.cdim)):
                 c = self.densify(c)
+            if c.at is not None:
+                out.append(replace(c, at=self._cached(
+                    (c.at, "take", pos), lambda: self.call(rt.take, c.at, pos[0] + 1, pos[1], pos[2]))))
+                continue
             out.append(Chunk(self.call(rt.take, c.node, pos[0] + 1, pos[1], pos[2]), c.labels,
                              c.block, c.proj, c.cdim))
         return out
 
     def terms(self, n: Node, blocked_ok: bool = False, pending_ok: bool = False,
-              channel_ok: bool = False) -> list[Chunk]:
+              channel_ok: bool = False, lazy_ok: bool = False) -> list[Chunk]:
         """Terms of ``n``, at the rows the current rule asked for. Rules that understand
         head-blocked chunks pass ``blocked_ok``, pending projections ``pending_ok`` (with their
         channels last), and also with their channels in another dim ``channel_ok``
-        (``Chunk.cdim``); others get them densified/evaluated."""
+        (``Chunk.cdim``), and with deferred moves ``lazy_ok`` (``Chunk.at``); others get them
+        densified/evaluated/gathered."""
         chunks = self._narrow(self.terms_of[n], self.demand[n], self._view.get(n), _rank(n))
+        if not lazy_ok:
+            chunks = [self.settle(c) for c in chunks]
         if not pending_ok:
             chunks = [self.materialize(c) for c in chunks]
         elif not channel_ok:
@@ -158,6 +205,7 @@ class Emitter:
     def write(self, chunks: list[Chunk], ref: Node) -> Chunk:
         """All ``chunks`` of one value as one terms tensor, each component written once into a
         preallocated slab (pending projections straight into it; ``rt.write_terms``)."""
+        chunks = [self.settle(c) for c in chunks]
         parts = [(c.node, c.proj[0], c.proj[1]) if c.proj is not None and c.cdim is None
                  else self.densify(c).node for c in chunks]
         return Chunk(self.call(rt.write_terms, parts, ref, self.backend),
@@ -172,7 +220,10 @@ class Emitter:
 
     def scaled(self, c: Chunk, factor) -> Chunk:
         """``c`` times a scalar or a frozen factor that broadcasts along the last dim (size 1
-        there): for a pending projection it applies to the head-blocked input."""
+        there): for a pending projection it applies to the head-blocked input (to the weights
+        of its positions when its moves are deferred)."""
+        if c.at is not None:
+            return self.scaled_rows(c, factor)
         return Chunk(self.call(operator.mul, c.node, factor), c.labels, c.block, c.proj, c.cdim)
 
     def const_chunk(self, node: Node, source, suffix: str) -> Chunk:
@@ -307,8 +358,7 @@ class Emitter:
         out = []
         for c in chunks:
             if c.proj is not None and c.cdim is None:
-                out.append(self.pending(c.node, self.call(rt.fold_projection, c.proj[0], d),
-                                        c.proj[1], c.labels))
+                out.append(self.refold(c, self.call(rt.fold_projection, c.proj[0], d)))
             else:
                 out.append(self.chunk(self.call(rt.project_terms, self.densify(c).node, out_ref, d),
                                       c.labels))

@@ -12,6 +12,7 @@ rules build graphs only out of these, so ``print(dm.code)`` names nothing privat
 from __future__ import annotations
 
 import functools
+import math
 import weakref
 from typing import Sequence
 
@@ -27,7 +28,8 @@ __all__ = [
     "where_scalar", "masked_value", "pad_border", "unsqueeze_terms", "index_tensor", "repeat_kv",
     "split_windows", "fold_centering", "fold_rows", "fold_linear", "fold_projection", "inv_std",
     "project_terms", "write_terms", "reshape_rest", "block_diagonal_heads", "linear_output_terms",
-    "normalize_terms", "identity_weight",
+    "normalize_terms", "identity_weight", "home_positions", "scale_positions", "gather_positions",
+    "reduce_positions", "linear_terms",
 ]
 
 
@@ -52,7 +54,13 @@ def cat_chunks(chunks: Sequence[torch.Tensor], ref: torch.Tensor) -> torch.Tenso
 def push(op, t: torch.Tensor, pos: int, args: tuple, kwargs: dict) -> torch.Tensor:
     """Apply ``op`` to every component: ``op(*args)`` with ``args[pos]`` replaced by the
     component. Valid for any op linear in that argument with the others frozen:
-    op(Σ_i x_i) = Σ_i op(x_i)."""
+    op(Σ_i x_i) = Σ_i op(x_i). Layout ops, means and pools with a direct form on the
+    component axis (``_DIRECT``) skip vmap (whose dispatch costs ~0.2 ms a call on CPU)."""
+    direct = _DIRECT.get(op) if pos == 0 else None
+    if direct is not None:
+        out = direct(t, t.dim() - 1, *args[1:], **kwargs)
+        if out is not None:
+            return out
     args = list(args)
 
     def one(x):
@@ -60,6 +68,66 @@ def push(op, t: torch.Tensor, pos: int, args: tuple, kwargs: dict) -> torch.Tens
         return op(*args, **kwargs)
 
     return torch.vmap(one)(t)
+
+
+def _dims(dims, rank: int) -> list[int]:
+    """Value dims (of a component, rank ``rank``) -> dims of the terms tensor."""
+    return [d % rank + 1 for d in ([dims] if isinstance(dims, int) else dims)]
+
+
+def _leading_batch(spatial: int):
+    """An op over the last ``spatial`` dims that takes one optional batch dim (pools): the
+    component axis becomes (part of) that batch dim."""
+    def apply(op):
+        def direct(t, rank, *args, **kwargs):
+            if rank == spatial + 1:
+                return op(t, *args, **kwargs)
+            if rank == spatial + 2:
+                out = op(t.flatten(0, 1), *args, **kwargs)
+                return out.unflatten(0, tuple(t.shape[:2]))
+            return None
+        return direct
+    return apply
+
+
+def _reduce(op):
+    def direct(t, rank, dims=None, keepdim=False, **kwargs):
+        if kwargs or not dims:
+            return None
+        return op(t, _dims(dims, rank), keepdim)
+    return direct
+
+
+def _direct_ops() -> dict:
+    """op -> f(t, rank of a component, *args without the data one, **kwargs): the op applied to
+    every component of t at once (None: not covered, vmap it)."""
+    a = torch.ops.aten
+    out = {
+        a.permute.default: lambda t, r, dims: t.permute([0] + _dims(dims, r)),
+        a.reshape.default: lambda t, r, shape: t.reshape((t.shape[0],) + tuple(shape)),
+        a.view.default: lambda t, r, shape: t.reshape((t.shape[0],) + tuple(shape)),
+        a._unsafe_view.default: lambda t, r, shape: t.reshape((t.shape[0],) + tuple(shape)),
+        a.flatten.using_ints: lambda t, r, start=0, end=-1: t.flatten(*_dims((start, end), r)),
+        a.transpose.int: lambda t, r, d0, d1: t.transpose(*_dims((d0, d1), r)),
+        a.contiguous.default: lambda t, r, **kw: None if kw else t.contiguous(),
+        a.roll.default: lambda t, r, shifts, dims=(): t.roll(shifts, _dims(dims, r)) if dims else None,
+        a.select.int: lambda t, r, dim, index: t.select(_dims(dim, r)[0], index),
+        a.slice.Tensor: lambda t, r, dim=0, start=None, end=None, step=1:
+            a.slice.Tensor(t, _dims(dim, r)[0], start, end, step),
+        a.unsqueeze.default: lambda t, r, dim: t.unsqueeze(dim % (r + 1) + 1),
+        a.mean.dim: _reduce(torch.mean),
+        a.sum.dim_IntList: _reduce(torch.sum),
+        a.constant_pad_nd.default: lambda t, r, pad, value=0: a.constant_pad_nd.default(t, pad, value)
+            if len(pad) // 2 <= r else None,
+        a.pad.default: lambda t, r, pad, mode="constant", value=None: a.pad.default(t, pad, mode, value)
+            if mode == "constant" and len(pad) // 2 <= r else None,
+    }
+    for k in (1, 2, 3):
+        for name in (f"avg_pool{k}d", f"adaptive_avg_pool{k}d"):
+            op = getattr(a, name, None)
+            if op is not None:
+                out[op.default] = _leading_batch(k)(op.default)
+    return out
 
 
 def push_multi(op, index: int, t: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -90,13 +158,19 @@ def layer_norm_terms(t: torch.Tensor, x: torch.Tensor, normalized_shape, weight,
     forward pass, x ↦ γ ⊙ (x − mean(x)) / σ is linear, so each component is centred on its own
     (never spread evenly) and scaled by the same 1/σ; β is a separate constant term."""
     dims = tuple(range(-len(normalized_shape), 0))
-    xf = x.float()
-    var = xf.var(dim=dims, unbiased=False, keepdim=True)
-    inv = torch.rsqrt(var + eps)
-    out = (t.float() - t.float().mean(dim=dims, keepdim=True)) * inv
+    inv = inv_std(x, len(normalized_shape), eps).float()
+    tf = t.float()
+    out = _times(tf - tf.mean(dim=dims, keepdim=True), inv)
     if weight is not None:
-        out = out * weight.float()
+        out = _times(out, weight.float())
     return out.to(t.dtype)
+
+
+def _times(out: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """out · factor, in place when out (a fresh tensor) already has the broadcast shape."""
+    if tuple(torch.broadcast_shapes(out.shape, factor.shape)) == tuple(out.shape):
+        return out.mul_(factor)
+    return out * factor
 
 
 def rms_norm_terms(t: torch.Tensor, x: torch.Tensor, normalized_shape, weight, eps):
@@ -266,6 +340,16 @@ def _folded(fn):
     return cached
 
 
+def linear_terms(t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear(t, W) on terms; dims that t stores broadcast (stride 0: a constant such as a bias
+    spread over every position) are mapped once and broadcast again."""
+    dims = [d for d in range(t.dim() - 1) if t.stride(d) == 0 and t.shape[d] > 1]
+    if not dims:
+        return F.linear(t, weight)
+    one = t[tuple(slice(0, 1) if d in dims else slice(None) for d in range(t.dim()))]
+    return F.linear(one, weight).expand(tuple(t.shape[:-1]) + (weight.shape[0],))
+
+
 def linear_output_terms(out: torch.Tensor, bias: torch.Tensor | None,
                         channel_dim: int = -1) -> torch.Tensor:
     """The terms of a linear map's (or convolution's) output when its input is one component
@@ -346,6 +430,11 @@ def inv_std(x: torch.Tensor, n_dims: int, eps, centered: bool = True) -> torch.T
     xf = x.float()
     if eps is None:
         eps = torch.finfo(x.dtype).eps
+    if centered and not (torch.is_grad_enabled() and x.requires_grad):
+        # the fused kernel's own 1/σ (a separate var() is several times slower on CPU; its
+        # 1/σ output has no gradient, so not while autograd records through x)
+        inv = torch.ops.aten.native_layer_norm(xf, list(xf.shape[-n_dims:]), None, None, eps)[2]
+        return inv.reshape(tuple(x.shape[:-n_dims]) + (1,) * n_dims).to(x.dtype)
     var = xf.var(dim=dims, unbiased=False, keepdim=True) if centered else \
         xf.pow(2).mean(dim=dims, keepdim=True)
     return torch.rsqrt(var + eps).to(x.dtype)
@@ -356,10 +445,9 @@ def normalize_terms(t: torch.Tensor, inv: torch.Tensor, weight, centered: bool) 
     ``inv`` (from ``inv_std``) given: γ ⊙ (t − mean t)·inv, or γ ⊙ t·inv (see
     ``layer_norm_terms``; one σ for every chunk of the value)."""
     tf = t.float()
-    out = (tf - tf.mean(dim=-1, keepdim=True)) if centered else tf
-    out = out * inv.float()
+    out = _times(tf - tf.mean(dim=-1, keepdim=True), inv.float()) if centered else tf * inv.float()
     if weight is not None:
-        out = out * weight.float()
+        out = _times(out, weight.float())
     return out.to(t.dtype)
 
 
@@ -387,15 +475,104 @@ def write_terms(parts: Sequence, ref: torch.Tensor, backend: str = "auto") -> to
     if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
         return torch.cat([expand_terms(materialize(p), ref) for p in parts], 0)
     sizes = [int(p[0].shape[0] if isinstance(p, (tuple, list)) else p.shape[0]) for p in parts]
+    starts = [sum(sizes[:i]) for i in range(len(parts))]
     out = ref.new_empty((sum(sizes),) + tuple(ref.shape))
-    start = 0
-    for p, n in zip(parts, sizes):
+    fits = [isinstance(p, (tuple, list)) and tuple(p[0].shape[1:-1]) == tuple(ref.shape[:-1])
+            for p in parts]
+    for group in _shared_weight_groups(parts, fits):
+        # one W for all their components (H = 1; e.g. terms made pending with W = I at the
+        # same patch merging, then folded alike): read it once, for their concatenated inputs
+        y = blocked_linear(torch.cat([parts[i][0] for i in group]), parts[group[0]][1], 1, backend)
+        offset = 0
+        for i in group:
+            out[starts[i]:starts[i] + sizes[i]].copy_(y[offset:offset + sizes[i]])
+            offset += sizes[i]
+            fits[i] = None
+    for p, n, start, fit in zip(parts, sizes, starts, fits):
         dst = out[start:start + n]
-        if isinstance(p, (tuple, list)) and tuple(p[0].shape[1:-1]) == tuple(ref.shape[:-1]):
+        if fit:
             blocked_linear(p[0], p[1], p[2], backend, out=dst)
-        else:
+        elif fit is not None:
             dst.copy_(materialize(p))
-        start += n
+    return out
+
+
+def _shared_weight_groups(parts: Sequence, fits: list) -> list[list[int]]:
+    """Indices of pending parts (t, W, 1) that share one W tensor and t's shape (after the first
+    dim), in groups of two or more (none under torch.compile, where folds are traced, not
+    kept: no two parts hold one W tensor)."""
+    if torch.compiler.is_compiling():
+        return []
+    groups: dict = {}
+    for i, (p, fit) in enumerate(zip(parts, fits)):
+        if fit and p[2] == 1:
+            groups.setdefault((id(p[1]), tuple(p[0].shape[1:]), p[0].dtype), []).append(i)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+# -------------------------------------------------------------------------------- deferred moves
+# A pending projection's input t [c, *rest, b] moved by ops that only move rows (window reverse,
+# roll, zero pad, reshapes and permutes that keep the last dim, a patch merging's gather of K
+# rows into one) and scaled per row (a norm's frozen 1/σ) is, after all of them,
+#     V[c, r, k·b + j] = w[r, k] · t[c, i[r, k], j]      (i: flat index over t's rest dims)
+# for one integer map i and one weight w per (output row r, merged sub-row k). ``positions``
+# [2, *rest', K] float64 holds them (row 0: i, exact up to 2^53; row 1: w): the ops apply to it
+# (as 2 components) instead of to t, which is read once, where V is needed (``gather_positions``).
+def home_positions(ref: torch.Tensor) -> torch.Tensor:
+    """The positions of a value ``ref`` [*rest, E] before any move: i = the flat row index, w = 1
+    ([2, *rest, 1], float64)."""
+    rest = tuple(ref.shape[:-1])
+    index = torch.arange(math.prod(rest), dtype=torch.float64, device=ref.device).reshape(rest + (1,))
+    return torch.stack([index, torch.ones_like(index)])
+
+
+def scale_positions(positions: torch.Tensor, factor) -> torch.Tensor:
+    """Rows scaled by a frozen factor (a scalar, or [*rest', 1]: one per row, e.g. 1/σ): the
+    weights w take it, the indices stay."""
+    if not isinstance(factor, torch.Tensor):
+        factor = torch.tensor(factor, dtype=torch.float64)
+    return torch.cat([positions[:1], positions[1:] * factor.to(positions.device, torch.float64)])
+
+
+def gather_positions(t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The moved and scaled input V (see above) from t [c, *rest, b] and its ``positions``
+    [2, *rest', K]: [c, *rest', K·b], one gather and one multiply."""
+    c, b = t.shape[0], t.shape[-1]
+    rest, k = tuple(positions.shape[1:-1]), positions.shape[-1]
+    flat = t.reshape(c, -1, b)
+    index = positions[0].reshape(-1).to(torch.long)
+    out = flat.index_select(1, index).view(c, -1, k, b)
+    out.mul_(positions[1].reshape(1, -1, k, 1).to(out.dtype))
+    return out.reshape((c,) + rest + (k * b,))
+
+
+def reduce_positions(t: torch.Tensor, positions: torch.Tensor, dims: tuple, keepdim: bool,
+                     mean: bool) -> torch.Tensor:
+    """sum (``mean``: mean) over value dims ``dims`` (not the last) of the moved and scaled
+    input V of t [c, *rest, b] (see ``gather_positions``), without gathering V: each output row
+    (kept dims, sub-row k) is one weighted sum of n rows of t, Σ_r w[r, k]·t[i[r, k]] (divided
+    by n for a mean), one ``embedding_bag`` per component that reads each row of t once.
+    -> [c, *kept, K·b] (keepdim: size 1 at ``dims``)."""
+    rank = positions.dim() - 1                              # the value's rank
+    kept = [d for d in range(rank - 1) if d not in dims]
+    order = [0] + [1 + d for d in kept] + [rank] + [1 + d for d in dims]
+    p = positions.permute(order)                            # [2, *kept, K, *reduced]
+    kept_shape, k = tuple(p.shape[1:1 + len(kept)]), p.shape[1 + len(kept)]
+    n = math.prod(p.shape[2 + len(kept):])
+    index = p[0].reshape(-1, n).to(torch.long)
+    weight = (p[1].reshape(-1, n) / n if mean else p[1].reshape(-1, n)).to(t.dtype)
+    c, b = t.shape[0], t.shape[-1]
+    flat = t.reshape(c, -1, b)
+    if c <= 64:
+        out = torch.stack([F.embedding_bag(index, flat[i], per_sample_weights=weight, mode="sum")
+                           for i in range(c)])
+    else:   # many components (tokens mode): one gather, one multiply, one sum
+        out = (flat.index_select(1, index.reshape(-1)).view(c, -1, n, b)
+               * weight.view(1, -1, n, 1)).sum(2)
+    out = out.reshape((c,) + kept_shape + (k * b,))
+    if keepdim:
+        for d in sorted(dims):
+            out = out.unsqueeze(1 + d)
     return out
 
 
@@ -461,6 +638,9 @@ def group_components(terms: torch.Tensor, index: torch.Tensor, n_groups: int) ->
     """Sum raw terms that share a final label: out[g] = Σ_{i: index[i]=g} terms[i]."""
     out = terms.new_zeros((n_groups,) + tuple(terms.shape[1:]))
     return out.index_add_(0, index.to(terms.device), terms)
+
+
+_DIRECT = _direct_ops()
 
 
 # -------------------------------------------------------------------------------- pushers

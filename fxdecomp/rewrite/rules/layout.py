@@ -20,6 +20,17 @@ functionals over tokens computes, obtained here by carrying the input forward in
 propagating functionals backward (the rewrite emits in forward order; W is folded from the
 weights only and kept between calls, ``rt._folded``).
 
+Deferred moves (``Chunk.at``). Applying those moves to t itself copies it at every op (window
+reverse, roll, each reshape/permute/flatten of a merging) and every per-token 1/σ multiplies it
+again, once per chunk and stage. Instead a pending chunk with its channels last keeps t where
+it was computed and carries a positions map [2, *rest, K] (``rt.home_positions``: row index
+into t, weight 1): the moves apply to the map (``Emitter.moved``; chunks that took the same
+moves share one map, so each op runs once per map, on B·N·K numbers), a per-row scale
+multiplies its weights (``Emitter.scaled``), and a merging's gather moves K rows into its last
+dim as it does for t. The final mean over tokens reads t once, one weighted sum per output row
+and sub-position (``rt.reduce_positions``, the token functionals of issue 13 evaluated from
+the forward side); any other consumer gathers the moved input first (``rt.gather_positions``).
+
 Channels not last (NCHW stages, MaxViT): a pending chunk records the value dim holding its
 channels (``Chunk.cdim``) and its input keeps the value's layout with b channels there
 ([c, B, b, H, W]). A permute moves that dim (``_permute_emit``), average pools, means and zero
@@ -105,8 +116,14 @@ def _pending_layout(em, node: Node, target, args: list, kwargs: dict, merged: in
     downstream (a norm's centring and γ, the merge's linear map) folds into W instead of
     running on E-wide terms at every position."""
     x = node.args[0]
+
+    def apply(t: Node) -> Node:
+        if shape_arg:
+            return em.call(rt.reshape_rest, t, args[1], merged)
+        return em.call(rt.pusher(target, 0), t, tuple(args), kwargs)
+
     out = []
-    for c in em.terms(x, pending_ok=True):
+    for c in em.terms(x, pending_ok=True, lazy_ok=True):
         if c.proj is None:   # a constant may be stored unbroadcast ([1, 1, N, E] for [B, N, E])
             c = em.chunk(em.call(rt.expand_terms, c.node, em.orig(x)), c.labels)
         if c.proj is None and merged == 1:
@@ -114,12 +131,10 @@ def _pending_layout(em, node: Node, target, args: list, kwargs: dict, merged: in
             continue
         if c.proj is None:
             c = em.pending(c.node, em.call(rt.identity_weight, sizes(x)[-1], em.orig(x)), 1, c.labels)
-        if shape_arg:
-            t = em.call(rt.reshape_rest, c.node, args[1], merged)
-        else:
-            t = em.call(rt.pusher(target, 0), c.node, tuple(args), kwargs)
-        w = c.proj[0] if merged == 1 else em.call(rt.block_diagonal_heads, c.proj[0], c.proj[1], merged)
-        out.append(em.pending(t, w, c.proj[1], c.labels))
+        c = em.moved(c, em.orig(x), apply, node)   # the input moves once, where it is read
+        if merged > 1:
+            c = em.refold(c, em.call(rt.block_diagonal_heads, c.proj[0], c.proj[1], merged))
+        out.append(c)
     return out
 
 
@@ -295,7 +310,7 @@ def _permute_emit(em, node):
     perm = _perm(node)
     return keep_pending(em, node.args[0],
                         lambda t: em.call(rt.pusher(node.target, 0), t, (None, perm), {}),
-                        moves=perm.index, rank_out=len(perm))
+                        moves=perm.index, rank_out=len(perm), move=True)
 
 
 RULES.register(Rule(
@@ -394,7 +409,8 @@ def plan_select(node, facts):
     def emit(em, node):
         k = 0 if em.layout(x) is not None else node.args[2]
         if dim < len(sizes(x)) - 1 and pending_in(em, x):
-            return keep_pending(em, x, lambda t: em.call(rt.pusher(node.target, 0), t, (None, dim, k), {}))
+            return keep_pending(em, x, lambda t: em.call(rt.pusher(node.target, 0), t, (None, dim, k), {}),
+                                move=True)
         c = em.merged(x)
         return [em.chunk(em.call(rt.pusher(node.target, 0), c.node, (None, dim, k), {}), c.labels)]
     return Plan.linear([x], emit, demand=demand)
@@ -406,21 +422,33 @@ def pending_in(em, x: Node) -> bool:
 
 
 def keep_pending(em, x: Node, apply, moves: Callable[[int], Optional[int]] | None = None,
-                 rank_out: int | None = None) -> list:
+                 rank_out: int | None = None, move: bool = False,
+                 deferred: Callable | None = None) -> list:
     """An op acting on dims other than the channel one, chunk by chunk: ``apply(terms node)``.
     A pending projection's head-blocked input has the same dims as its value but b channels,
     so the op applies to it and the projection stays pending (the op commutes with it).
     Without ``moves`` the channels are last and stay last (ops on the leading dims only);
     with it, ``moves(channel dim) -> its dim in the output`` (None: the op acts on it, the
     terms are evaluated first) and channels in any dim are kept (``Chunk.cdim``), with
-    ``rank_out`` the output's rank."""
+    ``rank_out`` the output's rank. ``move``: the op only moves rows (a pad, a slice, a permute
+    of the other dims), so on channels-last inputs it is deferred (``Emitter.moved``);
+    ``deferred(chunk) -> chunk or None``: how the op acts on channels-last chunks with deferred
+    moves without gathering them first (None: gather)."""
     rank = len(sizes(x))
+    if move:
+        deferred = lambda c: em.moved(c, em.orig(x), apply, em.anchor)  # noqa: E731
     out = []
-    for c in em.terms(x, pending_ok=True, channel_ok=moves is not None):
+    for c in em.terms(x, pending_ok=True, channel_ok=moves is not None, lazy_ok=deferred is not None):
         if c.proj is not None:
             new = None if moves is None else moves(rank - 1 if c.cdim is None else c.cdim)
             if moves is None or new is not None:
                 cdim = None if moves is None or new == rank_out - 1 else new
+                done = deferred(c) if deferred is not None and c.cdim is None and cdim is None \
+                    else None
+                if done is not None:
+                    out.append(done)
+                    continue
+                c = em.settle(c)
                 out.append(em.pending(apply(c.node), c.proj[0], c.proj[1], c.labels, cdim))
                 continue
             c = em.materialize(c)
@@ -459,10 +487,11 @@ def plan_slice(node, facts):
 
     def emit(em, node):
         if em.layout(x) is not None and em.layout(x).dim == dim:
-            return list(em.terms(x, pending_ok=True))  # the narrowed input already is the slice
+            return list(em.terms(x, pending_ok=True, lazy_ok=True))  # the narrowed input is the slice
         if dim < len(sizes(x)) - 1 and pending_in(em, x):
             args = (None,) + tuple(node.args[1:])
-            return keep_pending(em, x, lambda t: em.call(rt.pusher(node.target, 0), t, args, {}))
+            return keep_pending(em, x, lambda t: em.call(rt.pusher(node.target, 0), t, args, {}),
+                                move=True)
         return layout_emit()(em, node)
     return Plan.linear([x], emit, demand=demand)
 
@@ -508,7 +537,7 @@ def plan_pad(node, facts):
             whole rows: pending projections take it on their input."""
             if isinstance(pad, (list, tuple)) and all(p == 0 for p in pad):
                 return list(em.terms(node.args[0], blocked_ok=True, pending_ok=True,
-                                     channel_ok=True))  # no-op
+                                     channel_ok=True, lazy_ok=True))  # no-op
             if not (pending_in(em, node.args[0]) and isinstance(pad, (list, tuple))
                     and all(isinstance(p, int) for p in pad)):
                 return plain(em, node)
@@ -518,7 +547,8 @@ def plan_pad(node, facts):
             kwargs = {k: em.orig_arg(v) for k, v in node.kwargs.items()}
             return keep_pending(em, node.args[0],
                                 lambda t: em.call(rt.pusher(node.target, 0), t, args, kwargs),
-                                moves=lambda ch: None if ch in padded else ch, rank_out=rank)
+                                moves=lambda ch: None if ch in padded else ch, rank_out=rank,
+                                move=True)
         return Plan.linear([node.args[0]], emit_rows)
 
     def emit(em, node):

@@ -43,10 +43,9 @@ def plan_linear(node, facts):
         rank = len(sizes(node))
         if len(sizes(w)) == 2 and any(c.proj is not None for c in em.terms_of[x]):
             # pending projections fold this map into their W; the others are mapped one by one
-            out = [em.pending(c.node, em.call(rt.fold_linear, c.proj[0], em.orig(w)), c.proj[1],
-                              c.labels) if c.proj is not None
-                   else em.chunk(em.call(F.linear, c.node, em.orig(w)), c.labels)
-                   for c in em.terms(x, pending_ok=True)]
+            out = [em.refold(c, em.call(rt.fold_linear, c.proj[0], em.orig(w)))
+                   if c.proj is not None else em.chunk(em.call(rt.linear_terms, c.node, em.orig(w)), c.labels)
+                   for c in em.terms(x, pending_ok=True, lazy_ok=True)]
             return out + bias_chunk(em, node, bias, -1)
         c = em.merged(x, blocked_ok=True)
         if c.block is not None and c.block[0] == rank - 1 and len(sizes(w)) == 2:

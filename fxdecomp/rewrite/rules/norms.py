@@ -2,7 +2,6 @@
 constant component of its own (kind ``bias``). Eval BatchNorm is a per-channel affine map."""
 from __future__ import annotations
 
-import operator
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +42,7 @@ def _fold_norm(em, x: Node, shape, weight, eps, centered: bool) -> list | None:
     dims)."""
     if len(shape) != 1 or not any(c.proj is not None for c in em.terms_of[x]):
         return None
-    chunks = em.terms(x, pending_ok=True)
+    chunks = em.terms(x, pending_ok=True, lazy_ok=True)
     inv = em.call(rt.inv_std, em.orig(x), 1, eps, centered)
     gamma = em.orig_arg(weight)
     out = []
@@ -53,7 +52,7 @@ def _fold_norm(em, x: Node, shape, weight, eps, centered: bool) -> list | None:
             continue
         w = em.call(rt.fold_centering, c.proj[0], gamma) if centered else \
             (em.call(rt.fold_rows, c.proj[0], gamma) if gamma is not None else c.proj[0])
-        out.append(em.pending(em.call(operator.mul, c.node, inv), w, c.proj[1], c.labels))
+        out.append(em.scaled(em.refold(c, w), inv))
     return out
 
 

@@ -6,12 +6,13 @@ element per output: with the argmax frozen at the forward pass they are a gather
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import torch.nn.functional as F
 from torch import nn
 from torch.fx import Node
 
-from ...graph.ops import aten
+from ...graph.ops import aten, op_key
 from ...graph.plan import Demand, Plan, Requests
 from ...graph.rule import Rule
 from ...graph.shapes import norm_dim, sizes
@@ -103,8 +104,17 @@ def plan_reduce(node, facts):
             return plain(em, node)
         args = (None,) + tuple(em.orig_arg(a) for a in node.args[1:])
         kwargs = dict(node.kwargs)
+
+        def deferred(c):
+            """Rows with deferred moves are reduced straight from the unmoved input: one
+            weighted sum per output row (``rt.reduce_positions``), nothing gathered."""
+            if c.at is None or rank - 1 in dims or kwargs:
+                return None
+            red = em.call(rt.reduce_positions, c.node, c.at, tuple(dims), bool(keep),
+                          op_key(node) is aten.mean)
+            return replace(c, node=red, at=None)
         return keep_pending(em, x, lambda t: em.call(rt.pusher(node.target, 0), t, args, kwargs),
-                            moves=moves, rank_out=len(sizes(node)))
+                            moves=moves, rank_out=len(sizes(node)), deferred=deferred)
     return Plan.linear([x], emit, demand=_reduce_demand)
 
 

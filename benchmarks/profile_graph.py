@@ -1,0 +1,85 @@
+"""Where a decomposed forward's extra time goes, per function of the rewritten graph.
+
+    python benchmarks/profile_graph.py swin_tiny_patch4_window7_224 --batch 8
+    python benchmarks/profile_graph.py maxvit_tiny_tf_224:pooled --batch 8 --top 40
+
+Builds the decomposition of a timm model (seeded random weights; ``NAME:OUTPUT`` picks an
+adapter output), times the plain forward and the rewritten graph (best of ``--reps``), then runs
+the graph once more node by node (``torch.fx.Interpreter``) and prints the time per called
+function (the original forward's ATen ops and the ``rt.*`` functions of fxdecomp's runtime,
+summed over calls) and the slowest single nodes with their output shapes. The node-by-node run
+adds interpreter overhead and runs at whatever load the machine has: read it as shares, and
+take ratios from ``bench_decompose.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import time
+
+import torch
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("model", help="timm name, optionally NAME:OUTPUT (e.g. maxvit_tiny_tf_224:pooled)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--granularity", default="heads")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--top", type=int, default=30, help="rows of each table")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    import fxdecomp
+    from fxdecomp.capture.adapters import example_input, load_model
+
+    name, _, output = a.model.partition(":")
+    target, info = load_model("timm:" + name, random_init=True, seed=0, output=output or None)
+    x = example_input(info, batch=a.batch, seed=0)
+    dm = fxdecomp.decompose(target, x, granularity=a.granularity)
+    gm = dm.graph_module
+    per_fn: collections.Counter = collections.Counter()
+    calls: collections.Counter = collections.Counter()
+    nodes: list = []
+
+    class Timed(torch.fx.Interpreter):
+        def run_node(self, n):
+            t0 = time.perf_counter()
+            out = super().run_node(n)
+            dt = time.perf_counter() - t0
+            if n.op in ("call_function", "call_method", "call_module"):
+                key = getattr(n.target, "__name__", str(n.target))
+                per_fn[key] += dt
+                calls[key] += 1
+                shape = tuple(out.shape) if isinstance(out, torch.Tensor) else ""
+                nodes.append((dt, n.name, key, shape))
+            return out
+
+    with torch.no_grad():
+        for _ in range(2):
+            target(x)
+            gm(x)
+        plain, decomposed = [], []
+        for _ in range(a.reps):
+            t0 = time.perf_counter()
+            target(x)
+            plain.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            gm(x)
+            decomposed.append(time.perf_counter() - t0)
+        Timed(gm).run(x)
+    tp, tm = min(plain), min(decomposed)
+    print(f"{a.model} batch {a.batch} {a.granularity}: plain {tp * 1e3:.0f} ms, decomposed "
+          f"{tm * 1e3:.0f} ms, ratio {tm / tp:.2f}x (best of {a.reps}); node by node "
+          f"{sum(per_fn.values()) * 1e3:.0f} ms")
+    print("\nms        calls  function")
+    for key, dt in per_fn.most_common(a.top):
+        print(f"{dt * 1e3:8.1f}  x{calls[key]:4d}  {key}")
+    print("\nms        node                                      function                        shape")
+    for dt, node, key, shape in sorted(nodes, reverse=True)[:a.top]:
+        print(f"{dt * 1e3:8.1f}  {node:40s}  {key:30s}  {shape}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

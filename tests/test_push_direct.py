@@ -1,0 +1,44 @@
+"""rt.push applies layout ops, means and pools to the component axis directly (no vmap): each
+direct form agrees with the op applied to every component one by one, on several ranks and
+argument forms (negative dims, defaults)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fxdecomp.rewrite import runtime as rt
+
+a = torch.ops.aten
+CASES = [
+    (a.permute.default, ([0, 2, 3, 1],)), (a.permute.default, ([-1, 0, 1, 2],)),
+    (a.reshape.default, ([2, -1, 6],)), (a.reshape.default, ([8, 36],)),
+    (a.flatten.using_ints, (1,)), (a.flatten.using_ints, (1, 2)), (a.flatten.using_ints, (-3, -2)),
+    (a.transpose.int, (-1, 1)), (a.roll.default, ([1, -2], [2, 3])), (a.roll.default, ([1], [-1])),
+    (a.select.int, (1, 2)), (a.select.int, (-2, -1)), (a.slice.Tensor, (2, 1, 5, 2)),
+    (a.slice.Tensor, (-1, None, 3)), (a.unsqueeze.default, (-1,)), (a.unsqueeze.default, (0,)),
+    (a.contiguous.default, ()), (a.mean.dim, ([2, 3],)), (a.mean.dim, ([-1], True)),
+    (a.sum.dim_IntList, ([1],)), (a.constant_pad_nd.default, ([1, 1, 0, 2],)),
+    (a.pad.default, ([1, 1, 0, 2], "constant", 0.0)), (a.avg_pool2d.default, ([2, 2], [2, 2])),
+    (a.avg_pool2d.default, ([3, 3], [1, 1], [1, 1], False, False)),
+    (a.adaptive_avg_pool2d.default, ([1, 1],)), (a.avg_pool1d.default, ([2],)),
+]
+
+
+
+
+@pytest.mark.parametrize("op,args", CASES + [(a.avg_pool2d.default, ([2, 2],)),
+                                             (a.adaptive_avg_pool2d.default, ([2, 1],)),
+                                             (a.mean.dim, ([0, -1],))],
+                         ids=lambda v: str(v))
+def test_direct_push_equals_per_component(op, args):
+    """Components of rank 4 ([2, 4, 6, 6]), and of rank 3 for the last three cases (an
+    unbatched pool: the component axis alone is the batch)."""
+    torch.manual_seed(0)
+    rank3 = (op, args) not in CASES or op is a.avg_pool1d.default
+    shape = (4, 6, 6) if rank3 else (2, 4, 6, 6)
+    t = torch.randn((3,) + shape).transpose(-1, -2)   # non-contiguous terms
+    ref = torch.stack([op(t[i], *args) for i in range(t.shape[0])])
+    assert op in rt._DIRECT
+    got = rt.push(op, t, 0, (None,) + tuple(args), {})
+    assert got.shape == ref.shape
+    assert torch.equal(got, ref)
