@@ -45,6 +45,14 @@ class Chunk:
     # ([c, B, b, H, W]), so ops on the other dims (pooling, means, permutes) apply to it as is
     # and a 1x1 convolution folds into W. None: the last dim (the layout above).
     cdim: int | None = None
+    # Windowed terms (window attention, tokens mode): (map, windows). The node holds terms for
+    # len(labels) // windows components, component k·windows + w being term k on the positions
+    # of window w only. ``map`` None: the window of a row is its index along the value's dim 0
+    # modulo ``windows`` (straight from the attention, which folds windows into the batch);
+    # else an int64 map [1, *rest, S] next to a pending input [c, *rest, S·b] (``rt.window_map``),
+    # moved by the same layout ops. Reduced per window at the final mean (``rt.window_reduce``);
+    # any rule that does not pass ``windows_ok`` gets the components split first (``unwindow``).
+    win: tuple | None = None
 
 
 @dataclass
@@ -104,16 +112,31 @@ class Emitter:
     def call(self, fn, *args, **kwargs) -> Node:
         return self.graph.call_function(fn, args, kwargs)
 
-    def chunk(self, node: Node, labels, block=None) -> Chunk:
-        return Chunk(node, tuple(labels), block)
+    def chunk(self, node: Node, labels, block=None, win=None) -> Chunk:
+        return Chunk(node, tuple(labels), block, win=win)
 
-    def pending(self, t: Node, weight: Node, heads: int, labels, cdim: int | None = None) -> Chunk:
+    def pending(self, t: Node, weight: Node, heads: int, labels, cdim: int | None = None,
+                win=None) -> Chunk:
         """Terms blocked_linear(t, weight, heads), left unevaluated (see ``Chunk.proj``), with
         the channels in value dim ``cdim`` (None: the last; see ``Chunk.cdim``)."""
-        return Chunk(t, tuple(labels), None, (weight, heads), cdim)
+        return Chunk(t, tuple(labels), None, (weight, heads), cdim, win)
+
+    def unwindow(self, c: Chunk) -> Chunk:
+        """Windowed terms (``Chunk.win``) -> one term per component: split by the rows' window
+        (``rt.split_windows``) or by the map (``rt.split_by_map``). Correct for any later op,
+        but each term is as wide as all windows."""
+        if c.win is None:
+            return c
+        wmap, windows = c.win
+        if wmap is None:
+            block = None if c.block is None else c.block[:2] + (c.block[2] * windows,)
+            return Chunk(self.call(rt.split_windows, c.node, windows), c.labels, block, c.proj, c.cdim)
+        assert c.cdim is None and c.block is None, "a window map goes with a pending input only"
+        return Chunk(self.call(rt.split_by_map, c.node, wmap, windows), c.labels, None, c.proj)
 
     def materialize(self, c: Chunk) -> Chunk:
         """A pending projection -> its terms (other chunks unchanged)."""
+        c = self.unwindow(c)
         if c.proj is None:
             return c
         if c.cdim is not None:
@@ -135,6 +158,7 @@ class Emitter:
             return chunks
         out = []
         for c in chunks:
+            c = self.unwindow(c)
             if c.block is not None and c.block[0] == pos[0] or c.proj is not None and (
                     rank is None or (pos[0] >= rank - 1 if c.cdim is None else pos[0] == c.cdim)):
                 c = self.densify(c)
@@ -143,12 +167,15 @@ class Emitter:
         return out
 
     def terms(self, n: Node, blocked_ok: bool = False, pending_ok: bool = False,
-              channel_ok: bool = False) -> list[Chunk]:
+              channel_ok: bool = False, windows_ok: bool = False) -> list[Chunk]:
         """Terms of ``n``, at the rows the current rule asked for. Rules that understand
         head-blocked chunks pass ``blocked_ok``, pending projections ``pending_ok`` (with their
         channels last), and also with their channels in another dim ``channel_ok``
-        (``Chunk.cdim``); others get them densified/evaluated."""
+        (``Chunk.cdim``), windowed terms ``windows_ok`` (``Chunk.win``); others get them
+        densified/evaluated/split."""
         chunks = self._narrow(self.terms_of[n], self.demand[n], self._view.get(n), _rank(n))
+        if not windows_ok:
+            chunks = [self.unwindow(c) for c in chunks]
         if not pending_ok:
             chunks = [self.materialize(c) for c in chunks]
         elif not channel_ok:
@@ -158,22 +185,26 @@ class Emitter:
     def write(self, chunks: list[Chunk], ref: Node) -> Chunk:
         """All ``chunks`` of one value as one terms tensor, each component written once into a
         preallocated slab (pending projections straight into it; ``rt.write_terms``)."""
+        chunks = [self.unwindow(c) for c in chunks]
         parts = [(c.node, c.proj[0], c.proj[1]) if c.proj is not None and c.cdim is None
                  else self.densify(c).node for c in chunks]
         return Chunk(self.call(rt.write_terms, parts, ref, self.backend),
                      sum((c.labels for c in chunks), ()))
 
-    def merged(self, n: Node, blocked_ok: bool = False) -> Chunk:
+    def merged(self, n: Node, blocked_ok: bool = False, windows_ok: bool = False) -> Chunk:
         chunks = self.terms_of[n]
         if len(chunks) > 1:
             chunks = self.terms_of[n] = [self.write(chunks, self.value_at(n, self.demand[n]))]
         c = self._narrow(chunks, self.demand[n], self._view.get(n), _rank(n))[0]
+        if not windows_ok:
+            c = self.unwindow(c)
         return c if blocked_ok and c.proj is None else self.densify(c)
 
     def scaled(self, c: Chunk, factor) -> Chunk:
         """``c`` times a scalar or a frozen factor that broadcasts along the last dim (size 1
         there): for a pending projection it applies to the head-blocked input."""
-        return Chunk(self.call(operator.mul, c.node, factor), c.labels, c.block, c.proj, c.cdim)
+        return Chunk(self.call(operator.mul, c.node, factor), c.labels, c.block, c.proj, c.cdim,
+                     c.win)
 
     def const_chunk(self, node: Node, source, suffix: str) -> Chunk:
         """A constant component (a bias, a shift) created by the rule of the current node."""
@@ -279,13 +310,13 @@ class Emitter:
         if layout is not None:
             probs = self.call(rt.take, probs, *layout)
         t = self.call(rt.split_heads_tokens, probs, vals, head_dim, value)
-        # window attention folds windows into the batch: split each key per window too, so every
-        # component is one source token on the image (analyse.positions derives the layout)
+        # window attention folds windows into the batch: each key is a component per window
+        # too, so every component is one source token on the image (analyse.positions derives
+        # the layout); the terms stay [K, B·windows, ...], windowed (``Chunk.win``), and are
+        # split by window only where an op needs it (at the latest, the final reduction)
         table = self.token_tables.get(n)
         ok = table is not None and table.error is None and len(table.positions) == table.windows
         windows = table.windows if ok else 1
-        if windows > 1:
-            t = self.call(rt.split_windows, t, windows)
         if ok:
             where = lambda w, tok: table.positions[w][tok]  # noqa: E731
         else:   # no position; keep the reason (which op mixes tokens) for whoever needs one
@@ -295,7 +326,8 @@ class Emitter:
                                 kind="attn_head_token", head=h, token=tok,
                                 position=where(w, tok), **base)
                     for h in range(heads) for tok in range(n_tok) for w in range(windows))
-        return [Chunk(t, ids, None if head_dim is None else (head_dim, heads, n_tok * windows))]
+        return [Chunk(t, ids, None if head_dim is None else (head_dim, heads, n_tok),
+                      win=(None, windows) if windows > 1 else None)]
 
     def _project(self, chunks: list[Chunk], out_ref: Node) -> tuple[list[Chunk], Node]:
         """Map the output's terms through directions D [E, k] (a second graph input): pending
@@ -306,6 +338,7 @@ class Emitter:
             d = self.graph.placeholder("project")
         out = []
         for c in chunks:
+            c = self.unwindow(c)
             if c.proj is not None and c.cdim is None:
                 out.append(self.pending(c.node, self.call(rt.fold_projection, c.proj[0], d),
                                         c.proj[1], c.labels))

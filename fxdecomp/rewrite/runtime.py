@@ -12,6 +12,7 @@ rules build graphs only out of these, so ``print(dm.code)`` names nothing privat
 from __future__ import annotations
 
 import functools
+import math
 import weakref
 from typing import Sequence
 
@@ -27,7 +28,7 @@ __all__ = [
     "where_scalar", "masked_value", "pad_border", "unsqueeze_terms", "index_tensor", "repeat_kv",
     "split_windows", "fold_centering", "fold_rows", "fold_linear", "fold_projection", "inv_std",
     "project_terms", "write_terms", "reshape_rest", "block_diagonal_heads", "linear_output_terms",
-    "normalize_terms", "identity_weight",
+    "normalize_terms", "identity_weight", "window_map", "split_by_map", "window_reduce",
 ]
 
 
@@ -567,3 +568,65 @@ def split_windows(t, windows: int):
     mask = (win.view(1, rows) == torch.arange(windows, device=t.device).view(windows, 1))
     mask = mask.to(t.dtype).view((1, windows, rows) + (1,) * (t.dim() - 2))
     return (t.unsqueeze(1) * mask).reshape((t.shape[0] * windows,) + tuple(t.shape[1:]))
+
+
+# -------------------------------------------------------------------------------- windowed terms
+# Window attention folds windows into the batch ([B·windows, ...], row b' = image b'//windows,
+# window b' % windows). Per-source-token terms t [K, B·windows, ...] then stand for K·windows
+# components: component k·windows + w is t[k] on the rows of window w only. Instead of splitting
+# them at the attention (``split_windows``: K·windows terms, each as wide as all rows, mostly
+# zeros), a pending chunk carries t and a *window map* m [1, *rest, S] next to its input
+# [c, *rest, S·b]: the window of each position and sub-position block (S = 1, then times K at
+# each patch merging), moved by the same layout ops as t. The components are separated where the
+# positions are reduced (``window_reduce``) or, for any other op, by ``split_by_map``.
+def window_map(t: torch.Tensor, windows: int) -> torch.Tensor:
+    """The window map of terms t [c, B·windows, *rest, b] (the value's dim 0 folds the windows
+    into the batch): [1, B·windows, *rest, 1], int64, entry b' % windows."""
+    rows = t.shape[1]
+    win = torch.arange(rows, device=t.device) % windows
+    shape = (1, rows) + (1,) * (t.dim() - 2)
+    return win.view(shape).expand((1,) + tuple(t.shape[1:-1]) + (1,)).contiguous()
+
+
+def split_by_map(t: torch.Tensor, wmap: torch.Tensor, windows: int) -> torch.Tensor:
+    """Terms t [c, *rest, S·b] whose positions and sub-blocks belong to windows ``wmap``
+    [1, *rest, S] -> [c·windows, *rest, S·b]: term k·windows + w is t[k] where the map is w,
+    zero elsewhere. Exact: every element is in exactly one window, so the sum over w is t."""
+    s = wmap.shape[-1]
+    m = wmap.repeat_interleave(t.shape[-1] // s, dim=-1)                # [1, *rest, S·b]
+    sel = torch.arange(windows, device=t.device).view((windows,) + (1,) * (t.dim() - 1))
+    out = t.unsqueeze(1) * (m == sel).to(t.dtype)                       # [c, W, *rest, S·b]
+    return out.reshape((t.shape[0] * windows,) + tuple(t.shape[1:]))
+
+
+def window_reduce(t: torch.Tensor, wmap: torch.Tensor, windows: int, dims, keepdim: bool,
+                  mean: bool) -> torch.Tensor:
+    """A sum (``mean``: a mean) over value dims ``dims`` of terms t [c, *rest, S·b] with window
+    map ``wmap`` [1, *rest, S], kept per window: [c·windows, *kept, S·b] (reduced dims kept as 1
+    with ``keepdim``), term k·windows + w summing only the elements of window w. The positions
+    reduced are segment-summed by window id (index_add_ along one flattened axis), so only
+    ``windows`` sums are written per kept row, not a copy of t per window."""
+    c, rest, s = t.shape[0], tuple(t.shape[1:-1]), wmap.shape[-1]
+    b = t.shape[-1] // s
+    nd = len(rest)
+    red = sorted({d % nd for d in dims})
+    kept = [d for d in range(nd) if d not in red]
+    n_kept = math.prod(rest[d] for d in kept)
+    n_red = math.prod(rest[d] for d in red)
+    perm = kept + red
+    src = t.unflatten(-1, (s, b)).permute([0] + [1 + d for d in perm] + [nd + 1, nd + 2])
+    src = src.reshape(c, n_kept, n_red * s, b)
+    wm = wmap.expand((1,) + rest + (s,))[0].permute(perm + [nd]).reshape(n_kept, n_red * s)
+    sub = torch.arange(s, device=t.device).repeat(n_red)
+    out = t.new_zeros((c, n_kept, windows * s, b))
+    if bool((wm == wm[:1]).all()):   # the same windows in every kept row (the batch): one index
+        out.view(c * n_kept, windows * s, b).index_add_(
+            1, wm[0] * s + sub, src.reshape(c * n_kept, n_red * s, b))
+    else:
+        idx = (wm * s + sub).view(1, n_kept, n_red * s, 1).expand(src.shape)
+        out.scatter_add_(2, idx, src)
+    if mean:
+        out /= n_red
+    shape = [1 if d in red else rest[d] for d in range(nd)] if keepdim else [rest[d] for d in kept]
+    out = out.view(c, n_kept, windows, s * b).movedim(2, 1)
+    return out.reshape([c * windows] + shape + [s * b])

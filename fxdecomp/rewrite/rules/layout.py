@@ -106,7 +106,7 @@ def _pending_layout(em, node: Node, target, args: list, kwargs: dict, merged: in
     running on E-wide terms at every position."""
     x = node.args[0]
     out = []
-    for c in em.terms(x, pending_ok=True):
+    for c in em.terms(x, pending_ok=True, windows_ok=True):
         if c.proj is None:   # a constant may be stored unbroadcast ([1, 1, N, E] for [B, N, E])
             c = em.chunk(em.call(rt.expand_terms, c.node, em.orig(x)), c.labels)
         if c.proj is None and merged == 1:
@@ -114,13 +114,32 @@ def _pending_layout(em, node: Node, target, args: list, kwargs: dict, merged: in
             continue
         if c.proj is None:
             c = em.pending(c.node, em.call(rt.identity_weight, sizes(x)[-1], em.orig(x)), 1, c.labels)
-        if shape_arg:
-            t = em.call(rt.reshape_rest, c.node, args[1], merged)
-        else:
-            t = em.call(rt.pusher(target, 0), c.node, tuple(args), kwargs)
+        def move(t):
+            if shape_arg:
+                return em.call(rt.reshape_rest, t, args[1], merged)
+            return em.call(rt.pusher(target, 0), t, tuple(args), kwargs)
+        # a window map [1, *rest, S] moves with the input: merged positions become sub-blocks
+        win = None if c.win is None else (move(c.win[0]), c.win[1])
         w = c.proj[0] if merged == 1 else em.call(rt.block_diagonal_heads, c.proj[0], c.proj[1], merged)
-        out.append(em.pending(t, w, c.proj[1], c.labels))
+        out.append(em.pending(move(c.node), w, c.proj[1], c.labels, win=win))
     return out
+
+
+_COPIES = ops("contiguous", "clone", "alias", "lift_fresh_copy", "_to_copy", "to", "type_as")
+
+
+def _keeps_dim0(node: Node) -> bool:
+    """Whether every element keeps its index along dim 0 (where window attention folds the
+    windows into the batch): a reshape that keeps dim 0's size (row-major), a transpose or
+    permute that leaves dim 0 in place, a copy."""
+    key = op_key(node)
+    if key in (aten.reshape, aten.view, aten._unsafe_view, aten.flatten):
+        return bool(sizes(node)) and factors(node.args[0])[0] == factors(node)[0]
+    if key is aten.transpose:
+        return 0 not in _transpose_dims(node)
+    if key is aten.permute:
+        return _perm(node)[0] == 0
+    return key in _COPIES
 
 
 def layout_emit(move_block: BlockMove | None = None, shape_arg: bool = False,
@@ -144,7 +163,11 @@ def layout_emit(move_block: BlockMove | None = None, shape_arg: bool = False,
         if merged is not None and (layout is None or layout.dim < len(sizes(node)) - 1):
             kwargs = {k: em.orig_arg(v) for k, v in node.kwargs.items()}
             return _pending_layout(em, node, target, args, kwargs, merged, shape_arg)
-        c = em.merged(node.args[0], blocked_ok=True)
+        # windowed terms straight from a window attention (``Chunk.win``, no map yet) stay
+        # windowed through ops that keep the batch·windows dim 0 in place
+        c = em.merged(node.args[0], blocked_ok=True, windows_ok=_keeps_dim0(node))
+        if c.win is not None and c.win[0] is not None:
+            c = em.densify(c)
         block = None
         if c.block is not None:
             moved = move_block(node, c.block, args[1] if len(args) > 1 else None) if move_block else None
@@ -156,7 +179,7 @@ def layout_emit(move_block: BlockMove | None = None, shape_arg: bool = False,
                     args[1] = new_shape
         out = em.call(rt.pusher(target, 0), c.node, tuple(args),
                       {k: em.orig_arg(v) for k, v in node.kwargs.items()})
-        return [em.chunk(out, c.labels, block)]
+        return [em.chunk(out, c.labels, block, win=c.win)]
     return emit
 
 
@@ -295,7 +318,7 @@ def _permute_emit(em, node):
     perm = _perm(node)
     return keep_pending(em, node.args[0],
                         lambda t: em.call(rt.pusher(node.target, 0), t, (None, perm), {}),
-                        moves=perm.index, rank_out=len(perm))
+                        moves=perm.index, rank_out=len(perm), windows="move")
 
 
 RULES.register(Rule(
@@ -394,7 +417,8 @@ def plan_select(node, facts):
     def emit(em, node):
         k = 0 if em.layout(x) is not None else node.args[2]
         if dim < len(sizes(x)) - 1 and pending_in(em, x):
-            return keep_pending(em, x, lambda t: em.call(rt.pusher(node.target, 0), t, (None, dim, k), {}))
+            return keep_pending(em, x, lambda t: em.call(rt.pusher(node.target, 0), t, (None, dim, k), {}),
+                                windows="move")
         c = em.merged(x)
         return [em.chunk(em.call(rt.pusher(node.target, 0), c.node, (None, dim, k), {}), c.labels)]
     return Plan.linear([x], emit, demand=demand)
@@ -406,22 +430,34 @@ def pending_in(em, x: Node) -> bool:
 
 
 def keep_pending(em, x: Node, apply, moves: Callable[[int], Optional[int]] | None = None,
-                 rank_out: int | None = None) -> list:
+                 rank_out: int | None = None, windows: str | tuple = "split") -> list:
     """An op acting on dims other than the channel one, chunk by chunk: ``apply(terms node)``.
     A pending projection's head-blocked input has the same dims as its value but b channels,
     so the op applies to it and the projection stays pending (the op commutes with it).
     Without ``moves`` the channels are last and stay last (ops on the leading dims only);
     with it, ``moves(channel dim) -> its dim in the output`` (None: the op acts on it, the
     terms are evaluated first) and channels in any dim are kept (``Chunk.cdim``), with
-    ``rank_out`` the output's rank."""
+    ``rank_out`` the output's rank. Windowed pending chunks (``Chunk.win``, channels last):
+    ``windows="move"`` (the op only moves positions: ``apply`` moves the window map too),
+    ``("reduce", dims, keepdim, mean)`` (a sum or mean over value dims ``dims``: reduced per
+    window, ``rt.window_reduce``, which ends the windowing), ``"split"`` (split first)."""
     rank = len(sizes(x))
     out = []
-    for c in em.terms(x, pending_ok=True, channel_ok=moves is not None):
+    for c in em.terms(x, pending_ok=True, channel_ok=moves is not None, windows_ok=True):
         if c.proj is not None:
             new = None if moves is None else moves(rank - 1 if c.cdim is None else c.cdim)
+            cdim = None if moves is None or new is None or new == rank_out - 1 else new
+            if c.win is not None and (windows == "split" or cdim is not None or new is None
+                                      and moves is not None):
+                c = em.unwindow(c)
+            if c.win is not None and isinstance(windows, tuple):
+                _, dims, keepdim, mean = windows
+                t = em.call(rt.window_reduce, c.node, c.win[0], c.win[1], dims, keepdim, mean)
+                out.append(em.pending(t, c.proj[0], c.proj[1], c.labels))
+                continue
             if moves is None or new is not None:
-                cdim = None if moves is None or new == rank_out - 1 else new
-                out.append(em.pending(apply(c.node), c.proj[0], c.proj[1], c.labels, cdim))
+                win = None if c.win is None else (apply(c.win[0]), c.win[1])
+                out.append(em.pending(apply(c.node), c.proj[0], c.proj[1], c.labels, cdim, win))
                 continue
             c = em.materialize(c)
         # a constant may be stored unbroadcast: broadcast it first
@@ -462,7 +498,8 @@ def plan_slice(node, facts):
             return list(em.terms(x, pending_ok=True))  # the narrowed input already is the slice
         if dim < len(sizes(x)) - 1 and pending_in(em, x):
             args = (None,) + tuple(node.args[1:])
-            return keep_pending(em, x, lambda t: em.call(rt.pusher(node.target, 0), t, args, {}))
+            return keep_pending(em, x, lambda t: em.call(rt.pusher(node.target, 0), t, args, {}),
+                                windows="move")
         return layout_emit()(em, node)
     return Plan.linear([x], emit, demand=demand)
 
@@ -508,7 +545,7 @@ def plan_pad(node, facts):
             whole rows: pending projections take it on their input."""
             if isinstance(pad, (list, tuple)) and all(p == 0 for p in pad):
                 return list(em.terms(node.args[0], blocked_ok=True, pending_ok=True,
-                                     channel_ok=True))  # no-op
+                                     channel_ok=True, windows_ok=True))  # no-op
             if not (pending_in(em, node.args[0]) and isinstance(pad, (list, tuple))
                     and all(isinstance(p, int) for p in pad)):
                 return plain(em, node)
@@ -518,7 +555,8 @@ def plan_pad(node, facts):
             kwargs = {k: em.orig_arg(v) for k, v in node.kwargs.items()}
             return keep_pending(em, node.args[0],
                                 lambda t: em.call(rt.pusher(node.target, 0), t, args, kwargs),
-                                moves=lambda ch: None if ch in padded else ch, rank_out=rank)
+                                moves=lambda ch: None if ch in padded else ch, rank_out=rank,
+                                windows="move")
         return Plan.linear([node.args[0]], emit_rows)
 
     def emit(em, node):

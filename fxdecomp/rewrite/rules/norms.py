@@ -43,7 +43,7 @@ def _fold_norm(em, x: Node, shape, weight, eps, centered: bool) -> list | None:
     dims)."""
     if len(shape) != 1 or not any(c.proj is not None for c in em.terms_of[x]):
         return None
-    chunks = em.terms(x, pending_ok=True)
+    chunks = em.terms(x, pending_ok=True, windows_ok=True)
     inv = em.call(rt.inv_std, em.orig(x), 1, eps, centered)
     gamma = em.orig_arg(weight)
     out = []
@@ -53,7 +53,8 @@ def _fold_norm(em, x: Node, shape, weight, eps, centered: bool) -> list | None:
             continue
         w = em.call(rt.fold_centering, c.proj[0], gamma) if centered else \
             (em.call(rt.fold_rows, c.proj[0], gamma) if gamma is not None else c.proj[0])
-        out.append(em.pending(em.call(operator.mul, c.node, inv), w, c.proj[1], c.labels))
+        out.append(em.pending(em.call(operator.mul, c.node, inv), w, c.proj[1], c.labels,
+                              win=c.win))
     return out
 
 

@@ -34,7 +34,8 @@ def plan_add(node, facts):
         for side, x in enumerate((a, b)):
             factor = 1 if side == 0 else sign * alpha
             if isinstance(x, Node):
-                for c in em.terms(x, pending_ok=True, channel_ok=True):   # stay pending
+                for c in em.terms(x, pending_ok=True, channel_ok=True,   # stay pending
+                                  windows_ok=True):
                     chunks.append(c if factor == 1 else em.scaled(c, factor))
             elif x != 0:
                 const = em.call(rt.scalar_terms, em.orig(node), float(x) * factor)
@@ -103,12 +104,12 @@ def plan_mul(node, facts):
     def emit(em, node):
         other = em.orig_arg(node.args[frozen])
         out = []
-        for c in em.terms(node.args[lin], pending_ok=fold is not None):
+        for c in em.terms(node.args[lin], pending_ok=fold is not None, windows_ok=True):
             if c.proj is None:
                 out.append(em.chunk(em.call(operator.mul, c.node, other), c.labels))
             elif fold == "rows":        # a layer scale γ [E]: folds into the pending W
                 out.append(em.pending(c.node, em.call(rt.fold_rows, c.proj[0], other),
-                                      c.proj[1], c.labels))
+                                      c.proj[1], c.labels, win=c.win))
             else:                       # a scalar or a per-row factor: scales the input
                 out.append(em.scaled(c, other))
         return out

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import Node
 
-from ...graph.ops import aten
+from ...graph.ops import aten, op_key
 from ...graph.plan import Demand, Plan, Requests
 from ...graph.rule import Rule
 from ...graph.shapes import norm_dim, sizes
@@ -103,8 +103,10 @@ def plan_reduce(node, facts):
             return plain(em, node)
         args = (None,) + tuple(em.orig_arg(a) for a in node.args[1:])
         kwargs = dict(node.kwargs)
+        windows = ("reduce", dims, keep, op_key(node) is aten.mean) if not kwargs \
+            else "split"
         return keep_pending(em, x, lambda t: em.call(rt.pusher(node.target, 0), t, args, kwargs),
-                            moves=moves, rank_out=len(sizes(node)))
+                            moves=moves, rank_out=len(sizes(node)), windows=windows)
     return Plan.linear([x], emit, demand=_reduce_demand)
 
 
