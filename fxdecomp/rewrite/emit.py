@@ -53,6 +53,11 @@ class Chunk:
     # moved by the same layout ops. Reduced per window at the final mean (``rt.window_reduce``);
     # any rule that does not pass ``windows_ok`` gets the components split first (``unwindow``).
     win: tuple | None = None
+    # Factored per-token terms (``rt.token_factors``): ("rows", v) with ``win``: ``node`` holds
+    # the scalar factor s [c, *rest, S] (the window map's shape) and v [c, B·windows, b] the
+    # value rows; the pending input is rt.unfactor(s, v, map). ("reduced", v) after the
+    # per-window reduction: the pending input is rt.outer_terms(node, v).
+    fac: tuple | None = None
 
 
 @dataclass
@@ -112,19 +117,32 @@ class Emitter:
     def call(self, fn, *args, **kwargs) -> Node:
         return self.graph.call_function(fn, args, kwargs)
 
-    def chunk(self, node: Node, labels, block=None, win=None) -> Chunk:
-        return Chunk(node, tuple(labels), block, win=win)
+    def chunk(self, node: Node, labels, block=None, win=None, fac=None) -> Chunk:
+        return Chunk(node, tuple(labels), block, win=win, fac=fac)
 
     def pending(self, t: Node, weight: Node, heads: int, labels, cdim: int | None = None,
-                win=None) -> Chunk:
+                win=None, fac=None) -> Chunk:
         """Terms blocked_linear(t, weight, heads), left unevaluated (see ``Chunk.proj``), with
         the channels in value dim ``cdim`` (None: the last; see ``Chunk.cdim``)."""
-        return Chunk(t, tuple(labels), None, (weight, heads), cdim, win)
+        return Chunk(t, tuple(labels), None, (weight, heads), cdim, win, fac)
+
+    def unfactor(self, c: Chunk) -> Chunk:
+        """Factored terms (``Chunk.fac``) -> their pending input (windowed or not)."""
+        if c.fac is None:
+            return c
+        kind, v = c.fac[:2]
+        if kind == "attn":     # the node already holds the terms
+            return Chunk(c.node, c.labels, c.block, c.proj, c.cdim, c.win)
+        fn = rt.unfactor if kind == "rows" else rt.outer_terms
+        arg = c.win[0] if kind == "rows" else None
+        node = self.call(fn, c.node, v, arg) if kind == "rows" else self.call(fn, c.node, v)
+        return Chunk(node, c.labels, None, c.proj, c.cdim, c.win)
 
     def unwindow(self, c: Chunk) -> Chunk:
         """Windowed terms (``Chunk.win``) -> one term per component: split by the rows' window
         (``rt.split_windows``) or by the map (``rt.split_by_map``). Correct for any later op,
         but each term is as wide as all windows."""
+        c = self.unfactor(c)
         if c.win is None:
             return c
         wmap, windows = c.win
@@ -185,8 +203,9 @@ class Emitter:
     def write(self, chunks: list[Chunk], ref: Node) -> Chunk:
         """All ``chunks`` of one value as one terms tensor, each component written once into a
         preallocated slab (pending projections straight into it; ``rt.write_terms``)."""
-        chunks = [self.unwindow(c) for c in chunks]
-        parts = [(c.node, c.proj[0], c.proj[1]) if c.proj is not None and c.cdim is None
+        chunks = [c if _reduced_factors(c) else self.unwindow(c) for c in chunks]
+        parts = [(c.node, c.proj[0], c.proj[1], c.fac[1]) if _reduced_factors(c)
+                 else (c.node, c.proj[0], c.proj[1]) if c.proj is not None and c.cdim is None
                  else self.densify(c).node for c in chunks]
         return Chunk(self.call(rt.write_terms, parts, ref, self.backend),
                      sum((c.labels for c in chunks), ()))
@@ -204,7 +223,7 @@ class Emitter:
         """``c`` times a scalar or a frozen factor that broadcasts along the last dim (size 1
         there): for a pending projection it applies to the head-blocked input."""
         return Chunk(self.call(operator.mul, c.node, factor), c.labels, c.block, c.proj, c.cdim,
-                     c.win)
+                     c.win, c.fac)
 
     def const_chunk(self, node: Node, source, suffix: str) -> Chunk:
         """A constant component (a bias, a shift) created by the rule of the current node."""
@@ -326,8 +345,12 @@ class Emitter:
                                 kind="attn_head_token", head=h, token=tok,
                                 position=where(w, tok), **base)
                     for h in range(heads) for tok in range(n_tok) for w in range(windows))
+        # the terms are rank one per source token: P and V travel along as their factors, for
+        # the projection to take them (``Chunk.fac``; the layout [B', H, Q, dh] is tracked)
+        fac = ("attn", probs, vals, "bhqd") if head_dim == 1 and len(shape) == 4 \
+            and layout is None else None
         return [Chunk(t, ids, None if head_dim is None else (head_dim, heads, n_tok),
-                      win=(None, windows) if windows > 1 else None)]
+                      win=(None, windows) if windows > 1 or fac is not None else None, fac=fac)]
 
     def _project(self, chunks: list[Chunk], out_ref: Node) -> tuple[list[Chunk], Node]:
         """Map the output's terms through directions D [E, k] (a second graph input): pending
@@ -338,10 +361,10 @@ class Emitter:
             d = self.graph.placeholder("project")
         out = []
         for c in chunks:
-            c = self.unwindow(c)
+            c = c if _reduced_factors(c) else self.unwindow(c)
             if c.proj is not None and c.cdim is None:
                 out.append(self.pending(c.node, self.call(rt.fold_projection, c.proj[0], d),
-                                        c.proj[1], c.labels))
+                                        c.proj[1], c.labels, fac=c.fac))
             else:
                 out.append(self.chunk(self.call(rt.project_terms, self.densify(c).node, out_ref, d),
                                       c.labels))
@@ -401,6 +424,11 @@ class Emitter:
         new.graph.eliminate_dead_code()
         new.recompile()
         return new, labels
+
+
+def _reduced_factors(c: Chunk) -> bool:
+    """A pending chunk of factored terms already reduced per window (``Chunk.fac``)."""
+    return c.fac is not None and c.fac[0] == "reduced" and c.proj is not None and c.cdim is None
 
 
 def _rank(n: Node) -> int | None:

@@ -107,6 +107,8 @@ def _pending_layout(em, node: Node, target, args: list, kwargs: dict, merged: in
     x = node.args[0]
     out = []
     for c in em.terms(x, pending_ok=True, windows_ok=True):
+        if c.fac is not None and c.fac[0] != "rows":
+            c = em.unfactor(c)
         if c.proj is None:   # a constant may be stored unbroadcast ([1, 1, N, E] for [B, N, E])
             c = em.chunk(em.call(rt.expand_terms, c.node, em.orig(x)), c.labels)
         if c.proj is None and merged == 1:
@@ -121,8 +123,29 @@ def _pending_layout(em, node: Node, target, args: list, kwargs: dict, merged: in
         # a window map [1, *rest, S] moves with the input: merged positions become sub-blocks
         win = None if c.win is None else (move(c.win[0]), c.win[1])
         w = c.proj[0] if merged == 1 else em.call(rt.block_diagonal_heads, c.proj[0], c.proj[1], merged)
-        out.append(em.pending(move(c.node), w, c.proj[1], c.labels, win=win))
+        out.append(em.pending(move(c.node), w, c.proj[1], c.labels, win=win, fac=c.fac))
     return out
+
+
+def _attention_layout(node: Node, fac: tuple | None) -> tuple | None:
+    """The factors of per-token terms (``Chunk.fac`` "attn") through the usual moves from the
+    attention's [B', H, Q, dh] to [B', Q, H·dh]: a transpose of dims 1, 2, then a reshape that
+    merges the last two (None: any other op, the terms are used as they are)."""
+    if fac is None or fac[0] != "attn":
+        return None
+    key, state = op_key(node), fac[3]
+    ins, outs = sizes(node.args[0]), sizes(node)
+    if key in _COPIES:
+        return fac
+    if state == "bhqd" and len(ins) == 4 and (
+            key is aten.transpose and sorted(_transpose_dims(node)) == [1, 2]
+            or key is aten.permute and _perm(node) == [0, 2, 1, 3]):
+        return fac[:3] + ("bqhd",)
+    if state == "bqhd" and key in (aten.reshape, aten.view, aten._unsafe_view, aten.flatten) \
+            and len(outs) == 3 and ins[1:] and None not in ins[1:] and None not in outs[1:] \
+            and outs[1] == ins[1] and outs[2] == ins[2] * ins[3]:
+        return fac[:3] + ("bqc",)
+    return None
 
 
 _COPIES = ops("contiguous", "clone", "alias", "lift_fresh_copy", "_to_copy", "to", "type_as")
@@ -168,6 +191,7 @@ def layout_emit(move_block: BlockMove | None = None, shape_arg: bool = False,
         c = em.merged(node.args[0], blocked_ok=True, windows_ok=_keeps_dim0(node))
         if c.win is not None and c.win[0] is not None:
             c = em.densify(c)
+        fac = _attention_layout(node, c.fac)
         block = None
         if c.block is not None:
             moved = move_block(node, c.block, args[1] if len(args) > 1 else None) if move_block else None
@@ -179,7 +203,7 @@ def layout_emit(move_block: BlockMove | None = None, shape_arg: bool = False,
                     args[1] = new_shape
         out = em.call(rt.pusher(target, 0), c.node, tuple(args),
                       {k: em.orig_arg(v) for k, v in node.kwargs.items()})
-        return [em.chunk(out, c.labels, block, win=c.win)]
+        return [em.chunk(out, c.labels, block, win=c.win, fac=fac if c.win is not None else None)]
     return emit
 
 
@@ -444,6 +468,8 @@ def keep_pending(em, x: Node, apply, moves: Callable[[int], Optional[int]] | Non
     rank = len(sizes(x))
     out = []
     for c in em.terms(x, pending_ok=True, channel_ok=moves is not None, windows_ok=True):
+        if c.fac is not None and c.fac[0] != "rows":
+            c = em.unfactor(c)
         if c.proj is not None:
             new = None if moves is None else moves(rank - 1 if c.cdim is None else c.cdim)
             cdim = None if moves is None or new is None or new == rank_out - 1 else new
@@ -452,12 +478,20 @@ def keep_pending(em, x: Node, apply, moves: Callable[[int], Optional[int]] | Non
                 c = em.unwindow(c)
             if c.win is not None and isinstance(windows, tuple):
                 _, dims, keepdim, mean = windows
+                if c.fac is not None:   # σ per window and the value row of each component
+                    both = em.call(rt.window_reduce_factored, c.node, c.fac[1], c.win[0],
+                                   c.win[1], dims, keepdim, mean)
+                    out.append(em.pending(em.call(operator.getitem, both, 0), c.proj[0],
+                                          c.proj[1], c.labels,
+                                          fac=("reduced", em.call(operator.getitem, both, 1))))
+                    continue
                 t = em.call(rt.window_reduce, c.node, c.win[0], c.win[1], dims, keepdim, mean)
                 out.append(em.pending(t, c.proj[0], c.proj[1], c.labels))
                 continue
             if moves is None or new is not None:
                 win = None if c.win is None else (apply(c.win[0]), c.win[1])
-                out.append(em.pending(apply(c.node), c.proj[0], c.proj[1], c.labels, cdim, win))
+                out.append(em.pending(apply(c.node), c.proj[0], c.proj[1], c.labels, cdim, win,
+                                      c.fac))
                 continue
             c = em.materialize(c)
         # a constant may be stored unbroadcast: broadcast it first

@@ -54,7 +54,7 @@ def _fold_norm(em, x: Node, shape, weight, eps, centered: bool) -> list | None:
         w = em.call(rt.fold_centering, c.proj[0], gamma) if centered else \
             (em.call(rt.fold_rows, c.proj[0], gamma) if gamma is not None else c.proj[0])
         out.append(em.pending(em.call(operator.mul, c.node, inv), w, c.proj[1], c.labels,
-                              win=c.win))
+                              win=c.win, fac=c.fac))
     return out
 
 

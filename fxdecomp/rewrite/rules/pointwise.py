@@ -109,7 +109,7 @@ def plan_mul(node, facts):
                 out.append(em.chunk(em.call(operator.mul, c.node, other), c.labels))
             elif fold == "rows":        # a layer scale γ [E]: folds into the pending W
                 out.append(em.pending(c.node, em.call(rt.fold_rows, c.proj[0], other),
-                                      c.proj[1], c.labels, win=c.win))
+                                      c.proj[1], c.labels, win=c.win, fac=c.fac))
             else:                       # a scalar or a per-row factor: scales the input
                 out.append(em.scaled(c, other))
         return out
