@@ -176,3 +176,33 @@ def test_window_terms_are_never_split_at_full_width():
     limit = HEADS * 9 * x.shape[0] * WINDOWS * 9 * (C // HEADS)   # the terms [K, B·4, 1, 9, dh]
     big = {n.name: numel[n] for n in after if numel.get(n, 0) > limit}
     assert not big, big
+
+
+@pytest.mark.parametrize("b,same", [(1, True), (16, True), (16, False)])
+def test_window_reduce_equals_split_then_reduce(b, same):
+    """rt.window_reduce (each index_add path, and scatter_add where kept rows differ) equals
+    splitting the terms by window (rt.split_by_map) and reducing each: the reference."""
+    g = torch.Generator().manual_seed(0)
+    c, windows, sub = 3, 5, 2
+    t = torch.randn(c, 2, 4, 3, sub * b, generator=g, dtype=torch.float64)
+    wmap = torch.randint(0, 4 * windows, (1, 1 if same else 2, 4, 3, sub), generator=g)
+    wmap = wmap.expand(1, 2, 4, 3, sub)
+    got = rt.window_reduce(t, wmap, windows, [1, 2], False, True)
+    want = rt.split_by_map(t, wmap, windows).mean((2, 3))
+    assert got.shape == want.shape == (c * windows, 2, sub * b)
+    torch.testing.assert_close(got, want)
+    kept = rt.window_reduce(t, wmap, windows, [2], True, False)
+    torch.testing.assert_close(kept, rt.split_by_map(t, wmap, windows).sum(3, keepdim=True))
+
+
+@pytest.mark.parametrize("e", [3, 40])
+def test_factored_linear_equals_blocked_linear(e):
+    """Σ_j σ_j (v W_j), in row blocks, equals the per-head projection of the outer product, for
+    E narrower (v W first) and wider (σ ⊗ v first) than the value rows."""
+    g = torch.Generator().manual_seed(0)
+    heads, per, sub, b = 2, 7, 4, 5
+    sigma = torch.randn(heads * per, 3, sub, generator=g)
+    v = torch.randn(heads * per, 3, b, generator=g)
+    w = torch.randn(e, heads * sub * b, generator=g)
+    want = rt.blocked_linear(rt.outer_terms(sigma, v), w, heads, "torch")
+    torch.testing.assert_close(rt.factored_linear(sigma, v, w, heads, "torch", rows=4), want)

@@ -146,6 +146,8 @@ class Emitter:
         if c.win is None:
             return c
         wmap, windows = c.win
+        if windows == 1:       # one window: the terms already are the components
+            return Chunk(c.node, c.labels, c.block, c.proj, c.cdim)
         if wmap is None:
             block = None if c.block is None else c.block[:2] + (c.block[2] * windows,)
             return Chunk(self.call(rt.split_windows, c.node, windows), c.labels, block, c.proj, c.cdim)

@@ -203,7 +203,9 @@ def layout_emit(move_block: BlockMove | None = None, shape_arg: bool = False,
                     args[1] = new_shape
         out = em.call(rt.pusher(target, 0), c.node, tuple(args),
                       {k: em.orig_arg(v) for k, v in node.kwargs.items()})
-        return [em.chunk(out, c.labels, block, win=c.win, fac=fac if c.win is not None else None)]
+        # one window (a global attention) is only worth carrying for the factors
+        win = c.win if c.win is not None and (c.win[1] > 1 or fac is not None) else None
+        return [em.chunk(out, c.labels, block, win=win, fac=fac if win is not None else None)]
     return emit
 
 

@@ -62,8 +62,8 @@ def plan_linear(node, facts):
                 win = (em.call(rt.window_map, s, c.win[1]), c.win[1])
                 out = em.pending(s, em.orig(w), c.block[1], c.labels, win=win,
                                  fac=("rows", em.call(operator.getitem, both, 1)))
-            else:
-                win = None if c.win is None else \
+            else:   # (one window without the factors: nothing to carry)
+                win = None if c.win is None or c.win[1] == 1 else \
                     (em.call(rt.window_map, c.node, c.win[1]), c.win[1])
                 out = em.pending(c.node, em.orig(w), c.block[1], c.labels, win=win)
         elif c.block is None and len(c.labels) == 1 and len(sizes(w)) == 2:
