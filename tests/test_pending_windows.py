@@ -206,3 +206,34 @@ def test_factored_linear_equals_blocked_linear(e):
     w = torch.randn(e, heads * sub * b, generator=g)
     want = rt.blocked_linear(rt.outer_terms(sigma, v), w, heads, "torch")
     torch.testing.assert_close(rt.factored_linear(sigma, v, w, heads, "torch", rows=4), want)
+
+
+def test_timm_swin_padded_windows_sum_to_heads():
+    """timm's Swin on a grid its windows do not divide (18x18 in 4x4 windows: zero pad, then a
+    crop after the window reverse), shifted windows and a patch merging, all layers in tokens
+    mode: exact, nothing split at full width, and each head's per-(token, window) components sum
+    to that head's component of a heads-mode decomposition (a separate path)."""
+    import timm
+    from fxdecomp.capture.adapters import timm_target
+    torch.manual_seed(0)
+    m = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=0,
+                          img_size=72, window_size=4, depths=(2, 1), num_heads=(2, 2),
+                          embed_dim=16).eval()
+    target = timm_target(m).eval()
+    x = torch.randn(2, 3, 72, 72)
+    dt = fxdecomp.decompose(target, x, granularity="tokens")
+    assert "split_by_map" not in dt.code and "split_windows" not in dt.code
+    dh = fxdecomp.decompose(target, x, granularity="heads")
+    with torch.no_grad():
+        t, h, y = dt(x), dh(x), target(x)
+    assert t.reconstruction_error() <= 1e-5
+    heads = {lab.name: i for i, lab in enumerate(h.labels) if lab.kind == "attn_head"}
+    summed = {}
+    for i, lab in enumerate(t.labels):
+        if lab.kind == "attn_head_token":
+            key = f"{lab.module}.h{lab.head}"
+            summed[key] = summed.get(key, 0) + t.components[i].double()
+    assert sorted(summed) == sorted(heads)
+    scale = float(y.abs().max())
+    for name, i in heads.items():
+        assert float((summed[name] - h.components[i].double()).abs().max()) <= 1e-5 * scale, name

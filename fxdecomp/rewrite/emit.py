@@ -178,6 +178,14 @@ class Emitter:
             return chunks
         out = []
         for c in chunks:
+            if c.win is not None and c.win[0] is not None and c.proj is not None \
+                    and c.cdim is None and rank is not None and pos[0] < rank - 1 \
+                    and (c.fac is None or c.fac[0] == "rows"):
+                # rows of the positions (a crop after a pad): the window map keeps the same rows
+                wmap = self.call(rt.take, c.win[0], pos[0] + 1, pos[1], pos[2])
+                out.append(Chunk(self.call(rt.take, c.node, pos[0] + 1, pos[1], pos[2]), c.labels,
+                                 None, c.proj, None, (wmap, c.win[1]), c.fac))
+                continue
             c = self.unwindow(c)
             if c.block is not None and c.block[0] == pos[0] or c.proj is not None and (
                     rank is None or (pos[0] >= rank - 1 if c.cdim is None else pos[0] == c.cdim)):

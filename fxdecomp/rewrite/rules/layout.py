@@ -531,7 +531,8 @@ def plan_slice(node, facts):
 
     def emit(em, node):
         if em.layout(x) is not None and em.layout(x).dim == dim:
-            return list(em.terms(x, pending_ok=True))  # the narrowed input already is the slice
+            # the narrowed input already is the slice
+            return list(em.terms(x, pending_ok=True, windows_ok=True))
         if dim < len(sizes(x)) - 1 and pending_in(em, x):
             args = (None,) + tuple(node.args[1:])
             return keep_pending(em, x, lambda t: em.call(rt.pusher(node.target, 0), t, args, {}),
