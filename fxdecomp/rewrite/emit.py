@@ -45,11 +45,24 @@ class Chunk:
     # ([c, B, b, H, W]), so ops on the other dims (pooling, means, permutes) apply to it as is
     # and a 1x1 convolution folds into W. None: the last dim (the layout above).
     cdim: int | None = None
+    # Windowed terms (window attention, tokens mode): (map, windows). The node holds terms for
+    # len(labels) // windows components, component k·windows + w being term k on the positions
+    # of window w only. ``map`` None: the window of a row is its index along the value's dim 0
+    # modulo ``windows`` (straight from the attention, which folds windows into the batch);
+    # else an int64 map [1, *rest, S] next to a pending input [c, *rest, S·b] (``rt.window_map``),
+    # moved by the same layout ops. Reduced per window at the final mean (``rt.window_reduce``);
+    # any rule that does not pass ``windows_ok`` gets the components split first (``unwindow``).
+    win: tuple | None = None
+    # Factored per-token terms (``rt.token_factors``): ("rows", v) with ``win``: ``node`` holds
+    # the scalar factor s [c, *rest, S] (the window map's shape) and v [c, B·windows, b] the
+    # value rows; the pending input is rt.unfactor(s, v, map). ("reduced", v) after the
+    # per-window reduction: the pending input is rt.outer_terms(node, v).
+    fac: tuple | None = None
     # Deferred moves of a pending projection (channels last): ``node`` still holds the input as
     # it was before them and ``at`` the positions map [2, *rest, K] the moves and per-row
     # scales were applied to instead (``rt.gather_positions``: the input they give is
     # [c, *rest, K·b]). ``Emitter.terms`` gathers it for every rule that does not pass
-    # ``lazy_ok``.
+    # ``lazy_ok``. Never together with ``win`` (windowed chunks move eagerly).
     at: Node | None = None
 
 
@@ -111,13 +124,42 @@ class Emitter:
     def call(self, fn, *args, **kwargs) -> Node:
         return self.graph.call_function(fn, args, kwargs)
 
-    def chunk(self, node: Node, labels, block=None) -> Chunk:
-        return Chunk(node, tuple(labels), block)
+    def chunk(self, node: Node, labels, block=None, win=None, fac=None) -> Chunk:
+        return Chunk(node, tuple(labels), block, win=win, fac=fac)
 
-    def pending(self, t: Node, weight: Node, heads: int, labels, cdim: int | None = None) -> Chunk:
+    def pending(self, t: Node, weight: Node, heads: int, labels, cdim: int | None = None,
+                win=None, fac=None) -> Chunk:
         """Terms blocked_linear(t, weight, heads), left unevaluated (see ``Chunk.proj``), with
         the channels in value dim ``cdim`` (None: the last; see ``Chunk.cdim``)."""
-        return Chunk(t, tuple(labels), None, (weight, heads), cdim)
+        return Chunk(t, tuple(labels), None, (weight, heads), cdim, win, fac)
+
+    def unfactor(self, c: Chunk) -> Chunk:
+        """Factored terms (``Chunk.fac``) -> their pending input (windowed or not)."""
+        if c.fac is None:
+            return c
+        kind, v = c.fac[:2]
+        if kind == "attn":     # the node already holds the terms
+            return Chunk(c.node, c.labels, c.block, c.proj, c.cdim, c.win)
+        fn = rt.unfactor if kind == "rows" else rt.outer_terms
+        arg = c.win[0] if kind == "rows" else None
+        node = self.call(fn, c.node, v, arg) if kind == "rows" else self.call(fn, c.node, v)
+        return Chunk(node, c.labels, None, c.proj, c.cdim, c.win)
+
+    def unwindow(self, c: Chunk) -> Chunk:
+        """Windowed terms (``Chunk.win``) -> one term per component: split by the rows' window
+        (``rt.split_windows``) or by the map (``rt.split_by_map``). Correct for any later op,
+        but each term is as wide as all windows."""
+        c = self.unfactor(c)
+        if c.win is None:
+            return c
+        wmap, windows = c.win
+        if windows == 1:       # one window: the terms already are the components
+            return Chunk(c.node, c.labels, c.block, c.proj, c.cdim)
+        if wmap is None:
+            block = None if c.block is None else c.block[:2] + (c.block[2] * windows,)
+            return Chunk(self.call(rt.split_windows, c.node, windows), c.labels, block, c.proj, c.cdim)
+        assert c.cdim is None and c.block is None, "a window map goes with a pending input only"
+        return Chunk(self.call(rt.split_by_map, c.node, wmap, windows), c.labels, None, c.proj)
 
     def refold(self, c: Chunk, weight: Node) -> Chunk:
         """A pending projection with its W replaced (a later linear map folded in); its input,
@@ -128,7 +170,9 @@ class Emitter:
         """A pending projection (channels last) moved by an op that only moves rows of its input
         (``apply``: input node -> moved node): the move is deferred, applied to the positions
         map (``Chunk.at``, made from the value ``ref`` before the op when there is none yet).
-        Chunks that share a map share its moves: ``key`` names the op."""
+        Chunks that share a map share its moves: ``key`` names the op. Not for windowed or
+        factored chunks (``Chunk.win``/``fac``: their input and window map move eagerly)."""
+        assert c.win is None and c.fac is None, "deferred moves of a windowed chunk"
         at = c.at
         if at is None:
             at = self._cached(("home", ref), lambda: self.call(rt.home_positions, ref))
@@ -153,6 +197,7 @@ class Emitter:
 
     def materialize(self, c: Chunk) -> Chunk:
         """A pending projection -> its terms (other chunks unchanged)."""
+        c = self.unwindow(c)
         if c.proj is None:
             return c
         c = self.settle(c)
@@ -175,6 +220,15 @@ class Emitter:
             return chunks
         out = []
         for c in chunks:
+            if c.win is not None and c.win[0] is not None and c.proj is not None \
+                    and c.cdim is None and rank is not None and pos[0] < rank - 1 \
+                    and (c.fac is None or c.fac[0] == "rows"):
+                # rows of the positions (a crop after a pad): the window map keeps the same rows
+                wmap = self.call(rt.take, c.win[0], pos[0] + 1, pos[1], pos[2])
+                out.append(Chunk(self.call(rt.take, c.node, pos[0] + 1, pos[1], pos[2]), c.labels,
+                                 None, c.proj, None, (wmap, c.win[1]), c.fac))
+                continue
+            c = self.unwindow(c)
             if c.block is not None and c.block[0] == pos[0] or c.proj is not None and (
                     rank is None or (pos[0] >= rank - 1 if c.cdim is None else pos[0] == c.cdim)):
                 c = self.densify(c)
@@ -187,13 +241,16 @@ class Emitter:
         return out
 
     def terms(self, n: Node, blocked_ok: bool = False, pending_ok: bool = False,
-              channel_ok: bool = False, lazy_ok: bool = False) -> list[Chunk]:
+              channel_ok: bool = False, lazy_ok: bool = False,
+              windows_ok: bool = False) -> list[Chunk]:
         """Terms of ``n``, at the rows the current rule asked for. Rules that understand
         head-blocked chunks pass ``blocked_ok``, pending projections ``pending_ok`` (with their
         channels last), and also with their channels in another dim ``channel_ok``
-        (``Chunk.cdim``), and with deferred moves ``lazy_ok`` (``Chunk.at``); others get them
-        densified/evaluated/gathered."""
+        (``Chunk.cdim``), with deferred moves ``lazy_ok`` (``Chunk.at``), windowed terms
+        ``windows_ok`` (``Chunk.win``); others get them densified/evaluated/gathered/split."""
         chunks = self._narrow(self.terms_of[n], self.demand[n], self._view.get(n), _rank(n))
+        if not windows_ok:
+            chunks = [self.unwindow(c) for c in chunks]
         if not lazy_ok:
             chunks = [self.settle(c) for c in chunks]
         if not pending_ok:
@@ -205,17 +262,20 @@ class Emitter:
     def write(self, chunks: list[Chunk], ref: Node) -> Chunk:
         """All ``chunks`` of one value as one terms tensor, each component written once into a
         preallocated slab (pending projections straight into it; ``rt.write_terms``)."""
-        chunks = [self.settle(c) for c in chunks]
-        parts = [(c.node, c.proj[0], c.proj[1]) if c.proj is not None and c.cdim is None
+        chunks = [c if _reduced_factors(c) else self.unwindow(self.settle(c)) for c in chunks]
+        parts = [(c.node, c.proj[0], c.proj[1], c.fac[1]) if _reduced_factors(c)
+                 else (c.node, c.proj[0], c.proj[1]) if c.proj is not None and c.cdim is None
                  else self.densify(c).node for c in chunks]
         return Chunk(self.call(rt.write_terms, parts, ref, self.backend),
                      sum((c.labels for c in chunks), ()))
 
-    def merged(self, n: Node, blocked_ok: bool = False) -> Chunk:
+    def merged(self, n: Node, blocked_ok: bool = False, windows_ok: bool = False) -> Chunk:
         chunks = self.terms_of[n]
         if len(chunks) > 1:
             chunks = self.terms_of[n] = [self.write(chunks, self.value_at(n, self.demand[n]))]
         c = self._narrow(chunks, self.demand[n], self._view.get(n), _rank(n))[0]
+        if not windows_ok:
+            c = self.unwindow(c)
         return c if blocked_ok and c.proj is None else self.densify(c)
 
     def scaled(self, c: Chunk, factor) -> Chunk:
@@ -224,7 +284,8 @@ class Emitter:
         of its positions when its moves are deferred)."""
         if c.at is not None:
             return self.scaled_rows(c, factor)
-        return Chunk(self.call(operator.mul, c.node, factor), c.labels, c.block, c.proj, c.cdim)
+        return Chunk(self.call(operator.mul, c.node, factor), c.labels, c.block, c.proj, c.cdim,
+                     c.win, c.fac)
 
     def const_chunk(self, node: Node, source, suffix: str) -> Chunk:
         """A constant component (a bias, a shift) created by the rule of the current node."""
@@ -330,13 +391,13 @@ class Emitter:
         if layout is not None:
             probs = self.call(rt.take, probs, *layout)
         t = self.call(rt.split_heads_tokens, probs, vals, head_dim, value)
-        # window attention folds windows into the batch: split each key per window too, so every
-        # component is one source token on the image (analyse.positions derives the layout)
+        # window attention folds windows into the batch: each key is a component per window
+        # too, so every component is one source token on the image (analyse.positions derives
+        # the layout); the terms stay [K, B·windows, ...], windowed (``Chunk.win``), and are
+        # split by window only where an op needs it (at the latest, the final reduction)
         table = self.token_tables.get(n)
         ok = table is not None and table.error is None and len(table.positions) == table.windows
         windows = table.windows if ok else 1
-        if windows > 1:
-            t = self.call(rt.split_windows, t, windows)
         if ok:
             where = lambda w, tok: table.positions[w][tok]  # noqa: E731
         else:   # no position; keep the reason (which op mixes tokens) for whoever needs one
@@ -346,7 +407,12 @@ class Emitter:
                                 kind="attn_head_token", head=h, token=tok,
                                 position=where(w, tok), **base)
                     for h in range(heads) for tok in range(n_tok) for w in range(windows))
-        return [Chunk(t, ids, None if head_dim is None else (head_dim, heads, n_tok * windows))]
+        # the terms are rank one per source token: P and V travel along as their factors, for
+        # the projection to take them (``Chunk.fac``; the layout [B', H, Q, dh] is tracked)
+        fac = ("attn", probs, vals, "bhqd") if head_dim == 1 and len(shape) == 4 \
+            and layout is None else None
+        return [Chunk(t, ids, None if head_dim is None else (head_dim, heads, n_tok),
+                      win=(None, windows) if windows > 1 or fac is not None else None, fac=fac)]
 
     def _project(self, chunks: list[Chunk], out_ref: Node) -> tuple[list[Chunk], Node]:
         """Map the output's terms through directions D [E, k] (a second graph input): pending
@@ -357,6 +423,7 @@ class Emitter:
             d = self.graph.placeholder("project")
         out = []
         for c in chunks:
+            c = c if _reduced_factors(c) else self.unwindow(c)
             if c.proj is not None and c.cdim is None:
                 out.append(self.refold(c, self.call(rt.fold_projection, c.proj[0], d)))
             else:
@@ -418,6 +485,11 @@ class Emitter:
         new.graph.eliminate_dead_code()
         new.recompile()
         return new, labels
+
+
+def _reduced_factors(c: Chunk) -> bool:
+    """A pending chunk of factored terms already reduced per window (``Chunk.fac``)."""
+    return c.fac is not None and c.fac[0] == "reduced" and c.proj is not None and c.cdim is None
 
 
 def _rank(n: Node) -> int | None:

@@ -29,7 +29,8 @@ __all__ = [
     "split_windows", "fold_centering", "fold_rows", "fold_linear", "fold_projection", "inv_std",
     "project_terms", "write_terms", "reshape_rest", "block_diagonal_heads", "linear_output_terms",
     "normalize_terms", "identity_weight", "home_positions", "scale_positions", "gather_positions",
-    "reduce_positions", "linear_terms",
+    "reduce_positions", "linear_terms", "window_map", "split_by_map", "window_reduce",
+    "token_factors", "unfactor", "window_reduce_factored", "outer_terms", "factored_linear",
 ]
 
 
@@ -460,10 +461,13 @@ def write_terms(parts: Sequence, ref: torch.Tensor, backend: str = "auto") -> to
     """All terms of one value, each written once into one preallocated [Σc, *ref.shape] slab.
 
     A part is a terms tensor (broadcast to ref's shape and copied in), or a pending per-head
-    projection ``(t, W, heads)`` whose value is ``blocked_linear(t, W, heads)``: the projection
+    projection ``(t, W, heads)`` whose value is ``blocked_linear(t, W, heads)`` (or a factored
+    one ``(σ, W, heads, v)``: ``factored_linear``): the projection
     writes straight into its slice of the slab (no per-layer piece is concatenated later). When
     autograd records (``out=`` ops are not differentiable) the same values are concatenated."""
     def materialize(p):
+        if isinstance(p, (tuple, list)) and len(p) == 4:
+            return factored_linear(p[0], p[3], p[1], p[2], backend)
         return blocked_linear(p[0], p[1], p[2], backend) if isinstance(p, (tuple, list)) else p
 
     if len(parts) == 1 and not isinstance(parts[0], (tuple, list)) \
@@ -477,8 +481,8 @@ def write_terms(parts: Sequence, ref: torch.Tensor, backend: str = "auto") -> to
     sizes = [int(p[0].shape[0] if isinstance(p, (tuple, list)) else p.shape[0]) for p in parts]
     starts = [sum(sizes[:i]) for i in range(len(parts))]
     out = ref.new_empty((sum(sizes),) + tuple(ref.shape))
-    fits = [isinstance(p, (tuple, list)) and tuple(p[0].shape[1:-1]) == tuple(ref.shape[:-1])
-            for p in parts]
+    fits = [isinstance(p, (tuple, list)) and len(p) == 3
+            and tuple(p[0].shape[1:-1]) == tuple(ref.shape[:-1]) for p in parts]
     for group in _shared_weight_groups(parts, fits):
         # one W for all their components (H = 1; e.g. terms made pending with W = I at the
         # same patch merging, then folded alike): read it once, for their concatenated inputs
@@ -490,7 +494,9 @@ def write_terms(parts: Sequence, ref: torch.Tensor, backend: str = "auto") -> to
             fits[i] = None
     for p, n, start, fit in zip(parts, sizes, starts, fits):
         dst = out[start:start + n]
-        if fit:
+        if isinstance(p, (tuple, list)) and len(p) == 4:     # factored (σ, W, heads, v)
+            factored_linear(p[0], p[3], p[1], p[2], backend, out=dst)
+        elif fit:
             blocked_linear(p[0], p[1], p[2], backend, out=dst)
         elif fit is not None:
             dst.copy_(materialize(p))
@@ -747,3 +753,160 @@ def split_windows(t, windows: int):
     mask = (win.view(1, rows) == torch.arange(windows, device=t.device).view(windows, 1))
     mask = mask.to(t.dtype).view((1, windows, rows) + (1,) * (t.dim() - 2))
     return (t.unsqueeze(1) * mask).reshape((t.shape[0] * windows,) + tuple(t.shape[1:]))
+
+
+# -------------------------------------------------------------------------------- windowed terms
+# Window attention folds windows into the batch ([B·windows, ...], row b' = image b'//windows,
+# window b' % windows). Per-source-token terms t [K, B·windows, ...] then stand for K·windows
+# components: component k·windows + w is t[k] on the rows of window w only. Instead of splitting
+# them at the attention (``split_windows``: K·windows terms, each as wide as all rows, mostly
+# zeros), a pending chunk carries t and a *window map* m [1, *rest, S] next to its input
+# [c, *rest, S·b]: the window of each position and sub-position block (S = 1, then times K at
+# each patch merging), moved by the same layout ops as t. The components are separated where the
+# positions are reduced (``window_reduce``) or, for any other op, by ``split_by_map``. The map
+# holds the attention's row b' (the window is b' % windows, the image b' // windows).
+def window_map(t: torch.Tensor, windows: int) -> torch.Tensor:
+    """The window map of terms t [c, B·windows, *rest, b] (the value's dim 0 folds the windows
+    into the batch): [1, B·windows, *rest, 1], int64, entry b' (the attention's row)."""
+    rows = t.shape[1]
+    win = torch.arange(rows, device=t.device)
+    shape = (1, rows) + (1,) * (t.dim() - 2)
+    return win.view(shape).expand((1,) + tuple(t.shape[1:-1]) + (1,)).contiguous()
+
+
+def split_by_map(t: torch.Tensor, wmap: torch.Tensor, windows: int) -> torch.Tensor:
+    """Terms t [c, *rest, S·b] whose positions and sub-blocks belong to windows ``wmap``
+    [1, *rest, S] -> [c·windows, *rest, S·b]: term k·windows + w is t[k] where the map is w,
+    zero elsewhere. Exact: every element is in exactly one window, so the sum over w is t."""
+    s = wmap.shape[-1]
+    m = (wmap % windows).repeat_interleave(t.shape[-1] // s, dim=-1)    # [1, *rest, S·b]
+    sel = torch.arange(windows, device=t.device).view((windows,) + (1,) * (t.dim() - 1))
+    out = t.unsqueeze(1) * (m == sel).to(t.dtype)                       # [c, W, *rest, S·b]
+    return out.reshape((t.shape[0] * windows,) + tuple(t.shape[1:]))
+
+
+def window_reduce(t: torch.Tensor, wmap: torch.Tensor, windows: int, dims, keepdim: bool,
+                  mean: bool) -> torch.Tensor:
+    """A sum (``mean``: a mean) over value dims ``dims`` of terms t [c, *rest, S·b] with window
+    map ``wmap`` [1, *rest, S], kept per window: [c·windows, *kept, S·b] (reduced dims kept as 1
+    with ``keepdim``), term k·windows + w summing only the elements of window w. The positions
+    reduced are segment-summed by window id (index_add_ along one flattened axis), so only
+    ``windows`` sums are written per kept row, not a copy of t per window."""
+    c, rest, s = t.shape[0], tuple(t.shape[1:-1]), wmap.shape[-1]
+    b = t.shape[-1] // s
+    nd = len(rest)
+    red = sorted({d % nd for d in dims})
+    kept = [d for d in range(nd) if d not in red]
+    n_kept = math.prod(rest[d] for d in kept)
+    n_red = math.prod(rest[d] for d in red)
+    perm = kept + red
+    src = t.unflatten(-1, (s, b)).permute([0] + [1 + d for d in perm] + [nd + 1, nd + 2])
+    src = src.reshape(c, n_kept, n_red * s, b)
+    wm = (wmap % windows).expand((1,) + rest + (s,))[0].permute(perm + [nd]).reshape(n_kept, n_red * s)
+    sub = torch.arange(s, device=t.device).repeat(n_red)
+    same = bool((wm == wm[:1]).all())
+    if same and b < 8:   # one index for every kept row (the batch), and
+        # narrow rows (a factored scale, b = 1): add whole rows along dim 0 (contiguous)
+        src0 = src.reshape(c * n_kept, n_red * s, b).transpose(0, 1).contiguous()
+        out0 = t.new_zeros((windows * s, c * n_kept, b)).index_add_(0, wm[0] * s + sub, src0)
+        out = out0.transpose(0, 1).reshape(c, n_kept, windows * s, b)
+    elif same:
+        out = t.new_zeros((c, n_kept, windows * s, b))
+        out.view(c * n_kept, windows * s, b).index_add_(
+            1, wm[0] * s + sub, src.reshape(c * n_kept, n_red * s, b))
+    else:
+        out = t.new_zeros((c, n_kept, windows * s, b))
+        idx = (wm * s + sub).view(1, n_kept, n_red * s, 1).expand(src.shape)
+        out.scatter_add_(2, idx, src)
+    if mean:
+        out /= n_red
+    shape = [1 if d in red else rest[d] for d in range(nd)] if keepdim else [rest[d] for d in kept]
+    out = out.view(c, n_kept, windows, s * b).movedim(2, 1)
+    return out.reshape([c * windows] + shape + [s * b])
+
+
+# Factored per-token terms. A term of one source token is rank one in (query position, channel):
+# t[k, b', q, :] = P[b', h, q, tok] · V[b', h, tok, :] (k = h·N + tok). Through the ops a
+# pending chunk meets (moves of positions, patch mergings, per-position scales, linear maps of
+# the channels folded into W) it stays s[k, *rest, S] ⊗ V[k, row, :]: a scalar per position and
+# sub-block (the window map's shape, b times smaller than t) times the value row of the
+# attention row b' the window map names. Reduced per window, s becomes σ [k·windows, B, S] and
+# each component is Σ_j σ_j · (v W_j): no term is ever b wide per position.
+def token_factors(probs: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention probabilities P [B', H, Q, N] and values V [B', H, N, dh] as the factors of
+    the per-token terms in the layout [B', Q, H·dh] (after the usual transpose and reshape):
+    s [H·N, B', Q, 1] (s[h·N + t, b', q] = P[b', h, q, t]) and v [H·N, B', dh]."""
+    h, n = probs.shape[1], probs.shape[-1]
+    s = probs.to(v.dtype).permute(1, 3, 0, 2).reshape(h * n, probs.shape[0], probs.shape[2], 1)
+    vv = v.expand(probs.shape[:2] + v.shape[-2:]).permute(1, 2, 0, 3).reshape(h * n, probs.shape[0], -1)
+    return s, vv
+
+
+def unfactor(s: torch.Tensor, v: torch.Tensor, wmap: torch.Tensor) -> torch.Tensor:
+    """Factored terms -> the terms [c, *rest, S·b]: t[..., j·b + d] = s[..., j] · v[:, map[..., j], d]."""
+    rows = wmap.expand((1,) + tuple(s.shape[1:])).reshape(-1)
+    g = v.index_select(1, rows).view(tuple(s.shape) + (v.shape[-1],))
+    return (s.unsqueeze(-1) * g).flatten(-2)
+
+
+def window_reduce_factored(s: torch.Tensor, v: torch.Tensor, wmap: torch.Tensor, windows: int,
+                           dims, keepdim: bool, mean: bool):
+    """``window_reduce`` of factored terms: (σ [c·windows, *kept, S], the reduction of s per
+    window; the value row of each (term, window, kept position) [c·windows, *kept, b]: v at row
+    image·windows + w, the image read from the map (b' // windows)). If a kept position mixes
+    images (never for a mean over positions within each image) the terms are unfactored and
+    reduced as they are: (reduced terms, None)."""
+    c, rest, sub = s.shape[0], tuple(s.shape[1:-1]), s.shape[-1]
+    nd = len(rest)
+    red = sorted({d % nd for d in dims})
+    kept = [d for d in range(nd) if d not in red]
+    n_kept = math.prod(rest[d] for d in kept)
+    img = (wmap // windows).expand((1,) + rest + (sub,))[0]
+    img = img.permute(kept + red + [nd]).reshape(n_kept, -1)
+    if not bool((img == img[:, :1]).all()):
+        return window_reduce(unfactor(s, v, wmap), wmap, windows, dims, keepdim, mean), None
+    sigma = window_reduce(s, wmap, windows, dims, keepdim, mean)           # [c·W, *kept', S]
+    rows = (img[:, 0].view(1, n_kept) * windows
+            + torch.arange(windows, device=s.device).view(windows, 1))     # [W, n_kept]
+    g = v.index_select(1, rows.reshape(-1)).view(c * windows, *sigma.shape[1:-1], v.shape[-1])
+    return sigma, g
+
+
+def outer_terms(sigma: torch.Tensor, v: torch.Tensor | None) -> torch.Tensor:
+    """Reduced factored terms as plain pending inputs: [c, *rest, S·b] = σ[..., j] · v[..., d]
+    (``v`` None: σ already holds the terms)."""
+    if v is None:
+        return sigma
+    return (sigma.unsqueeze(-1) * v.unsqueeze(-2)).flatten(-2)
+
+
+def factored_linear(sigma: torch.Tensor, v: torch.Tensor | None, weight: torch.Tensor,
+                    heads: int, backend: str = "auto", out: torch.Tensor | None = None,
+                    rows: int = 4096) -> torch.Tensor:
+    """blocked_linear(outer_terms(σ, v), W, heads) without the outer product at full size:
+    y[n] = Σ_j σ[n, j] Σ_d v[n, d] W_h[:, j·b + d] for the components of each head h, in
+    blocks of ``rows`` (v W_j first when E <= b, else σ ⊗ v first: the narrower one)."""
+    if v is None or torch.is_grad_enabled() and any(
+            x.requires_grad for x in (sigma, v, weight)):
+        y = blocked_linear(outer_terms(sigma, v), weight, heads, backend)
+        return y if out is None else out.copy_(y)
+    c, sub, b = sigma.shape[0], sigma.shape[-1], v.shape[-1]
+    e = weight.shape[0]
+    if out is None:
+        out = sigma.new_empty((c,) + tuple(sigma.shape[1:-1]) + (e,))
+    w = weight.reshape(e, heads, sub, b)
+    o = out.view(heads, -1, e)
+    sg = sigma.reshape(heads, -1, sub)
+    vv = v.reshape(heads, -1, b)
+    for h in range(heads):
+        narrow = e <= b
+        wh = w[:, h].permute(2, 1, 0).reshape(b, sub * e) if narrow else \
+            w[:, h].reshape(e, sub * b).t()
+        for i in range(0, sg.shape[1], rows):
+            s_i, v_i = sg[h, i:i + rows], vv[h, i:i + rows]
+            if narrow:
+                z = (v_i @ wh).view(-1, sub, e)                                  # [n, S, E]
+                o[h, i:i + rows] = torch.bmm(s_i.unsqueeze(1), z).squeeze(1)
+            else:
+                torch.mm((s_i.unsqueeze(-1) * v_i.unsqueeze(-2)).flatten(1), wh, out=o[h, i:i + rows])
+    return out

@@ -100,7 +100,8 @@ def einsum_emit(equation: str, k: int, operands) -> EmitFn:
 def identity_emit(pos: int = 0) -> EmitFn:
     """Emit: the output's terms are the terms of arg ``pos`` (head blocks kept)."""
     def emit(em, node):
-        return list(em.terms(node.args[pos], blocked_ok=True, pending_ok=True, lazy_ok=True))
+        return list(em.terms(node.args[pos], blocked_ok=True, pending_ok=True, lazy_ok=True,
+                             windows_ok=True))
     return emit
 
 

@@ -123,7 +123,9 @@ def _pending_layout(em, node: Node, target, args: list, kwargs: dict, merged: in
         return em.call(rt.pusher(target, 0), t, tuple(args), kwargs)
 
     out = []
-    for c in em.terms(x, pending_ok=True, lazy_ok=True):
+    for c in em.terms(x, pending_ok=True, lazy_ok=True, windows_ok=True):
+        if c.fac is not None and c.fac[0] != "rows" or c.proj is None:
+            c = em.unwindow(c)   # (unfactored; a plain chunk is split by window, if any)
         if c.proj is None:   # a constant may be stored unbroadcast ([1, 1, N, E] for [B, N, E])
             c = em.chunk(em.call(rt.expand_terms, c.node, em.orig(x)), c.labels)
         if c.proj is None and merged == 1:
@@ -131,11 +133,57 @@ def _pending_layout(em, node: Node, target, args: list, kwargs: dict, merged: in
             continue
         if c.proj is None:
             c = em.pending(c.node, em.call(rt.identity_weight, sizes(x)[-1], em.orig(x)), 1, c.labels)
+        if c.win is not None:
+            # windowed (tokens mode, window attention): the input and its window map [1, *rest,
+            # S] move now, together (merged positions become sub-blocks); no deferral
+            w = c.proj[0] if merged == 1 else \
+                em.call(rt.block_diagonal_heads, c.proj[0], c.proj[1], merged)
+            out.append(em.pending(apply(c.node), w, c.proj[1], c.labels,
+                                  win=(apply(c.win[0]), c.win[1]), fac=c.fac))
+            continue
         c = em.moved(c, em.orig(x), apply, node)   # the input moves once, where it is read
         if merged > 1:
             c = em.refold(c, em.call(rt.block_diagonal_heads, c.proj[0], c.proj[1], merged))
         out.append(c)
     return out
+
+
+def _attention_layout(node: Node, fac: tuple | None) -> tuple | None:
+    """The factors of per-token terms (``Chunk.fac`` "attn") through the usual moves from the
+    attention's [B', H, Q, dh] to [B', Q, H·dh]: a transpose of dims 1, 2, then a reshape that
+    merges the last two (None: any other op, the terms are used as they are)."""
+    if fac is None or fac[0] != "attn":
+        return None
+    key, state = op_key(node), fac[3]
+    ins, outs = sizes(node.args[0]), sizes(node)
+    if key in _COPIES:
+        return fac
+    if state == "bhqd" and len(ins) == 4 and (
+            key is aten.transpose and sorted(_transpose_dims(node)) == [1, 2]
+            or key is aten.permute and _perm(node) == [0, 2, 1, 3]):
+        return fac[:3] + ("bqhd",)
+    if state == "bqhd" and key in (aten.reshape, aten.view, aten._unsafe_view, aten.flatten) \
+            and len(outs) == 3 and ins[1:] and None not in ins[1:] and None not in outs[1:] \
+            and outs[1] == ins[1] and outs[2] == ins[2] * ins[3]:
+        return fac[:3] + ("bqc",)
+    return None
+
+
+_COPIES = ops("contiguous", "clone", "alias", "lift_fresh_copy", "_to_copy", "to", "type_as")
+
+
+def _keeps_dim0(node: Node) -> bool:
+    """Whether every element keeps its index along dim 0 (where window attention folds the
+    windows into the batch): a reshape that keeps dim 0's size (row-major), a transpose or
+    permute that leaves dim 0 in place, a copy."""
+    key = op_key(node)
+    if key in (aten.reshape, aten.view, aten._unsafe_view, aten.flatten):
+        return bool(sizes(node)) and factors(node.args[0])[0] == factors(node)[0]
+    if key is aten.transpose:
+        return 0 not in _transpose_dims(node)
+    if key is aten.permute:
+        return _perm(node)[0] == 0
+    return key in _COPIES
 
 
 def layout_emit(move_block: BlockMove | None = None, shape_arg: bool = False,
@@ -159,7 +207,12 @@ def layout_emit(move_block: BlockMove | None = None, shape_arg: bool = False,
         if merged is not None and (layout is None or layout.dim < len(sizes(node)) - 1):
             kwargs = {k: em.orig_arg(v) for k, v in node.kwargs.items()}
             return _pending_layout(em, node, target, args, kwargs, merged, shape_arg)
-        c = em.merged(node.args[0], blocked_ok=True)
+        # windowed terms straight from a window attention (``Chunk.win``, no map yet) stay
+        # windowed through ops that keep the batch·windows dim 0 in place
+        c = em.merged(node.args[0], blocked_ok=True, windows_ok=_keeps_dim0(node))
+        if c.win is not None and c.win[0] is not None:
+            c = em.densify(c)
+        fac = _attention_layout(node, c.fac)
         block = None
         if c.block is not None:
             moved = move_block(node, c.block, args[1] if len(args) > 1 else None) if move_block else None
@@ -171,7 +224,9 @@ def layout_emit(move_block: BlockMove | None = None, shape_arg: bool = False,
                     args[1] = new_shape
         out = em.call(rt.pusher(target, 0), c.node, tuple(args),
                       {k: em.orig_arg(v) for k, v in node.kwargs.items()})
-        return [em.chunk(out, c.labels, block)]
+        # one window (a global attention) is only worth carrying for the factors
+        win = c.win if c.win is not None and (c.win[1] > 1 or fac is not None) else None
+        return [em.chunk(out, c.labels, block, win=win, fac=fac if win is not None else None)]
     return emit
 
 
@@ -423,7 +478,7 @@ def pending_in(em, x: Node) -> bool:
 
 def keep_pending(em, x: Node, apply, moves: Callable[[int], Optional[int]] | None = None,
                  rank_out: int | None = None, move: bool = False,
-                 deferred: Callable | None = None) -> list:
+                 deferred: Callable | None = None, windows: str | tuple | None = None) -> list:
     """An op acting on dims other than the channel one, chunk by chunk: ``apply(terms node)``.
     A pending projection's head-blocked input has the same dims as its value but b channels,
     so the op applies to it and the projection stays pending (the op commutes with it).
@@ -433,23 +488,49 @@ def keep_pending(em, x: Node, apply, moves: Callable[[int], Optional[int]] | Non
     ``rank_out`` the output's rank. ``move``: the op only moves rows (a pad, a slice, a permute
     of the other dims), so on channels-last inputs it is deferred (``Emitter.moved``);
     ``deferred(chunk) -> chunk or None``: how the op acts on channels-last chunks with deferred
-    moves without gathering them first (None: gather)."""
+    moves without gathering them first (None: gather).
+    Windowed pending chunks (``Chunk.win``, channels last; never deferred): ``windows="move"``
+    (the default with ``move``: ``apply`` moves the window map too), ``("reduce", dims,
+    keepdim, mean)`` (a sum or mean over value dims ``dims``: reduced per window,
+    ``rt.window_reduce``, which ends the windowing), ``"split"`` (the default: split first)."""
     rank = len(sizes(x))
     if move:
         deferred = lambda c: em.moved(c, em.orig(x), apply, em.anchor)  # noqa: E731
+    if windows is None:
+        windows = "move" if move else "split"
     out = []
-    for c in em.terms(x, pending_ok=True, channel_ok=moves is not None, lazy_ok=deferred is not None):
+    for c in em.terms(x, pending_ok=True, channel_ok=moves is not None,
+                      lazy_ok=deferred is not None, windows_ok=True):
+        if c.fac is not None and c.fac[0] != "rows" or c.proj is None:
+            c = em.unwindow(c)   # (unfactored; a plain chunk is split by window, if any)
         if c.proj is not None:
             new = None if moves is None else moves(rank - 1 if c.cdim is None else c.cdim)
+            cdim = None if moves is None or new is None or new == rank_out - 1 else new
+            if c.win is not None and (windows == "split" or cdim is not None or new is None
+                                      and moves is not None):
+                c = em.unwindow(c)
+            if c.win is not None and isinstance(windows, tuple):
+                _, dims, keepdim, mean = windows
+                if c.fac is not None:   # σ per window and the value row of each component
+                    both = em.call(rt.window_reduce_factored, c.node, c.fac[1], c.win[0],
+                                   c.win[1], dims, keepdim, mean)
+                    out.append(em.pending(em.call(operator.getitem, both, 0), c.proj[0],
+                                          c.proj[1], c.labels,
+                                          fac=("reduced", em.call(operator.getitem, both, 1))))
+                    continue
+                t = em.call(rt.window_reduce, c.node, c.win[0], c.win[1], dims, keepdim, mean)
+                out.append(em.pending(t, c.proj[0], c.proj[1], c.labels))
+                continue
             if moves is None or new is not None:
-                cdim = None if moves is None or new == rank_out - 1 else new
                 done = deferred(c) if deferred is not None and c.cdim is None and cdim is None \
-                    else None
+                    and c.win is None and c.fac is None else None
                 if done is not None:
                     out.append(done)
                     continue
                 c = em.settle(c)
-                out.append(em.pending(apply(c.node), c.proj[0], c.proj[1], c.labels, cdim))
+                win = None if c.win is None else (apply(c.win[0]), c.win[1])
+                out.append(em.pending(apply(c.node), c.proj[0], c.proj[1], c.labels, cdim, win,
+                                      c.fac))
                 continue
             c = em.materialize(c)
         # a constant may be stored unbroadcast: broadcast it first
@@ -487,7 +568,8 @@ def plan_slice(node, facts):
 
     def emit(em, node):
         if em.layout(x) is not None and em.layout(x).dim == dim:
-            return list(em.terms(x, pending_ok=True, lazy_ok=True))  # the narrowed input is the slice
+            # the narrowed input already is the slice
+            return list(em.terms(x, pending_ok=True, lazy_ok=True, windows_ok=True))
         if dim < len(sizes(x)) - 1 and pending_in(em, x):
             args = (None,) + tuple(node.args[1:])
             return keep_pending(em, x, lambda t: em.call(rt.pusher(node.target, 0), t, args, {}),
@@ -537,7 +619,7 @@ def plan_pad(node, facts):
             whole rows: pending projections take it on their input."""
             if isinstance(pad, (list, tuple)) and all(p == 0 for p in pad):
                 return list(em.terms(node.args[0], blocked_ok=True, pending_ok=True,
-                                     channel_ok=True, lazy_ok=True))  # no-op
+                                     channel_ok=True, lazy_ok=True, windows_ok=True))  # no-op
             if not (pending_in(em, node.args[0]) and isinstance(pad, (list, tuple))
                     and all(isinstance(p, int) for p in pad)):
                 return plain(em, node)

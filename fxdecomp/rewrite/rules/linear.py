@@ -44,13 +44,28 @@ def plan_linear(node, facts):
         if len(sizes(w)) == 2 and any(c.proj is not None for c in em.terms_of[x]):
             # pending projections fold this map into their W; the others are mapped one by one
             out = [em.refold(c, em.call(rt.fold_linear, c.proj[0], em.orig(w)))
-                   if c.proj is not None else em.chunk(em.call(rt.linear_terms, c.node, em.orig(w)), c.labels)
-                   for c in em.terms(x, pending_ok=True, lazy_ok=True)]
+                   if c.proj is not None else
+                   em.chunk(em.call(rt.linear_terms, em.unwindow(c).node, em.orig(w)), c.labels)
+                   for c in em.terms(x, pending_ok=True, lazy_ok=True, windows_ok=True)]
             return out + bias_chunk(em, node, bias, -1)
-        c = em.merged(x, blocked_ok=True)
+        c = em.merged(x, blocked_ok=True, windows_ok=True)
+        if c.win is not None and not (c.block is not None and c.block[0] == rank - 1
+                                      and len(sizes(w)) == 2):
+            c = em.densify(c)
         if c.block is not None and c.block[0] == rank - 1 and len(sizes(w)) == 2:
-            # evaluated where the terms are gathered, with later linear maps folded in
-            out = em.pending(c.node, em.orig(w), c.block[1], c.labels)
+            # evaluated where the terms are gathered, with later linear maps folded in; terms
+            # of a window attention get their window map (rows of dim 0 modulo the windows)
+            if c.win is not None and c.fac is not None and c.fac[3] == "bqc":
+                # factored: s [K, B', Q, 1] (probabilities) and v [K, B', dh] (value rows)
+                both = em.call(rt.token_factors, c.fac[1], c.fac[2])
+                s = em.call(operator.getitem, both, 0)
+                win = (em.call(rt.window_map, s, c.win[1]), c.win[1])
+                out = em.pending(s, em.orig(w), c.block[1], c.labels, win=win,
+                                 fac=("rows", em.call(operator.getitem, both, 1)))
+            else:   # (one window without the factors: nothing to carry)
+                win = None if c.win is None or c.win[1] == 1 else \
+                    (em.call(rt.window_map, c.node, c.win[1]), c.win[1])
+                out = em.pending(c.node, em.orig(w), c.block[1], c.labels, win=win)
         elif c.block is None and len(c.labels) == 1 and len(sizes(w)) == 2:
             # one component (an MLP's hidden activation) is the whole input, so its term is
             # the forward's own output less the bias: no second matmul, and E wide instead of

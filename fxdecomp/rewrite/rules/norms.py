@@ -42,7 +42,7 @@ def _fold_norm(em, x: Node, shape, weight, eps, centered: bool) -> list | None:
     dims)."""
     if len(shape) != 1 or not any(c.proj is not None for c in em.terms_of[x]):
         return None
-    chunks = em.terms(x, pending_ok=True, lazy_ok=True)
+    chunks = em.terms(x, pending_ok=True, lazy_ok=True, windows_ok=True)
     inv = em.call(rt.inv_std, em.orig(x), 1, eps, centered)
     gamma = em.orig_arg(weight)
     out = []

@@ -34,7 +34,8 @@ def plan_add(node, facts):
         for side, x in enumerate((a, b)):
             factor = 1 if side == 0 else sign * alpha
             if isinstance(x, Node):
-                for c in em.terms(x, pending_ok=True, channel_ok=True, lazy_ok=True):
+                for c in em.terms(x, pending_ok=True, channel_ok=True,   # stay pending
+                                  lazy_ok=True, windows_ok=True):
                     chunks.append(c if factor == 1 else em.scaled(c, factor))
             elif x != 0:
                 const = em.call(rt.scalar_terms, em.orig(node), float(x) * factor)
@@ -103,9 +104,10 @@ def plan_mul(node, facts):
     def emit(em, node):
         other = em.orig_arg(node.args[frozen])
         out = []
-        for c in em.terms(node.args[lin], pending_ok=fold is not None, lazy_ok=fold is not None):
+        for c in em.terms(node.args[lin], pending_ok=fold is not None, lazy_ok=fold is not None,
+                          windows_ok=fold is not None):
             if c.proj is None:
-                out.append(em.chunk(em.call(operator.mul, c.node, other), c.labels))
+                out.append(em.chunk(em.call(operator.mul, em.unwindow(c).node, other), c.labels))
             elif fold == "rows":        # a layer scale γ [E]: folds into the pending W
                 out.append(em.refold(c, em.call(rt.fold_rows, c.proj[0], other)))
             else:                       # a scalar or a per-row factor: scales the input

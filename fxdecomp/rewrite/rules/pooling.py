@@ -113,8 +113,11 @@ def plan_reduce(node, facts):
             red = em.call(rt.reduce_positions, c.node, c.at, tuple(dims), bool(keep),
                           op_key(node) is aten.mean)
             return replace(c, node=red, at=None)
+        windows = ("reduce", dims, keep, op_key(node) is aten.mean) if not kwargs \
+            else "split"
         return keep_pending(em, x, lambda t: em.call(rt.pusher(node.target, 0), t, args, kwargs),
-                            moves=moves, rank_out=len(sizes(node)), deferred=deferred)
+                            moves=moves, rank_out=len(sizes(node)), deferred=deferred,
+                            windows=windows)
     return Plan.linear([x], emit, demand=_reduce_demand)
 
 

@@ -1,0 +1,239 @@
+"""Tokens mode through window attention: per-source-token terms stay windowed (issue 13, Swin).
+
+Window attention folds the windows into the batch, so each (head, source token) term stands for
+one component per window. Those are no longer split at the attention (K·windows terms, each as
+wide as every window); the terms are carried as [K, B·windows, ...] with a window map that the
+layout ops move (window reverse, shift, patch merging, where a merged position keeps one window
+id per sub-position), and separated by window where the positions are reduced.
+
+A tiny hierarchical model written here: a 6x6 grid in 3x3 windows (4 windows), shifted by one,
+then a 2x2 patch merging whose blocks straddle the windows (3 is odd), a second (global)
+attention stage, a final LayerNorm and a mean over tokens (or a flatten: the windows are then
+split at the output). Checked:
+
+- components sum to the output (<= 1e-5) and every first-stage component (head, token, window)
+  equals a float64 reference computed independently, one source token and one window at a time
+  (P, V recomputed from the recorded input; every LayerNorm's 1/σ frozen at the recorded value);
+- the labels are one per (head, source token, window), named ``.h{h}.t{t}.w{w}``, with their
+  grid positions;
+- no value computed from the first stage's terms is larger than those terms (a split at the
+  attention makes one ``windows`` times larger).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fxdecomp
+from fxdecomp.rewrite import runtime as rt
+
+from .pending_checks import record_inputs
+from .reference_heads import TinyAttention
+
+C, HEADS, GRID, WS = 8, 2, 6, 3
+WINDOWS = (GRID // WS) ** 2
+SHIFT = 1
+
+
+def partition(x):   # [B, 6, 6, C] -> [4B, 9, C] (3x3 windows)
+    b, _, _, c = x.shape
+    n = GRID // WS
+    return x.reshape(b, n, WS, n, WS, c).permute(0, 1, 3, 2, 4, 5).reshape(b * WINDOWS, WS * WS, c)
+
+
+def reverse(w):     # [4B, 9, C] -> [B, 6, 6, C], then the shift back
+    b, c, n = w.shape[0] // WINDOWS, w.shape[-1], GRID // WS
+    x = w.reshape(b, n, n, WS, WS, c).permute(0, 1, 3, 2, 4, 5).reshape(b, GRID, GRID, c)
+    return x.roll((SHIFT, SHIFT), (1, 2))
+
+
+def merge_gather(x):  # [B, 6, 6, C] -> [B, 3, 3, 4C]
+    b, h, w, c = x.shape
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5).flatten(3)
+
+
+class TinyWindows(nn.Module):
+    def __init__(self, pool: str = "mean"):
+        super().__init__()
+        self.pool = pool
+        self.embed = nn.Conv2d(3, C, 4, 4)
+        self.n1, self.attn1 = nn.LayerNorm(C), TinyAttention(C, HEADS)
+        self.n2 = nn.LayerNorm(C)
+        self.mlp = nn.Sequential(nn.Linear(C, 2 * C), nn.GELU(), nn.Linear(2 * C, C))
+        self.merge_norm, self.reduction = nn.LayerNorm(4 * C), nn.Linear(4 * C, 2 * C, bias=False)
+        self.n3, self.attn2 = nn.LayerNorm(2 * C), TinyAttention(2 * C, HEADS)
+        self.norm = nn.LayerNorm(2 * C)
+        for m in self.modules():          # non-trivial γ, β
+            if isinstance(m, nn.LayerNorm):
+                nn.init.normal_(m.weight, 1.0, 0.3)
+                nn.init.normal_(m.bias, 0.0, 0.3)
+
+    def forward(self, img):
+        x = self.embed(img).permute(0, 2, 3, 1)                       # [B, 6, 6, C]
+        b = x.shape[0]
+        x = x + reverse(self.attn1(partition(self.n1(x).roll((-SHIFT, -SHIFT), (1, 2)))))
+        x = x + self.mlp(self.n2(x))
+        x = self.reduction(self.merge_norm(merge_gather(x)))          # [B, 3, 3, 2C]
+        x = x + self.attn2(self.n3(x).reshape(b, 9, 2 * C)).reshape(b, 3, 3, 2 * C)
+        x = self.norm(x)
+        return x.mean((1, 2)) if self.pool == "mean" else x.flatten(1)
+
+
+def _model_and_input(pool):
+    torch.manual_seed(0)
+    return TinyWindows(pool).eval(), torch.randn(2, 3, 24, 24)
+
+
+def _frozen_ln(t, stream, ln):
+    """LayerNorm on a term t with 1/σ frozen at the stream's value: centre t, scale, γ."""
+    inv = 1.0 / torch.sqrt(stream.var(-1, unbiased=False, keepdim=True) + ln.eps)
+    return (t - t.mean(-1, keepdim=True)) * inv * ln.weight.double()
+
+
+def _reference_stage1_tokens(model, x):
+    """float64 contribution of every (head h, source token t, window w) of attn1 to the output,
+    one at a time: P[b', h, :, t] V[b', h, t, :] on the rows b' of window w only, through the
+    output projection's slice of head h and the layers after it. {(h, t, w): [B, out]}."""
+    rec = record_inputs(model, x, {"a": model.attn1, "m": model.merge_norm, "n": model.norm})
+    with torch.no_grad():
+        p, v = model.attn1.probs_values(rec["a"])
+        p, v = p.double(), v.double()                                 # [4B, H, 9, 9], [4B, H, 9, d]
+        w_o = model.attn1.proj.weight.double()
+        d = C // HEADS
+        out = {}
+        for h in range(HEADS):
+            for t in range(WS * WS):
+                for w in range(WINDOWS):
+                    o = torch.zeros_like(v[:, h])                     # [4B, 9, d]
+                    rows = torch.arange(o.shape[0]) % WINDOWS == w
+                    o[rows] = p[rows, h, :, t, None] * v[rows, h, t, None, :]
+                    term = reverse(o @ w_o[:, h * d:(h + 1) * d].t())     # [B, 6, 6, C]
+                    term = _frozen_ln(merge_gather(term), rec["m"].double(), model.merge_norm)
+                    term = term @ model.reduction.weight.double().t()     # [B, 3, 3, 2C]
+                    term = _frozen_ln(term, rec["n"].double(), model.norm)
+                    out[h, t, w] = term.mean((1, 2)) if model.pool == "mean" else term.flatten(1)
+    return out
+
+
+@pytest.mark.parametrize("pool", ["mean", "flatten"])
+def test_tokens_per_window_exact_and_match_reference(pool):
+    model, x = _model_and_input(pool)
+    dm = fxdecomp.decompose(model, x, granularity="tokens")
+    with torch.no_grad():
+        d = dm(x)
+        y = model(x)
+    err = float((d.components.double().sum(0) - y.double()).abs().max() / y.double().abs().max())
+    assert err <= 1e-5, err
+    got = {(lab.head, lab.token, int(lab.name.rsplit(".w", 1)[1])): (i, lab)
+           for i, lab in enumerate(d.labels) if lab.kind == "attn_head_token" and lab.module == "attn1"}
+    ref = _reference_stage1_tokens(model, x)
+    assert sorted(got) == sorted(ref)            # one component per head, source token, window
+    scale = max(float(r.abs().max()) for r in ref.values())
+    for key, r in ref.items():
+        i, lab = got[key]
+        assert lab.name == "attn1.h{}.t{}.w{}".format(*key)
+        assert lab.position is not None and lab.position.kind == "patch"
+        assert float((d.components[i].double() - r).abs().max()) <= 1e-5 * scale, key
+    assert sum(float(r.abs().max()) > 1e-3 * scale for r in ref.values()) > len(ref) // 2
+    # projected outputs (D folded into the per-head projection: 3 directions, narrower than dh)
+    dirs = torch.randn(y.shape[-1], 3, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        p = dm(x, project=dirs)
+    want = d.components.double() @ dirs.double()
+    assert float((p.components.double() - want).abs().max()) <= 1e-5 * float(want.abs().max())
+
+
+def test_window_terms_are_never_split_at_full_width():
+    """Every value computed from the first stage's per-token terms (or their factors, P and V)
+    is at most as large as the terms [K, B·windows, 1, 9, dh] (before the final write of all
+    components): the windows are separated only where the mean reduces the positions.
+    Splitting them at the attention (K·4 terms of the same width) makes a value 4 times
+    larger."""
+    model, x = _model_and_input("mean")
+    dm = fxdecomp.decompose(model, x, granularity="tokens")
+    assert "window_reduce" in dm.code and "split_windows" not in dm.code
+    g = dm.graph_module.graph
+    first = next(n for n in g.nodes if n.target in (rt.split_heads_tokens, rt.token_factors))
+    after, todo = set(), [first]
+    while todo:
+        for u in todo.pop().users:
+            if u not in after and u.target not in (rt.write_terms, rt.group_components) \
+                    and u.op != "output":
+                after.add(u)
+                todo.append(u)
+    numel = {}
+
+    class Record(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if isinstance(out, torch.Tensor):
+                numel[n] = out.numel()
+            return out
+
+    with torch.no_grad():
+        Record(dm.graph_module).run(x)
+    limit = HEADS * 9 * x.shape[0] * WINDOWS * 9 * (C // HEADS)   # the terms [K, B·4, 1, 9, dh]
+    big = {n.name: numel[n] for n in after if numel.get(n, 0) > limit}
+    assert not big, big
+
+
+@pytest.mark.parametrize("b,same", [(1, True), (16, True), (16, False)])
+def test_window_reduce_equals_split_then_reduce(b, same):
+    """rt.window_reduce (each index_add path, and scatter_add where kept rows differ) equals
+    splitting the terms by window (rt.split_by_map) and reducing each: the reference."""
+    g = torch.Generator().manual_seed(0)
+    c, windows, sub = 3, 5, 2
+    t = torch.randn(c, 2, 4, 3, sub * b, generator=g, dtype=torch.float64)
+    wmap = torch.randint(0, 4 * windows, (1, 1 if same else 2, 4, 3, sub), generator=g)
+    wmap = wmap.expand(1, 2, 4, 3, sub)
+    got = rt.window_reduce(t, wmap, windows, [1, 2], False, True)
+    want = rt.split_by_map(t, wmap, windows).mean((2, 3))
+    assert got.shape == want.shape == (c * windows, 2, sub * b)
+    torch.testing.assert_close(got, want)
+    kept = rt.window_reduce(t, wmap, windows, [2], True, False)
+    torch.testing.assert_close(kept, rt.split_by_map(t, wmap, windows).sum(3, keepdim=True))
+
+
+@pytest.mark.parametrize("e", [3, 40])
+def test_factored_linear_equals_blocked_linear(e):
+    """Σ_j σ_j (v W_j), in row blocks, equals the per-head projection of the outer product, for
+    E narrower (v W first) and wider (σ ⊗ v first) than the value rows."""
+    g = torch.Generator().manual_seed(0)
+    heads, per, sub, b = 2, 7, 4, 5
+    sigma = torch.randn(heads * per, 3, sub, generator=g)
+    v = torch.randn(heads * per, 3, b, generator=g)
+    w = torch.randn(e, heads * sub * b, generator=g)
+    want = rt.blocked_linear(rt.outer_terms(sigma, v), w, heads, "torch")
+    torch.testing.assert_close(rt.factored_linear(sigma, v, w, heads, "torch", rows=4), want)
+
+
+def test_timm_swin_padded_windows_sum_to_heads():
+    """timm's Swin on a grid its windows do not divide (18x18 in 4x4 windows: zero pad, then a
+    crop after the window reverse), shifted windows and a patch merging, all layers in tokens
+    mode: exact, nothing split at full width, and each head's per-(token, window) components sum
+    to that head's component of a heads-mode decomposition (a separate path)."""
+    import timm
+    from fxdecomp.capture.adapters import timm_target
+    torch.manual_seed(0)
+    m = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=0,
+                          img_size=72, window_size=4, depths=(2, 1), num_heads=(2, 2),
+                          embed_dim=16).eval()
+    target = timm_target(m).eval()
+    x = torch.randn(2, 3, 72, 72)
+    dt = fxdecomp.decompose(target, x, granularity="tokens")
+    assert "split_by_map" not in dt.code and "split_windows" not in dt.code
+    dh = fxdecomp.decompose(target, x, granularity="heads")
+    with torch.no_grad():
+        t, h, y = dt(x), dh(x), target(x)
+    assert t.reconstruction_error() <= 1e-5
+    heads = {lab.name: i for i, lab in enumerate(h.labels) if lab.kind == "attn_head"}
+    summed = {}
+    for i, lab in enumerate(t.labels):
+        if lab.kind == "attn_head_token":
+            key = f"{lab.module}.h{lab.head}"
+            summed[key] = summed.get(key, 0) + t.components[i].double()
+    assert sorted(summed) == sorted(heads)
+    scale = float(y.abs().max())
+    for name, i in heads.items():
+        assert float((summed[name] - h.components[i].double()).abs().max()) <= 1e-5 * scale, name
