@@ -30,6 +30,11 @@ multiplies its weights (``Emitter.scaled``), and a merging's gather moves K rows
 dim as it does for t. The final mean over tokens reads t once, one weighted sum per output row
 and sub-position (``rt.reduce_positions``, the token functionals of issue 13 evaluated from
 the forward side); any other consumer gathers the moved input first (``rt.gather_positions``).
+Windowed per-token terms (``Chunk.win``/``fac``, tokens mode through window attention) are
+never deferred: their input (or scalar factor) and window map move eagerly, together, and the
+final mean reduces them per window (``rt.window_reduce``); the two never meet on one chunk
+(``Emitter.moved`` asserts it). Rebuild a chunk with ``em.refold``/``dataclasses.replace``,
+never ``em.pending(c.node, ...)``, which drops ``at`` (and ``win``/``fac`` unless passed).
 
 Channels not last (NCHW stages, MaxViT): a pending chunk records the value dim holding its
 channels (``Chunk.cdim``) and its input keeps the value's layout with b channels there
