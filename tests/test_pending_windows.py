@@ -223,6 +223,9 @@ def test_timm_swin_padded_windows_sum_to_heads():
     x = torch.randn(2, 3, 72, 72)
     dt = fxdecomp.decompose(target, x, granularity="tokens")
     assert "split_by_map" not in dt.code and "split_windows" not in dt.code
+    # the other pending terms (MLPs, biases, the embedding) keep their deferred moves (positions
+    # map, issue 13f) beside the windowed ones: the final mean reads both kinds
+    assert "reduce_positions" in dt.code and "window_reduce" in dt.code
     dh = fxdecomp.decompose(target, x, granularity="heads")
     with torch.no_grad():
         t, h, y = dt(x), dh(x), target(x)
@@ -237,3 +240,19 @@ def test_timm_swin_padded_windows_sum_to_heads():
     scale = float(y.abs().max())
     for name, i in heads.items():
         assert float((summed[name] - h.components[i].double()).abs().max()) <= 1e-5 * scale, name
+
+
+def test_write_terms_factored_parts_sharing_one_weight():
+    """Factored parts (σ, W, 1, v) written by ``rt.write_terms`` equal their unfactored
+    projection even when two share one W tensor and σ has the value's shape (they are written
+    by ``factored_linear``, never grouped with plain pending parts (t, W, 1) as one matmul)."""
+    g = torch.Generator().manual_seed(0)
+    b, sub, e, rows = 3, 2, 5, 4
+    ref = torch.randn(rows, e, generator=g)                                   # the value [4, E]
+    w = torch.randn(e, sub * b, generator=g)
+    parts = [(torch.randn(c, rows, sub, generator=g), w, 1, torch.randn(c, rows, b, generator=g))
+             for c in (2, 3)]
+    want = torch.cat([rt.blocked_linear(rt.outer_terms(s, v), w, 1, "torch") for s, _, _, v in parts])
+    with torch.no_grad():
+        got = rt.write_terms(parts, ref, "torch")
+    torch.testing.assert_close(got, want)
