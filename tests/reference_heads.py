@@ -451,3 +451,28 @@ class TinyAttention(nn.Module):
         b, n, d = x.shape
         o = F.scaled_dot_product_attention(*self._qkv(x))
         return self.proj(o.transpose(1, 2).reshape(b, n, d))
+
+
+def merge_gather(x: torch.Tensor) -> torch.Tensor:
+    """A patch merging's 2x2 gather: [B, H, W, C] -> [B, H/2, W/2, 4C] (timm Swin's order)."""
+    b, h, w, c = x.shape
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5).flatten(3)
+
+
+class TwoStageLayers(nn.Module):
+    """The layers of the tests' tiny hierarchical models (their ``forward`` is their own): a
+    4x4 patch conv, stage 1 (norm, attention, norm, MLP), a patch merging (norm over 4C, linear
+    to 2C), stage 2 (norm, attention) and a final norm; every LayerNorm with non-trivial γ, β."""
+    def __init__(self, c: int, heads: int):
+        super().__init__()
+        self.embed = nn.Conv2d(3, c, 4, 4)
+        self.n1, self.attn1 = nn.LayerNorm(c), TinyAttention(c, heads)
+        self.n2 = nn.LayerNorm(c)
+        self.mlp = nn.Sequential(nn.Linear(c, 2 * c), nn.GELU(), nn.Linear(2 * c, c))
+        self.merge_norm, self.reduction = nn.LayerNorm(4 * c), nn.Linear(4 * c, 2 * c, bias=False)
+        self.n3, self.attn2 = nn.LayerNorm(2 * c), TinyAttention(2 * c, heads)
+        self.norm = nn.LayerNorm(2 * c)
+        for m in self.modules():
+            if isinstance(m, nn.LayerNorm):
+                nn.init.normal_(m.weight, 1.0, 0.3)
+                nn.init.normal_(m.bias, 0.0, 0.3)

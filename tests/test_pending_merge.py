@@ -22,7 +22,7 @@ from torch import nn
 import fxdecomp
 
 from .pending_checks import assert_exact_and_heads_match, record_inputs, sizes_after_first_heads
-from .reference_heads import TinyAttention
+from .reference_heads import TwoStageLayers, merge_gather
 
 C, HEADS = 8, 2
 
@@ -38,26 +38,10 @@ def reverse(w):     # [4B, 16, C] -> [B, 8, 8, C], then the shift back
     return x.roll((1, 1), (1, 2))
 
 
-def merge_gather(x):  # [B, 8, 8, C] -> [B, 4, 4, 4C]
-    b, h, w, c = x.shape
-    return x.reshape(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5).flatten(3)
-
-
-class TinyMerge(nn.Module):
+class TinyMerge(TwoStageLayers):
     def __init__(self):
-        super().__init__()
-        self.embed = nn.Conv2d(3, C, 4, 4)
+        super().__init__(C, HEADS)
         self.pos = nn.Parameter(torch.randn(1, 8, 8, C) * 0.5)   # unbroadcast constant term
-        self.n1, self.attn1 = nn.LayerNorm(C), TinyAttention(C, HEADS)
-        self.n2 = nn.LayerNorm(C)
-        self.mlp = nn.Sequential(nn.Linear(C, 2 * C), nn.GELU(), nn.Linear(2 * C, C))
-        self.merge_norm, self.reduction = nn.LayerNorm(4 * C), nn.Linear(4 * C, 2 * C, bias=False)
-        self.n3, self.attn2 = nn.LayerNorm(2 * C), TinyAttention(2 * C, HEADS)
-        self.norm = nn.LayerNorm(2 * C)
-        for m in self.modules():          # non-trivial γ, β
-            if isinstance(m, nn.LayerNorm):
-                nn.init.normal_(m.weight, 1.0, 0.3)
-                nn.init.normal_(m.bias, 0.0, 0.3)
 
     def forward(self, img):
         x = self.embed(img).permute(0, 2, 3, 1) + self.pos

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 import fxdecomp
 from fxdecomp.rewrite import runtime as rt
 
 from .pending_checks import record_inputs
-from .reference_heads import TinyAttention
+from .reference_heads import TwoStageLayers, merge_gather
 
 C, HEADS, GRID, WS = 8, 2, 6, 3
 WINDOWS = (GRID // WS) ** 2
@@ -48,26 +47,10 @@ def reverse(w):     # [4B, 9, C] -> [B, 6, 6, C], then the shift back
     return x.roll((SHIFT, SHIFT), (1, 2))
 
 
-def merge_gather(x):  # [B, 6, 6, C] -> [B, 3, 3, 4C]
-    b, h, w, c = x.shape
-    return x.reshape(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5).flatten(3)
-
-
-class TinyWindows(nn.Module):
+class TinyWindows(TwoStageLayers):
     def __init__(self, pool: str = "mean"):
-        super().__init__()
+        super().__init__(C, HEADS)
         self.pool = pool
-        self.embed = nn.Conv2d(3, C, 4, 4)
-        self.n1, self.attn1 = nn.LayerNorm(C), TinyAttention(C, HEADS)
-        self.n2 = nn.LayerNorm(C)
-        self.mlp = nn.Sequential(nn.Linear(C, 2 * C), nn.GELU(), nn.Linear(2 * C, C))
-        self.merge_norm, self.reduction = nn.LayerNorm(4 * C), nn.Linear(4 * C, 2 * C, bias=False)
-        self.n3, self.attn2 = nn.LayerNorm(2 * C), TinyAttention(2 * C, HEADS)
-        self.norm = nn.LayerNorm(2 * C)
-        for m in self.modules():          # non-trivial γ, β
-            if isinstance(m, nn.LayerNorm):
-                nn.init.normal_(m.weight, 1.0, 0.3)
-                nn.init.normal_(m.bias, 0.0, 0.3)
 
     def forward(self, img):
         x = self.embed(img).permute(0, 2, 3, 1)                       # [B, 6, 6, C]
