@@ -10,16 +10,23 @@ import torch
 import fxdecomp
 
 
-def assert_exact_and_heads_match(model, x: torch.Tensor, ref: dict, in_stage: Callable[[str], bool],
-                                 heads: int) -> None:
-    """components.sum(0) equals model(x) (rel. err <= 1e-5), and the heads of the modules
-    ``in_stage`` accepts equal ``ref`` {head: [B, E] float64} to 1e-5 of their scale."""
-    dm = fxdecomp.decompose(model, x, granularity="heads")
+def decompose_exactly(model, x: torch.Tensor, granularity: str):
+    """(the decomposed model, its decomposition of x) at ``granularity``, asserting
+    components.sum(0) equals model(x) (rel. err <= 1e-5)."""
+    dm = fxdecomp.decompose(model, x, granularity=granularity)
     with torch.no_grad():
         d = dm(x)
         y = model(x)
     err = float((d.components.double().sum(0) - y.double()).abs().max() / y.double().abs().max())
     assert err <= 1e-5, err
+    return dm, d
+
+
+def assert_exact_and_heads_match(model, x: torch.Tensor, ref: dict, in_stage: Callable[[str], bool],
+                                 heads: int) -> None:
+    """components.sum(0) equals model(x) (rel. err <= 1e-5), and the heads of the modules
+    ``in_stage`` accepts equal ``ref`` {head: [B, E] float64} to 1e-5 of their scale."""
+    _, d = decompose_exactly(model, x, "heads")
     got = {lab.head: d.components[i] for i, lab in enumerate(d.labels)
            if lab.kind == "attn_head" and in_stage(lab.module)}
     assert sorted(got) == list(range(heads))
