@@ -29,8 +29,8 @@ from typing import Optional
 import torch
 
 from ._common import (HAS_TRITON, KernelInputError, check_out_dtype, check_same_dtype_and_device,
-                      check_scale, check_tensor, dot_precision, dot_upcast, interpreter_block,
-                      interpreting, launchable, resolve_backend)
+                      check_scale, check_tensor, describe, dot_precision, dot_upcast,
+                      interpreter_block, interpreting, launchable, resolve_backend)
 
 if HAS_TRITON:
     import triton
@@ -175,28 +175,42 @@ def _validate(A, V, M, scale, out_dtype):
     return check_out_dtype(out_dtype, A.dtype)
 
 
+def _check_out(out, A, M, reduce_q, dtype):
+    """``out`` is None or a tensor of the result's shape and dtype on A's device."""
+    if out is None:
+        return
+    B, H, Q, N = A.shape
+    want = (B, H, N, M.shape[2]) if reduce_q else (B, H, Q, N, M.shape[2])
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != want or out.dtype != dtype \
+            or out.device != A.device:
+        raise KernelInputError(f"out must be a {dtype} tensor of shape {want} on {A.device}; got "
+                               f"{describe('out', out)}")
+
+
 def token_contributions_reference(A: torch.Tensor, V: torch.Tensor, M: torch.Tensor,
                                   scale: Optional[torch.Tensor] = None, reduce_q: bool = False,
-                                  *, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+                                  *, out_dtype: Optional[torch.dtype] = None,
+                                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Pure-torch ``token_contributions``: project V once ([B, H, N, E], fp32), then weight it.
 
     Also never forms [B, H, Q, N, dh]; it does hold fp32 temporaries the size of the output.
     """
     dtype = _validate(A, V, M, scale, out_dtype)
+    _check_out(out, A, M, reduce_q, dtype)
     P = torch.einsum("bhnd,hde->bhne", V.float(), M.float())
     a = A.float()
     if scale is not None:
         a = a * scale.float()[:, None, :, None]
-    if reduce_q:
-        return (P * a.sum(dim=2)[..., None]).to(dtype)
-    return (a[..., None] * P[:, :, None]).to(dtype)
+    y = P * a.sum(dim=2)[..., None] if reduce_q else a[..., None] * P[:, :, None]
+    return y.to(dtype) if out is None else out.copy_(y)
 
 
-def _token_contributions_triton(A, V, M, scale, reduce_q, out_dtype):
+def _token_contributions_triton(A, V, M, scale, reduce_q, out_dtype, out=None):
     B, H, Q, N = A.shape
     dh, E = M.shape[1], M.shape[2]
     shape = (B, H, N, E) if reduce_q else (B, H, Q, N, E)
-    out = torch.empty(shape, device=A.device, dtype=out_dtype)
+    if out is None:
+        out = torch.empty(shape, device=A.device, dtype=out_dtype)
     if out.numel() == 0:
         return out
     if dh == 0 or Q == 0:
@@ -231,7 +245,8 @@ def _token_contributions_triton(A, V, M, scale, reduce_q, out_dtype):
 def token_contributions(A: torch.Tensor, V: torch.Tensor, M: torch.Tensor,
                         scale: Optional[torch.Tensor] = None, reduce_q: bool = False,
                         backend: str = "auto", *,
-                        out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+                        out_dtype: Optional[torch.dtype] = None,
+                        out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Split each head's projected output over its source tokens.
 
     Args:
@@ -243,6 +258,9 @@ def token_contributions(A: torch.Tensor, V: torch.Tensor, M: torch.Tensor,
         reduce_q: sum over query rows (mean-pooled targets) instead of keeping them.
         backend: "auto" (Triton for CUDA tensors, torch otherwise), "triton" or "torch".
         out_dtype: output dtype; defaults to A's dtype. Accumulation is always fp32.
+        out: optional preallocated result (the shape below, any strides, e.g. a slice of the
+            engine's output slab): written in place and returned. No autograd (as for any
+            ``out=`` op).
 
     Returns:
         [B, H, Q, N, E] with
@@ -256,6 +274,7 @@ def token_contributions(A: torch.Tensor, V: torch.Tensor, M: torch.Tensor,
     torch.Size([2, 3, 1, 10, 16])
     """
     dtype = _validate(A, V, M, scale, out_dtype)
+    _check_out(out, A, M, reduce_q, dtype)
     if resolve_backend(backend, A) == "torch":
-        return token_contributions_reference(A, V, M, scale, reduce_q, out_dtype=dtype)
-    return _token_contributions_triton(A, V, M, scale, reduce_q, dtype)
+        return token_contributions_reference(A, V, M, scale, reduce_q, out_dtype=dtype, out=out)
+    return _token_contributions_triton(A, V, M, scale, reduce_q, dtype, out)

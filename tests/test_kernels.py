@@ -480,6 +480,32 @@ def test_head_projection_out_writes_into_slab(center, scale_kind):
         assert bool((slab[0] == 7).all()) and bool((slab[H + 1] == 7).all())
 
 
+@needs_kernel
+@pytest.mark.parametrize("reduce_q", [True, False])
+def test_token_contributions_out_writes_into_slab(reduce_q):
+    """out= writes the per-token contributions into a strided slice of a larger tensor, leaving
+    the rest untouched, with the values of the reference; both backends."""
+    B, H, Q, N, dh, E = 2, 3, 2, 7, 16, 12
+    A, V = make_av(B, H, Q, N, dh, torch.float32, seed=21)
+    M, s = make_m(H, dh, E, torch.float32, "hde", 22), make_scale(B, Q, torch.float32, 23)
+    ref = K.token_contributions_reference(A, V, M, s, reduce_q)
+    for backend in ("triton", "torch"):
+        slab = torch.full((B, H, N + 2) + ref.shape[3:], 7.0, device=DEVICE) if reduce_q else \
+            torch.full((B, H, Q, N + 2, E), 7.0, device=DEVICE)
+        view = slab[:, :, 1:N + 1] if reduce_q else slab[:, :, :, 1:N + 1]
+        got = K.token_contributions(A, V, M, s, reduce_q, backend=backend, out=view)
+        assert got.data_ptr() == view.data_ptr()
+        assert_close(view, ref, torch.float32, f"token_contributions out= ({backend})")
+        edges = (slab[:, :, [0, N + 1]] if reduce_q else slab[:, :, :, [0, N + 1]])
+        assert bool((edges == 7).all())
+
+
+def test_token_contributions_out_rejects_wrong_shape():
+    A, V, M = torch.rand(1, 2, 1, 5), torch.randn(1, 2, 5, 4), torch.randn(2, 4, 3)
+    with pytest.raises(K.KernelInputError, match="out must be"):
+        K.token_contributions(A, V, M, reduce_q=True, backend="torch", out=torch.empty(1, 2, 1, 5, 3))
+
+
 def test_head_projection_out_rejects_wrong_shape():
     O, M = torch.randn(1, 2, 3, 4), torch.randn(2, 4, 5)
     with pytest.raises(K.KernelInputError, match="out must be"):
