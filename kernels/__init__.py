@@ -8,6 +8,10 @@ interpreter (``TRITON_INTERPRET=1``), which is how the tests run the kernels wit
   optionally centered per row and scaled by a frozen per-row 1/sigma.
 - :func:`token_contributions`: ``A [B, H, Q, N], V [B, H, N, dh], M [H, dh, E] ->
   [B, H, Q, N, E]`` (or ``[B, H, N, E]`` summed over q) per-source-token contributions.
+
+Both take ``out=`` (a slice of the engine's output slab). The engine calls ``head_projection``
+for head-blocked terms (``fxdecomp.rewrite.runtime.blocked_linear``) and ``token_contributions``
+for per-token terms carried as factors with one sub-position (``factored_linear``).
 """
 from ._common import KernelInputError, resolve_backend
 from .head_projection import head_projection, head_projection_reference

@@ -460,6 +460,41 @@ def test_engine_triton_backend_matches_torch(granularity):
     assert err <= 1e-5
 
 
+@needs_kernel
+def test_engine_projects_per_token_terms_with_the_token_kernel(monkeypatch):
+    """Tokens mode of a mean-pooled ViT: each head's per-source-token terms reach the output as
+    factors (the final mean's weight of every source token, its value row), projected by the
+    fused ``token_contributions`` kernel with backend="triton" (once per attention layer); the
+    components equal backend="torch" and sum to the output."""
+    import timm
+
+    import fxdecomp
+    import fxdecomp_kernels
+    calls = []
+    kernel = fxdecomp_kernels.token_contributions
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("backend"))
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(fxdecomp_kernels, "token_contributions", spy)
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                              embed_dim=32, depth=2, num_heads=2, global_pool="avg",
+                              class_token=False, num_classes=0).eval().to(DEVICE)
+    x = torch.randn(2, 3, 32, 32, device=DEVICE)
+    with torch.no_grad():
+        ref = fxdecomp.decompose(model, x, granularity="tokens", backend="torch")(x)
+        assert not calls
+        got = fxdecomp.decompose(model, x, granularity="tokens", backend="triton")(x)
+    assert calls == ["triton", "triton"]
+    assert got.names == ref.names and len(got.names) > 2 * 2 * 16
+    scale = float(ref.output.abs().max())
+    torch.testing.assert_close(got.components, ref.components, rtol=1e-5, atol=1e-5 * scale)
+    err = float((got.components.double().sum(0) - got.output.double()).abs().max()) / scale
+    assert err <= 1e-5
+
+
 # ---------------------------------------------------------------------------------------------
 # head_projection writing into a preallocated slab (the engine's write-once path)
 # ---------------------------------------------------------------------------------------------

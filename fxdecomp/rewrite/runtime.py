@@ -898,6 +898,8 @@ def factored_linear(sigma: torch.Tensor, v: torch.Tensor | None, weight: torch.T
     o = out.view(heads, -1, e)
     sg = sigma.reshape(heads, -1, sub)
     vv = v.reshape(heads, -1, b)
+    if sub == 1 and _kernel_backend(backend, sigma) == "triton":
+        return _token_rows_kernel(sg, vv, w, o, backend, out)
     for h in range(heads):
         narrow = e <= b
         wh = w[:, h].permute(2, 1, 0).reshape(b, sub * e) if narrow else \
@@ -909,4 +911,22 @@ def factored_linear(sigma: torch.Tensor, v: torch.Tensor | None, weight: torch.T
                 o[h, i:i + rows] = torch.bmm(s_i.unsqueeze(1), z).squeeze(1)
             else:
                 torch.mm((s_i.unsqueeze(-1) * v_i.unsqueeze(-2)).flatten(1), wh, out=o[h, i:i + rows])
+    return out
+
+
+def _kernel_backend(backend: str, t: torch.Tensor) -> str:
+    from fxdecomp_kernels import resolve_backend
+    return resolve_backend(backend, t)
+
+
+def _token_rows_kernel(sg: torch.Tensor, vv: torch.Tensor, w: torch.Tensor, o: torch.Tensor,
+                       backend: str, out: torch.Tensor) -> torch.Tensor:
+    """``factored_linear`` of one sub-position through the fused per-token kernel: per head h
+    and term n, o[h, n] = σ[h, n] · (v[h, n] W_hᵀ), i.e. ``token_contributions`` with A = σ
+    [1, H, 1, n] (the query functional already applied), V = v [1, H, n, b], M = W_hᵀ
+    [H, b, E] and ``reduce_q``, written straight into the output slab."""
+    from fxdecomp_kernels import token_contributions
+    heads, n, b = vv.shape
+    token_contributions(sg.reshape(1, heads, 1, n), vv.unsqueeze(0), w[:, :, 0].permute(1, 2, 0),
+                        reduce_q=True, backend=backend, out=o.unsqueeze(0))
     return out
