@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Benchmark fxdecomp.decompose on CPU: decomposed forward vs a plain forward of the target.
+"""Benchmark fxdecomp.decompose: decomposed forward vs a plain forward of the target (CPU, or a
+GPU with ``--device cuda``).
 
 For every configuration (model, model_kwargs, batch, mode) with mode one of ``plain``,
 ``blocks``, ``heads``, ``tokens`` the suite starts a FRESH Python process (a worker: this same
@@ -36,6 +37,14 @@ Scaling (heads mode, ``--scale-batch``, on ``--scale-model``): image size 224 vs
 Outputs in ``--out`` (default benchmarks/results): ``decompose_<tag>.csv``, ``.json`` (rows,
 machine info, the exact command line, and a ``targets`` section with pass/fail) and ``.png``
 (ratio to plain as grouped bars). A markdown table is printed at the end.
+
+``--device cuda``: the model, input and directions live on the GPU; each timed call is bracketed
+by ``torch.cuda.synchronize()``, and ``peak_cuda_gib`` (``torch.cuda.max_memory_allocated``)
+joins the peak RSS. The targets stay the CPU ones (the GPU numbers have none); tag default
+``cuda``. One prepared call on a lent GPU machine:
+``python benchmarks/bench_decompose.py --device cuda --models deit_small_patch16_224,\
+vit_base_patch16_224,swin_tiny_patch4_window7_224 --batches 8,64 --modes plain,heads,tokens,projected
+--no-scaling --reps 10``.
 
     python benchmarks/bench_decompose.py --quick            # smoke run, a couple of minutes
     python benchmarks/bench_decompose.py                    # full suite (long on a small CPU)
@@ -94,10 +103,14 @@ def worker(cfg: dict) -> dict:
     from fxdecomp.capture.adapters import example_input, load_model
 
     res: dict = {"threads": torch.get_num_threads()}
+    device = torch.device(cfg.get("device") or "cpu")
+    cuda = device.type == "cuda"
     name, _, output = cfg["model"].partition(":")   # "maxvit_tiny_tf_224:pooled": adapter output
     target, info = load_model("timm:" + name, random_init=True, seed=0,
                               model_kwargs=cfg.get("model_kwargs") or None, output=output or None)
-    x = example_input(info, batch=cfg["batch"], seed=0)
+    target = target.to(device)
+    x = example_input(info, batch=cfg["batch"], seed=0).to(device)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     res["input_size"] = list(info["input_size"])
     res["params_M"] = round(sum(p.numel() for p in target.parameters()) / 1e6, 2)
     res["rss_after_load_gib"] = _maxrss_bytes() / GiB
@@ -117,7 +130,8 @@ def worker(cfg: dict) -> dict:
             E = int(target(x[:1]).shape[-1])
         D = None
         if mode == "projected":   # k fixed directions, e.g. text embeddings in output space
-            D = torch.randn(E, cfg.get("project_k", 8), generator=torch.Generator().manual_seed(0))
+            D = torch.randn(E, cfg.get("project_k", 8),
+                            generator=torch.Generator().manual_seed(0)).to(device)
             with torch.no_grad():
                 dm(x, project=D)   # builds the projected graph once (not timed as a forward)
             res["build_s"] = time.perf_counter() - t0
@@ -142,8 +156,10 @@ def worker(cfg: dict) -> dict:
         t_start = time.perf_counter()
         for r in range(cfg["reps"]):
             for name, fn in fns:
+                sync()
                 t0 = time.perf_counter()
                 out = fn()
+                sync()
                 times[name].append(time.perf_counter() - t0)
                 del out
             elapsed = time.perf_counter() - t_start
@@ -153,13 +169,15 @@ def worker(cfg: dict) -> dict:
     if cfg.get("profile"):   # the top ops of one more call of each, by self CPU time
         from torch.profiler import ProfilerActivity, profile
         res["profile"] = {}
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        own = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
         with torch.no_grad():
             for name, fn in fns:
-                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                with profile(activities=acts) as prof:
                     fn()
-                top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:8]
-                res["profile"][name] = [(e.key, round(e.self_cpu_time_total / 1e3, 1), e.count)
-                                        for e in top]
+                    sync()
+                top = sorted(prof.key_averages(), key=lambda e: -own(e))[:8]
+                res["profile"][name] = [(e.key, round(own(e) / 1e3, 1), e.count) for e in top]
     if mode != "plain":
         res["rel_err"] = dm.verify(x)
     B = cfg["batch"]
@@ -180,6 +198,8 @@ def worker(cfg: dict) -> dict:
         res["ratio_min"] = min(times[mode]) / min(times["plain"])
         res["times_mode_s"] = times[mode]
     res["peak_rss_gib"] = _maxrss_bytes() / GiB
+    if cuda:
+        res["peak_cuda_gib"] = torch.cuda.max_memory_allocated(device) / GiB
     res["status"] = "ok"
     return res
 
@@ -310,7 +330,8 @@ def evaluate_targets(rows: list[dict]) -> list[dict]:
 
 
 CSV_FIELDS = ["model", "model_kwargs", "batch", "mode", "status", "img_s", "ms", "plain_img_s",
-              "plain_ms", "ratio", "ratio_spread", "ratio_of_medians", "ratio_min", "peak_rss_gib", "build_s", "rel_err", "components",
+              "plain_ms", "ratio", "ratio_spread", "ratio_of_medians", "ratio_min", "peak_rss_gib",
+              "peak_cuda_gib", "build_s", "rel_err", "components",
               "components_tensor_gib", "reps_done", "threads", "params_M", "input_size", "wall_s"]
 
 
@@ -335,7 +356,7 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, device: str = "cpu") -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -368,7 +389,8 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_xticklabels([f"{lab.replace('_patch', chr(10) + 'patch')}\nB={b}" for lab, b in groups], fontsize=7)
     ax.set_ylabel("time / plain forward\n(median over reps of paired ratio)")
     ax.set_yscale("log")  # Swin tokens (~280x) would flatten every other bar
-    ax.set_title("fxdecomp: decomposed vs plain forward (CPU, fp32)\ndashed lines: targets at batch 8",
+    ax.set_title(f"fxdecomp: decomposed vs plain forward ({device.upper()}, fp32)\n"
+                 "dashed lines: targets at batch 8 (CPU)",
                  fontsize=10)
     ax.legend()
     fig.tight_layout()
@@ -391,7 +413,7 @@ def write_outputs(rows, meta, out_dir: Path, tag: str) -> dict:
     with open(stem.with_suffix(".json"), "w") as f:
         json.dump(meta, f, indent=1)
     try:
-        plot(rows, stem.with_suffix(".png"))
+        plot(rows, stem.with_suffix(".png"), meta.get("settings", {}).get("device", "cpu"))
     except Exception as e:  # noqa: BLE001 -- a plot failure must not lose the results
         print(f"plot failed: {e!r}", file=sys.stderr)
     return meta
@@ -407,6 +429,8 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, help="timed repetitions per config (default 5; quick 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls of each before timing")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch default)")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (a GPU: synchronised timing, "
+                   "peak GPU memory)")
     p.add_argument("--profile", action="store_true",
                    help="record and print the top ops (self CPU time) of one call per mode")
     p.add_argument("--project-k", type=int, default=8, help="directions of the projected mode")
@@ -450,7 +474,7 @@ def main(argv=None) -> int:
     reps = a.reps or (3 if q else 5)
     timeout = a.timeout or (120.0 if q else 900.0)
     scale_batch = a.scale_batch or (2 if q else 8)
-    tag = a.tag or ("cpu_quick" if q else "cpu")
+    tag = a.tag or ("cpu_quick" if q else "cpu") if a.device == "cpu" else (a.tag or a.device)
 
     configs = []
     for m in models:
@@ -472,7 +496,8 @@ def main(argv=None) -> int:
             "argv": sys.argv, "cwd": os.getcwd(),
             "started": datetime.datetime.now().isoformat(timespec="seconds"),
             "machine": machine_info(),
-            "settings": {"reps": reps, "warmup": a.warmup, "threads": a.threads or None,
+            "settings": {"device": a.device, "reps": reps, "warmup": a.warmup,
+                         "threads": a.threads or None,
                          "mem_cap_gib": a.mem_cap_gib, "timeout_s": timeout, "dtype": "float32",
                          "weights": "timm random init, seed 0", "input": "example_input(info, batch, seed=0)"},
             "method": ("fresh process per (model, model_kwargs, batch, mode); plain forward target(x) and "
@@ -488,7 +513,8 @@ def main(argv=None) -> int:
     for i, (m, kw, b, mode, group) in enumerate(uniq):
         cfg = {"model": m, "model_kwargs": kw, "batch": b, "mode": mode, "reps": reps,
                "warmup": a.warmup, "threads": a.threads, "mem_cap_gib": a.mem_cap_gib,
-               "timeout": timeout, "profile": a.profile, "project_k": a.project_k}
+               "timeout": timeout, "profile": a.profile, "project_k": a.project_k,
+               "device": a.device}
         print(f"[{i + 1}/{len(uniq)}] {model_label(m, kw)} batch={b} mode={mode} ...", end=" ", flush=True)
         res = run_config(cfg)
         row = {"model": m, "model_kwargs": kw, "batch": b, "mode": mode, "group": group, **res}
