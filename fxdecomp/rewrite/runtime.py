@@ -31,6 +31,7 @@ __all__ = [
     "normalize_terms", "identity_weight", "home_positions", "scale_positions", "gather_positions",
     "reduce_positions", "linear_terms", "window_map", "split_by_map", "window_reduce",
     "token_factors", "unfactor", "window_reduce_factored", "outer_terms", "factored_linear",
+    "window_rows", "dense_window_weights",
 ]
 
 
@@ -851,25 +852,73 @@ def unfactor(s: torch.Tensor, v: torch.Tensor, wmap: torch.Tensor) -> torch.Tens
 
 def window_reduce_factored(s: torch.Tensor, v: torch.Tensor, wmap: torch.Tensor, windows: int,
                            dims, keepdim: bool, mean: bool):
-    """``window_reduce`` of factored terms: (σ [c·windows, *kept, S], the reduction of s per
-    window; the value row of each (term, window, kept position) [c·windows, *kept, b]: v at row
-    image·windows + w, the image read from the map (b' // windows)). If a kept position mixes
-    images (never for a mean over positions within each image) the terms are unfactored and
-    reduced as they are: (reduced terms, None)."""
+    """``window_reduce`` of factored terms: (weights, rows). Where every kept position sees the
+    same windows at the same reduced positions (a mean over the tokens of each image), the
+    reduced elements of each window are listed once (``window_rows``: Q' rows of window w, each
+    with its sub-block j) and the weights are s gathered at them, [c·windows, *kept, Q'] (times
+    1/n for a mean): component k·windows + w sums Σ_q weights[q] · (v W_{slot[w, q]}), with
+    rows = (v rows, slot [windows, Q'], S) (``factored_linear``; ``outer_terms`` densifies).
+    Otherwise σ [c·windows, *kept, S] (s summed per window and sub-block) and rows = v rows.
+    The v rows [c·windows, *kept, b]: v at row image·windows + w, the image read from the map
+    (b' // windows). If a kept position mixes images (never for a mean over positions within
+    each image) the terms are unfactored and reduced as they are: (reduced terms, None)."""
     c, rest, sub = s.shape[0], tuple(s.shape[1:-1]), s.shape[-1]
     nd = len(rest)
     red = sorted({d % nd for d in dims})
     kept = [d for d in range(nd) if d not in red]
+    perm = kept + red
     n_kept = math.prod(rest[d] for d in kept)
     img = (wmap // windows).expand((1,) + rest + (sub,))[0]
-    img = img.permute(kept + red + [nd]).reshape(n_kept, -1)
+    img = img.permute(perm + [nd]).reshape(n_kept, -1)
     if not bool((img == img[:, :1]).all()):
         return window_reduce(unfactor(s, v, wmap), wmap, windows, dims, keepdim, mean), None
-    sigma = window_reduce(s, wmap, windows, dims, keepdim, mean)           # [c·W, *kept', S]
+    shape = [1 if d in red else rest[d] for d in range(nd)] if keepdim else [rest[d] for d in kept]
     rows = (img[:, 0].view(1, n_kept) * windows
             + torch.arange(windows, device=s.device).view(windows, 1))     # [W, n_kept]
-    g = v.index_select(1, rows.reshape(-1)).view(c * windows, *sigma.shape[1:-1], v.shape[-1])
-    return sigma, g
+    g = v.index_select(1, rows.reshape(-1)).view([c * windows] + shape + [v.shape[-1]])
+    wm = (wmap % windows).expand((1,) + rest + (sub,))[0].permute(perm + [nd]).reshape(n_kept, -1)
+    if not bool((wm == wm[:1]).all()):
+        return window_reduce(s, wmap, windows, dims, keepdim, mean), g
+    index, slot = window_rows(wm[0], windows, sub)                         # [W, Q'] each
+    q = index.shape[1]
+    if q >= sub:     # no fewer rows per window than sub-blocks: σ per sub-block is narrower
+        return window_reduce(s, wmap, windows, dims, keepdim, mean), g
+    src = s.permute([0] + [1 + d for d in perm] + [nd + 1]).reshape(c, 1, n_kept, -1)
+    if int(index.max()) == src.shape[-1]:            # windows of fewer rows: padded with a zero
+        src = F.pad(src, (0, 1))
+    weights = torch.gather(src.expand(c, windows, n_kept, src.shape[-1]), 3,
+                           index.view(1, windows, 1, q).expand(c, windows, n_kept, q))
+    if mean:
+        weights /= math.prod(rest[d] for d in red)
+    return weights.view([c * windows] + shape + [q]), (g, slot, sub)
+
+
+def window_rows(wm: torch.Tensor, windows: int, sub: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The elements of each window: ``wm`` [n·S] the window of each reduced (position, sub-block)
+    element (flat, sub-block inner) -> (index [windows, Q'] into them, slot [windows, Q'] their
+    sub-block), Q' the most elements of one window; a window with fewer is padded with index n·S
+    (read as a zero) and slot 0."""
+    n = wm.shape[0]
+    order = torch.argsort(wm, stable=True)
+    counts = torch.bincount(wm, minlength=windows)
+    start = torch.cumsum(counts, 0) - counts
+    ids = wm[order]
+    rank = torch.arange(n, device=wm.device) - start[ids]
+    q = int(counts.max())
+    index = torch.full((windows, q), n, dtype=torch.long, device=wm.device)
+    index[ids, rank] = order
+    slot = torch.where(index < n, index % sub, torch.zeros_like(index))
+    return index, slot
+
+
+def dense_window_weights(weights: torch.Tensor, slot: torch.Tensor, sub: int) -> torch.Tensor:
+    """Per-window-row weights [c·W, *kept, Q'] (``window_reduce_factored``) -> σ [c·W, *kept, S]:
+    σ[.., j] = Σ_{q: slot[w, q] = j} weights[.., q] (the window w of a term is its index mod W)."""
+    windows, q = slot.shape
+    w = weights.reshape(-1, windows, math.prod(weights.shape[1:-1]), q)
+    out = weights.new_zeros(w.shape[:-1] + (sub,))
+    out.scatter_add_(3, slot.view(1, windows, 1, q).expand(w.shape), w)
+    return out.view(tuple(weights.shape[:-1]) + (sub,))
 
 
 def outer_terms(sigma: torch.Tensor, v: torch.Tensor | None) -> torch.Tensor:
@@ -877,6 +926,8 @@ def outer_terms(sigma: torch.Tensor, v: torch.Tensor | None) -> torch.Tensor:
     (``v`` None: σ already holds the terms)."""
     if v is None:
         return sigma
+    if isinstance(v, tuple):                     # per-window-row weights (window_reduce_factored)
+        sigma, v = dense_window_weights(sigma, v[1], v[2]), v[0]
     return (sigma.unsqueeze(-1) * v.unsqueeze(-2)).flatten(-2)
 
 
@@ -886,14 +937,20 @@ def factored_linear(sigma: torch.Tensor, v: torch.Tensor | None, weight: torch.T
     """blocked_linear(outer_terms(σ, v), W, heads) without the outer product at full size:
     y[n] = Σ_j σ[n, j] Σ_d v[n, d] W_h[:, j·b + d] for the components of each head h, in
     blocks of ``rows`` (v W_j first when E <= b, else σ ⊗ v first: the narrower one)."""
+    tensors = (sigma, weight) + (v if isinstance(v, tuple) else (v,))
     if v is None or torch.is_grad_enabled() and any(
-            x.requires_grad for x in (sigma, v, weight)):
+            isinstance(x, torch.Tensor) and x.requires_grad for x in tensors):
         y = blocked_linear(outer_terms(sigma, v), weight, heads, backend)
         return y if out is None else out.copy_(y)
-    c, sub, b = sigma.shape[0], sigma.shape[-1], v.shape[-1]
     e = weight.shape[0]
     if out is None:
-        out = sigma.new_empty((c,) + tuple(sigma.shape[1:-1]) + (e,))
+        out = sigma.new_empty((sigma.shape[0],) + tuple(sigma.shape[1:-1]) + (e,))
+    if isinstance(v, tuple):    # per-window-row weights: fewer rows than sub-blocks, E narrow
+        g, slot, sub = v
+        if slot.shape[1] < sub and e <= g.shape[-1]:
+            return _window_rows_linear(sigma, g, slot, sub, weight, heads, out)
+        sigma, v = dense_window_weights(sigma, slot, sub), g
+    sub, b = sigma.shape[-1], v.shape[-1]
     w = weight.reshape(e, heads, sub, b)
     o = out.view(heads, -1, e)
     sg = sigma.reshape(heads, -1, sub)
@@ -909,4 +966,32 @@ def factored_linear(sigma: torch.Tensor, v: torch.Tensor | None, weight: torch.T
                 o[h, i:i + rows] = torch.bmm(s_i.unsqueeze(1), z).squeeze(1)
             else:
                 torch.mm((s_i.unsqueeze(-1) * v_i.unsqueeze(-2)).flatten(1), wh, out=o[h, i:i + rows])
+    return out
+
+
+def _window_rows_linear(weights: torch.Tensor, g: torch.Tensor, slot: torch.Tensor, sub: int,
+                        weight: torch.Tensor, heads: int, out: torch.Tensor,
+                        chunk: int = 4) -> torch.Tensor:
+    """``factored_linear`` of per-window-row weights (``window_reduce_factored``): per head h
+    and window w, y[n] = Σ_q weights[n, q] · (g[n] W_h[slot[w, q]]) = g[n] · A[n], A[n] =
+    Σ_q weights[n, q] W_h[slot[w, q]] ([b, E]): one matmul per window over all of its terms
+    (its rows' blocks of W gathered once), then g[n] · A[n] per term, in ``chunk`` windows at
+    a time (E <= b: A is no wider than the outer product of weights and g). Component order k·W + w, k = h·N + t (head outer)."""
+    windows, q = slot.shape
+    e, b = weight.shape[0], g.shape[-1]
+    n_per = weights.shape[0] // (heads * windows)                     # terms per head and window
+    kept = math.prod(weights.shape[1:-1])
+    w5 = weights.reshape(heads, n_per, windows, kept, q)
+    g5 = g.reshape(heads, n_per, windows, kept, b)
+    o5 = out.view(heads, n_per, windows, kept, e)
+    wh_all = weight.reshape(e, heads, sub, b).permute(1, 2, 0, 3)    # [H, S, E, b]
+    for h in range(heads):
+        wg = wh_all[h].index_select(0, slot.reshape(-1)).view(windows, q, e * b)
+        for w0 in range(0, windows, chunk):
+            w1 = min(w0 + chunk, windows)
+            lhs = w5[h, :, w0:w1].permute(1, 0, 2, 3).reshape(w1 - w0, n_per * kept, q)
+            a = torch.bmm(lhs, wg[w0:w1]).view(-1, e, b)               # [(w, n, kept), E, b]
+            rows = g5[h, :, w0:w1].permute(1, 0, 2, 3).reshape(-1, 1, b)
+            y = a.mul_(rows).sum(2).view(w1 - w0, n_per, kept, e)
+            o5[h, :, w0:w1].copy_(y.permute(1, 0, 2, 3))
     return out
