@@ -138,6 +138,11 @@ class Emitter:
         if c.fac is None:
             return c
         kind, v = c.fac[:2]
+        if kind == "probe":    # s read from P at the moved rows; the window map r // Q
+            both = self.call(rt.probe_factors, c.node, c.win[0], c.fac[2])
+            c = Chunk(self.call(operator.getitem, both, 0), c.labels, None, c.proj, c.cdim,
+                      (self.call(operator.getitem, both, 1), c.win[1]), ("rows", v))
+            kind = "rows"
         if kind == "attn":     # the node already holds the terms
             return Chunk(c.node, c.labels, c.block, c.proj, c.cdim, c.win)
         fn = rt.unfactor if kind == "rows" else rt.outer_terms
@@ -222,7 +227,7 @@ class Emitter:
         for c in chunks:
             if c.win is not None and c.win[0] is not None and c.proj is not None \
                     and c.cdim is None and rank is not None and pos[0] < rank - 1 \
-                    and (c.fac is None or c.fac[0] == "rows"):
+                    and (c.fac is None or c.fac[0] in ("rows", "probe")):
                 # rows of the positions (a crop after a pad): the window map keeps the same rows
                 wmap = self.call(rt.take, c.win[0], pos[0] + 1, pos[1], pos[2])
                 out.append(Chunk(self.call(rt.take, c.node, pos[0] + 1, pos[1], pos[2]), c.labels,

@@ -31,7 +31,7 @@ __all__ = [
     "normalize_terms", "identity_weight", "home_positions", "scale_positions", "gather_positions",
     "reduce_positions", "linear_terms", "window_map", "split_by_map", "window_reduce",
     "token_factors", "unfactor", "window_reduce_factored", "outer_terms", "factored_linear",
-    "window_rows", "dense_window_weights",
+    "window_rows", "dense_window_weights", "token_probe", "probe_factors", "window_reduce_probe",
 ]
 
 
@@ -843,6 +843,99 @@ def token_factors(probs: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, t
     return s, vv
 
 
+# Probed per-token terms. s = P (per head and source token) is as large as the attention's
+# probabilities, and every layout op would copy it. Instead the chunk carries a probe: weights
+# ω [1, *rest, S] (ones at the attention, scaled by the same frozen per-row factors s would be)
+# and a row map r [1, *rest, S] (the attention's flat output row b'·Q + q, moved by the same
+# ops; the window map is r // Q): s = ω · P[b', h, q, t] is read from P once, where the terms
+# are reduced (``window_reduce_probe``) or needed (``probe_factors``).
+def token_probe(probs: torch.Tensor, v: torch.Tensor):
+    """The probe of the per-token terms of P [B', H, Q, N] and V [B', H, N, dh] in the layout
+    [B', Q, H·dh]: (ω [1, B', Q, 1] ones, r [1, B', Q, 1] = b'·Q + q, v rows [H·N, B', dh])."""
+    rows, q = probs.shape[0], probs.shape[2]
+    r = torch.arange(rows * q, device=probs.device).view(1, rows, q, 1)
+    vv = v.expand(probs.shape[:2] + v.shape[-2:]).permute(1, 2, 0, 3).reshape(
+        probs.shape[1] * probs.shape[3], rows, -1)
+    return torch.ones(r.shape, dtype=v.dtype, device=v.device), r, vv
+
+
+def _probs_rows(probs: torch.Tensor, dtype) -> torch.Tensor:
+    """P [B', H, Q, N] as rows [B'·Q, H·N] (column h·N + t: the component of head h, token t)."""
+    return probs.to(dtype).permute(0, 2, 1, 3).reshape(probs.shape[0] * probs.shape[2], -1)
+
+
+def probe_factors(w: torch.Tensor, rmap: torch.Tensor, probs: torch.Tensor):
+    """A probe (ω, r) -> the factored terms' scalar factor s [H·N, *rest, S] = ω · P at the rows
+    r, and the window map r // Q (``token_factors``' layout)."""
+    pr = _probs_rows(probs, w.dtype)
+    s = pr.index_select(0, rmap.reshape(-1)).t().reshape((pr.shape[1],) + tuple(rmap.shape[1:]))
+    return s * w, rmap // probs.shape[2]
+
+
+def window_reduce_probe(w: torch.Tensor, rmap: torch.Tensor, probs: torch.Tensor,
+                        v: torch.Tensor, windows: int, dims, keepdim: bool, mean: bool):
+    """``window_reduce_factored`` of probed terms (ω, r; P; v rows): the weights of each
+    window's rows read from P at r, times ω (no s at every position)."""
+    q_len = probs.shape[2]
+    rest, sub = tuple(w.shape[1:-1]), w.shape[-1]
+    nd = len(rest)
+    red = sorted({d % nd for d in dims})
+    kept = [d for d in range(nd) if d not in red]
+    perm = kept + red
+    n_kept = math.prod(rest[d] for d in kept)
+    flat = lambda m: m.expand((1,) + rest + (sub,))[0].permute(perm + [nd]).reshape(n_kept, -1)  # noqa: E731
+    r = flat(rmap)
+    b = r // q_len
+    img, wm = b // windows, b % windows
+    if not (bool((img == img[:, :1]).all()) and bool((wm == wm[:1]).all())):
+        s, bmap = probe_factors(w, rmap, probs)
+        return window_reduce_factored(s, v, bmap, windows, dims, keepdim, mean)
+    shape = [1 if d in red else rest[d] for d in range(nd)] if keepdim else [rest[d] for d in kept]
+    c = v.shape[0]
+    rows = (img[:, 0].view(1, n_kept) * windows
+            + torch.arange(windows, device=w.device).view(windows, 1))     # [W, n_kept]
+    g = v.index_select(1, rows.reshape(-1)).view([c * windows] + shape + [v.shape[-1]])
+    ww = flat(w)
+    if mean:
+        ww = ww / math.prod(rest[d] for d in red)
+    whole = _whole_windows(r, wm, img, windows, q_len)
+    if whole is not None:      # every window's Q rows, once each: P read in its own order
+        index = whole
+        slot = index % sub
+        order = img[:, 0] * windows
+        p = probs.to(w.dtype)
+        if not bool((order == torch.arange(n_kept, device=w.device) * windows).all()):
+            p = p.view(-1, windows, *p.shape[1:]).index_select(0, img[:, 0]).flatten(0, 1)
+        pt = p.transpose(2, 3).contiguous()                               # [B', H, N, Q]
+        pt = pt.view(n_kept, windows, *pt.shape[1:]).permute(2, 3, 1, 0, 4)  # [H, N, W, K, Q]
+        om = ww[:, index].transpose(0, 1)                                 # [W, K, Q]
+        if torch.is_grad_enabled() and (pt.requires_grad or om.requires_grad):
+            weights = (pt * om).contiguous()
+        else:
+            weights = torch.empty(pt.shape, dtype=w.dtype, device=w.device)
+            torch.mul(pt, om, out=weights)
+        weights = weights.view([c * windows] + shape + [q_len])
+        if q_len >= sub:
+            return dense_window_weights(weights, slot, sub), g
+        return weights, (g, slot, sub)
+    index, slot = window_rows(wm[0], windows, sub)                         # [W, Q'] each
+    q = index.shape[1]
+    if int(index.max()) == r.shape[-1]:              # windows of fewer rows: padded (ω = 0)
+        r, ww = F.pad(r, (0, 1)), F.pad(ww, (0, 1))
+    rw, ww = r[:, index].transpose(0, 1), ww[:, index].transpose(0, 1)     # [W, n_kept, Q']
+    got = _probs_rows(probs, w.dtype).index_select(0, rw.reshape(-1))    # [W·n_kept·Q', c]
+    got = got.t().view(c, windows, n_kept, q)
+    if torch.is_grad_enabled() and (got.requires_grad or ww.requires_grad):
+        weights = (got * ww.unsqueeze(0)).contiguous()
+    else:   # the transpose and the product in one pass
+        weights = torch.empty((c, windows, n_kept, q), dtype=w.dtype, device=w.device)
+        torch.mul(got, ww.unsqueeze(0), out=weights)
+    weights = weights.view([c * windows] + shape + [q])
+    if q >= sub:     # no fewer rows per window than sub-blocks: σ per sub-block is narrower
+        return dense_window_weights(weights, slot, sub), g
+    return weights, (g, slot, sub)
+
+
 def unfactor(s: torch.Tensor, v: torch.Tensor, wmap: torch.Tensor) -> torch.Tensor:
     """Factored terms -> the terms [c, *rest, S·b]: t[..., j·b + d] = s[..., j] · v[:, map[..., j], d]."""
     rows = wmap.expand((1,) + tuple(s.shape[1:])).reshape(-1)
@@ -891,6 +984,25 @@ def window_reduce_factored(s: torch.Tensor, v: torch.Tensor, wmap: torch.Tensor,
     if mean:
         weights /= math.prod(rest[d] for d in red)
     return weights.view([c * windows] + shape + [q]), (g, slot, sub)
+
+
+def _whole_windows(r: torch.Tensor, wm: torch.Tensor, img: torch.Tensor, windows: int,
+                   q_len: int) -> torch.Tensor | None:
+    """For rows r [n_kept, n] (b'·Q + q) of windows wm and images img (the same windows at the
+    same places for every kept row): the element holding query q of window w, [W, Q], if every
+    window has each of its Q rows exactly once and every kept row the same queries there; else
+    None."""
+    n = r.shape[1]
+    if n != windows * q_len:
+        return None
+    qq = r % q_len
+    if not bool((qq == qq[:1]).all()):
+        return None
+    index = torch.full((windows * q_len,), -1, dtype=torch.long, device=r.device)
+    index[wm[0] * q_len + qq[0]] = torch.arange(n, device=r.device)
+    if bool((index < 0).any()):
+        return None
+    return index.view(windows, q_len)
 
 
 def window_rows(wm: torch.Tensor, windows: int, sub: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -129,7 +129,7 @@ def _pending_layout(em, node: Node, target, args: list, kwargs: dict, merged: in
 
     out = []
     for c in em.terms(x, pending_ok=True, lazy_ok=True, windows_ok=True):
-        if c.fac is not None and c.fac[0] != "rows" or c.proj is None:
+        if c.fac is not None and c.fac[0] not in ("rows", "probe") or c.proj is None:
             c = em.unwindow(c)   # (unfactored; a plain chunk is split by window, if any)
         if c.proj is None:   # a constant may be stored unbroadcast ([1, 1, N, E] for [B, N, E])
             c = em.chunk(em.call(rt.expand_terms, c.node, em.orig(x)), c.labels)
@@ -506,7 +506,7 @@ def keep_pending(em, x: Node, apply, moves: Callable[[int], Optional[int]] | Non
     out = []
     for c in em.terms(x, pending_ok=True, channel_ok=moves is not None,
                       lazy_ok=deferred is not None, windows_ok=True):
-        if c.fac is not None and c.fac[0] != "rows" or c.proj is None:
+        if c.fac is not None and c.fac[0] not in ("rows", "probe") or c.proj is None:
             c = em.unwindow(c)   # (unfactored; a plain chunk is split by window, if any)
         if c.proj is not None:
             new = None if moves is None else moves(rank - 1 if c.cdim is None else c.cdim)
@@ -517,8 +517,10 @@ def keep_pending(em, x: Node, apply, moves: Callable[[int], Optional[int]] | Non
             if c.win is not None and isinstance(windows, tuple):
                 _, dims, keepdim, mean = windows
                 if c.fac is not None:   # σ per window and the value row of each component
-                    both = em.call(rt.window_reduce_factored, c.node, c.fac[1], c.win[0],
-                                   c.win[1], dims, keepdim, mean)
+                    both = em.call(rt.window_reduce_probe, c.node, c.win[0], c.fac[2], c.fac[1],
+                                   c.win[1], dims, keepdim, mean) if c.fac[0] == "probe" else \
+                        em.call(rt.window_reduce_factored, c.node, c.fac[1], c.win[0],
+                                c.win[1], dims, keepdim, mean)
                     out.append(em.pending(em.call(operator.getitem, both, 0), c.proj[0],
                                           c.proj[1], c.labels,
                                           fac=("reduced", em.call(operator.getitem, both, 1))))
