@@ -1069,13 +1069,13 @@ def factored_linear(sigma: torch.Tensor, v: torch.Tensor | None, weight: torch.T
     vv = v.reshape(heads, -1, b)
     for h in range(heads):
         narrow = e <= b
-        wh = w[:, h].permute(2, 1, 0).reshape(b, sub * e) if narrow else \
+        wh = w[:, h].permute(2, 0, 1).reshape(b, e * sub) if narrow else \
             w[:, h].reshape(e, sub * b).t()
         for i in range(0, sg.shape[1], rows):
             s_i, v_i = sg[h, i:i + rows], vv[h, i:i + rows]
             if narrow:
-                z = (v_i @ wh).view(-1, sub, e)                                  # [n, S, E]
-                o[h, i:i + rows] = torch.bmm(s_i.unsqueeze(1), z).squeeze(1)
+                z = (v_i @ wh).view(-1, e, sub)                                  # [n, E, S]
+                torch.sum(z.mul_(s_i.unsqueeze(1)), 2, out=o[h, i:i + rows])
             else:
                 torch.mm((s_i.unsqueeze(-1) * v_i.unsqueeze(-2)).flatten(1), wh, out=o[h, i:i + rows])
     return out
