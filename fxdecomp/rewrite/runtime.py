@@ -906,18 +906,23 @@ def window_reduce_probe(w: torch.Tensor, rmap: torch.Tensor, probs: torch.Tensor
         p = probs.to(w.dtype)
         if not bool((order == torch.arange(n_kept, device=w.device) * windows).all()):
             p = p.view(-1, windows, *p.shape[1:]).index_select(0, img[:, 0]).flatten(0, 1)
+        om = ww[:, index].transpose(0, 1)                                 # [W, K, Q]
+        if q_len >= sub:   # σ per sub-block: Pᵀ (ω one-hot over the slots), per (b', h)
+            onehot = om.new_zeros((windows, n_kept, q_len, sub))
+            onehot.scatter_(3, slot.view(windows, 1, q_len, 1).expand(-1, n_kept, -1, -1),
+                            om.unsqueeze(-1))
+            onehot = onehot.transpose(0, 1).unsqueeze(2)                  # [K, W, 1, Q, S]
+            pt = p.view(n_kept, windows, *p.shape[1:]).transpose(-1, -2)  # [K, W, H, N, Q]
+            sigma = torch.matmul(pt, onehot).permute(2, 3, 1, 0, 4)       # [H, N, W, K, S]
+            return sigma.reshape([c * windows] + shape + [sub]), g
         pt = p.transpose(2, 3).contiguous()                               # [B', H, N, Q]
         pt = pt.view(n_kept, windows, *pt.shape[1:]).permute(2, 3, 1, 0, 4)  # [H, N, W, K, Q]
-        om = ww[:, index].transpose(0, 1)                                 # [W, K, Q]
         if torch.is_grad_enabled() and (pt.requires_grad or om.requires_grad):
             weights = (pt * om).contiguous()
         else:
             weights = torch.empty(pt.shape, dtype=w.dtype, device=w.device)
             torch.mul(pt, om, out=weights)
-        weights = weights.view([c * windows] + shape + [q_len])
-        if q_len >= sub:
-            return dense_window_weights(weights, slot, sub), g
-        return weights, (g, slot, sub)
+        return weights.view([c * windows] + shape + [q_len]), (g, slot, sub)
     index, slot = window_rows(wm[0], windows, sub)                         # [W, Q'] each
     q = index.shape[1]
     if int(index.max()) == r.shape[-1]:              # windows of fewer rows: padded (ω = 0)
