@@ -1072,6 +1072,11 @@ def factored_linear(sigma: torch.Tensor, v: torch.Tensor | None, weight: torch.T
     o = out.view(heads, -1, e)
     sg = sigma.reshape(heads, -1, sub)
     vv = v.reshape(heads, -1, b)
+    if e <= b and sg.shape[1] * heads * e * sub <= rows * 256:   # small: all heads at once
+        z = torch.bmm(vv, w.permute(1, 3, 0, 2).reshape(heads, b, e * sub)).view(
+            heads, -1, e, sub)                                                   # [H, n, E, S]
+        torch.sum(z.mul_(sg.unsqueeze(2)), 3, out=o)
+        return out
     for h in range(heads):
         narrow = e <= b
         wh = w[:, h].permute(2, 0, 1).reshape(b, e * sub) if narrow else \
