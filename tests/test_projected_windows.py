@@ -123,17 +123,17 @@ def test_window_rows_reduction_equals_split_by_window(padded):
         omega[:, drop] = 0
     shape = (1, images, 2, 2, sub)
     omega, r = omega.view(shape), r.view(shape)
-    _, _, vv = rt.token_probe(probs, v)
+    _, _, vals = rt.token_probe(probs, v)
     weight = torch.randn(e, heads * sub * b, generator=g)
     with torch.no_grad():
-        got, got_rows = rt.window_reduce_probe(omega, r, probs, vv, windows, [1, 2], False, True)
+        got, got_rows = rt.window_reduce_probe(omega, r, probs, vals, windows, [1, 2], False, True)
         y = rt.factored_linear(got, got_rows, weight, heads)
-        s, bmap = rt.probe_factors(omega, r, probs)
+        s, bmap, vv = rt.probe_factors(omega, r, probs, vals)
         terms = rt.unfactor(s, vv, bmap)
         want = rt.blocked_linear(rt.split_by_map(terms, bmap, windows).mean((2, 3)), weight,
                                  heads, "torch")
         dense = rt.blocked_linear(rt.outer_terms(got, got_rows), weight, heads, "torch")
     assert isinstance(got_rows, tuple)       # fewer rows per window (<= 5) than sub-blocks (8)
-    assert got.shape[-1] == (5 if padded else q)
+    assert got_rows[1].shape == (windows, 5 if padded else q)     # slot: window x row
     torch.testing.assert_close(y, want)
     torch.testing.assert_close(dense, want)

@@ -139,9 +139,10 @@ class Emitter:
             return c
         kind, v = c.fac[:2]
         if kind == "probe":    # s read from P at the moved rows; the window map r // Q
-            both = self.call(rt.probe_factors, c.node, c.win[0], c.fac[2])
-            c = Chunk(self.call(operator.getitem, both, 0), c.labels, None, c.proj, c.cdim,
-                      (self.call(operator.getitem, both, 1), c.win[1]), ("rows", v))
+            got = self.call(rt.probe_factors, c.node, c.win[0], c.fac[2], v)
+            v = self.call(operator.getitem, got, 2)
+            c = Chunk(self.call(operator.getitem, got, 0), c.labels, None, c.proj, c.cdim,
+                      (self.call(operator.getitem, got, 1), c.win[1]), ("rows", v))
             kind = "rows"
         if kind == "attn":     # the node already holds the terms
             return Chunk(c.node, c.labels, c.block, c.proj, c.cdim, c.win)

@@ -479,7 +479,7 @@ def write_terms(parts: Sequence, ref: torch.Tensor, backend: str = "auto") -> to
                if isinstance(x, torch.Tensor)]
     if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
         return torch.cat([expand_terms(materialize(p), ref) for p in parts], 0)
-    sizes = [int(p[0].shape[0] if isinstance(p, (tuple, list)) else p.shape[0]) for p in parts]
+    sizes = [_part_size(p) for p in parts]
     starts = [sum(sizes[:i]) for i in range(len(parts))]
     out = ref.new_empty((sum(sizes),) + tuple(ref.shape))
     fits = [isinstance(p, (tuple, list)) and len(p) == 3
@@ -502,6 +502,17 @@ def write_terms(parts: Sequence, ref: torch.Tensor, backend: str = "auto") -> to
         elif fit is not None:
             dst.copy_(materialize(p))
     return out
+
+
+def _part_size(p) -> int:
+    """Components in one part of ``write_terms`` (per-window-row weights in P's order,
+    [W, H, Q, K, N]: H·N·W)."""
+    if not isinstance(p, (tuple, list)):
+        return int(p.shape[0])
+    if len(p) == 4 and isinstance(p[3], tuple) and len(p[3]) == 4:
+        windows, heads, _, _, n_tok = p[0].shape
+        return int(windows * heads * n_tok)
+    return int(p[0].shape[0])
 
 
 def _shared_weight_groups(parts: Sequence, fits: list) -> list[list[int]]:
@@ -851,12 +862,16 @@ def token_factors(probs: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, t
 # are reduced (``window_reduce_probe``) or needed (``probe_factors``).
 def token_probe(probs: torch.Tensor, v: torch.Tensor):
     """The probe of the per-token terms of P [B', H, Q, N] and V [B', H, N, dh] in the layout
-    [B', Q, H·dh]: (ω [1, B', Q, 1] ones, r [1, B', Q, 1] = b'·Q + q, v rows [H·N, B', dh])."""
+    [B', Q, H·dh]: (ω [1, B', Q, 1] ones, r [1, B', Q, 1] = b'·Q + q, V [B', H, N, dh])."""
     rows, q = probs.shape[0], probs.shape[2]
     r = torch.arange(rows * q, device=probs.device).view(1, rows, q, 1)
-    vv = v.expand(probs.shape[:2] + v.shape[-2:]).permute(1, 2, 0, 3).reshape(
-        probs.shape[1] * probs.shape[3], rows, -1)
-    return torch.ones(r.shape, dtype=v.dtype, device=v.device), r, vv
+    return torch.ones(r.shape, dtype=v.dtype, device=v.device), r, \
+        v.expand(probs.shape[:2] + v.shape[-2:])
+
+
+def _value_rows(v: torch.Tensor) -> torch.Tensor:
+    """V [B', H, N, dh] -> the value rows of the factored terms [H·N, B', dh]."""
+    return v.permute(1, 2, 0, 3).reshape(v.shape[1] * v.shape[2], v.shape[0], -1)
 
 
 def _probs_rows(probs: torch.Tensor, dtype) -> torch.Tensor:
@@ -864,18 +879,23 @@ def _probs_rows(probs: torch.Tensor, dtype) -> torch.Tensor:
     return probs.to(dtype).permute(0, 2, 1, 3).reshape(probs.shape[0] * probs.shape[2], -1)
 
 
-def probe_factors(w: torch.Tensor, rmap: torch.Tensor, probs: torch.Tensor):
-    """A probe (ω, r) -> the factored terms' scalar factor s [H·N, *rest, S] = ω · P at the rows
-    r, and the window map r // Q (``token_factors``' layout)."""
+def probe_factors(w: torch.Tensor, rmap: torch.Tensor, probs: torch.Tensor, v: torch.Tensor):
+    """A probe (ω, r) of P and V -> the factored terms (``token_factors``' layout): the scalar
+    factor s [H·N, *rest, S] = ω · P at the rows r, the window map r // Q and the value rows
+    [H·N, B', dh]."""
     pr = _probs_rows(probs, w.dtype)
     s = pr.index_select(0, rmap.reshape(-1)).t().reshape((pr.shape[1],) + tuple(rmap.shape[1:]))
-    return s * w, rmap // probs.shape[2]
+    return s * w, rmap // probs.shape[2], _value_rows(v)
 
 
 def window_reduce_probe(w: torch.Tensor, rmap: torch.Tensor, probs: torch.Tensor,
                         v: torch.Tensor, windows: int, dims, keepdim: bool, mean: bool):
-    """``window_reduce_factored`` of probed terms (ω, r; P; v rows): the weights of each
-    window's rows read from P at r, times ω (no s at every position)."""
+    """``window_reduce_factored`` of probed terms (ω, r; P; V [B', H, N, dh]): the weights of each
+    window's rows read from P at r, times ω (no s at every position). Whole windows (each of
+    the Q rows of every window once, the same places for every kept row) read P in its own
+    order: σ [c·W, *kept, S] when Q >= S, else the weights [W, H, Q, K, N] with rows (v
+    [W, H, K, N, b], slot, S, kept shape) (``factored_linear`` reads them as they are; see
+    ``_window_rows_std``); other layouts list each window's rows (``window_rows``)."""
     q_len = probs.shape[2]
     rest, sub = tuple(w.shape[1:-1]), w.shape[-1]
     nd = len(rest)
@@ -888,13 +908,14 @@ def window_reduce_probe(w: torch.Tensor, rmap: torch.Tensor, probs: torch.Tensor
     b = r // q_len
     img, wm = b // windows, b % windows
     if not (bool((img == img[:, :1]).all()) and bool((wm == wm[:1]).all())):
-        s, bmap = probe_factors(w, rmap, probs)
-        return window_reduce_factored(s, v, bmap, windows, dims, keepdim, mean)
+        s, bmap, vv = probe_factors(w, rmap, probs, v)
+        return window_reduce_factored(s, vv, bmap, windows, dims, keepdim, mean)
     shape = [1 if d in red else rest[d] for d in range(nd)] if keepdim else [rest[d] for d in kept]
-    c = v.shape[0]
+    c = v.shape[1] * v.shape[2]
     rows = (img[:, 0].view(1, n_kept) * windows
             + torch.arange(windows, device=w.device).view(windows, 1))     # [W, n_kept]
-    g = v.index_select(1, rows.reshape(-1)).view([c * windows] + shape + [v.shape[-1]])
+    g = lambda: _value_rows(v).index_select(1, rows.reshape(-1)).view(  # noqa: E731
+        [c * windows] + shape + [v.shape[-1]])
     ww = flat(w)
     if mean:
         ww = ww / math.prod(rest[d] for d in red)
@@ -906,6 +927,7 @@ def window_reduce_probe(w: torch.Tensor, rmap: torch.Tensor, probs: torch.Tensor
         p = probs.to(w.dtype)
         if not bool((order == torch.arange(n_kept, device=w.device) * windows).all()):
             p = p.view(-1, windows, *p.shape[1:]).index_select(0, img[:, 0]).flatten(0, 1)
+            v = v.view(-1, windows, *v.shape[1:]).index_select(0, img[:, 0]).flatten(0, 1)
         om = ww[:, index].transpose(0, 1)                                 # [W, K, Q]
         if q_len >= sub:   # σ per sub-block: Pᵀ (ω one-hot over the slots), per (b', h)
             onehot = om.new_zeros((windows, n_kept, q_len, sub))
@@ -914,15 +936,18 @@ def window_reduce_probe(w: torch.Tensor, rmap: torch.Tensor, probs: torch.Tensor
             onehot = onehot.transpose(0, 1).unsqueeze(2)                  # [K, W, 1, Q, S]
             pt = p.view(n_kept, windows, *p.shape[1:]).transpose(-1, -2)  # [K, W, H, N, Q]
             sigma = torch.matmul(pt, onehot).permute(2, 3, 1, 0, 4)       # [H, N, W, K, S]
-            return sigma.reshape([c * windows] + shape + [sub]), g
-        pt = p.transpose(2, 3).contiguous()                               # [B', H, N, Q]
-        pt = pt.view(n_kept, windows, *pt.shape[1:]).permute(2, 3, 1, 0, 4)  # [H, N, W, K, Q]
-        if torch.is_grad_enabled() and (pt.requires_grad or om.requires_grad):
-            weights = (pt * om).contiguous()
+            return sigma.reshape([c * windows] + shape + [sub]), g()
+        # fewer rows than sub-blocks: the weights stay in P's order, [W, H, Q, K, N] (ω in the
+        # same pass), the value rows [W, H, K, N, b]: ``factored_linear`` reads them as they are
+        pv = p.view(n_kept, windows, *p.shape[1:]).permute(1, 2, 3, 0, 4)
+        omb = om.permute(0, 2, 1).unsqueeze(1).unsqueeze(-1)              # [W, 1, Q, K, 1]
+        if torch.is_grad_enabled() and (pv.requires_grad or omb.requires_grad):
+            weights = (pv * omb).contiguous()
         else:
-            weights = torch.empty(pt.shape, dtype=w.dtype, device=w.device)
-            torch.mul(pt, om, out=weights)
-        return weights.view([c * windows] + shape + [q_len]), (g, slot, sub)
+            weights = torch.empty(pv.shape, dtype=w.dtype, device=w.device)
+            torch.mul(pv, omb, out=weights)
+        vp = v.view(n_kept, windows, *v.shape[1:]).permute(1, 2, 0, 3, 4).contiguous()
+        return weights, (vp, slot, sub, shape)
     index, slot = window_rows(wm[0], windows, sub)                         # [W, Q'] each
     q = index.shape[1]
     if int(index.max()) == r.shape[-1]:              # windows of fewer rows: padded (ω = 0)
@@ -937,8 +962,8 @@ def window_reduce_probe(w: torch.Tensor, rmap: torch.Tensor, probs: torch.Tensor
         torch.mul(got, ww.unsqueeze(0), out=weights)
     weights = weights.view([c * windows] + shape + [q])
     if q >= sub:     # no fewer rows per window than sub-blocks: σ per sub-block is narrower
-        return dense_window_weights(weights, slot, sub), g
-    return weights, (g, slot, sub)
+        return dense_window_weights(weights, slot, sub), g()
+    return weights, (g(), slot, sub)
 
 
 def unfactor(s: torch.Tensor, v: torch.Tensor, wmap: torch.Tensor) -> torch.Tensor:
@@ -1028,6 +1053,20 @@ def window_rows(wm: torch.Tensor, windows: int, sub: int) -> tuple[torch.Tensor,
     return index, slot
 
 
+def _window_rows_std(weights: torch.Tensor, rows: tuple) -> tuple:
+    """Per-window-row weights and rows in P's order (weights [W, H, Q, K, N], rows (v
+    [W, H, K, N, b], slot, S, kept shape)) -> the component order: ([c·W, *kept, Q],
+    (v [c·W, *kept, b], slot, S)), c = H·N (head outer)."""
+    if len(rows) == 3:
+        return weights, rows
+    vp, slot, sub, shape = rows
+    windows, heads, q, kept, n_tok = weights.shape
+    c = heads * n_tok
+    w = weights.permute(1, 4, 0, 3, 2).reshape([c * windows] + list(shape) + [q])
+    g = vp.permute(1, 3, 0, 2, 4).reshape([c * windows] + list(shape) + [vp.shape[-1]])
+    return w, (g, slot, sub)
+
+
 def dense_window_weights(weights: torch.Tensor, slot: torch.Tensor, sub: int) -> torch.Tensor:
     """Per-window-row weights [c·W, *kept, Q'] (``window_reduce_factored``) -> σ [c·W, *kept, S]:
     σ[.., j] = Σ_{q: slot[w, q] = j} weights[.., q] (the window w of a term is its index mod W)."""
@@ -1044,6 +1083,7 @@ def outer_terms(sigma: torch.Tensor, v: torch.Tensor | None) -> torch.Tensor:
     if v is None:
         return sigma
     if isinstance(v, tuple):                     # per-window-row weights (window_reduce_factored)
+        sigma, v = _window_rows_std(sigma, v)
         sigma, v = dense_window_weights(sigma, v[1], v[2]), v[0]
     return (sigma.unsqueeze(-1) * v.unsqueeze(-2)).flatten(-2)
 
@@ -1060,12 +1100,18 @@ def factored_linear(sigma: torch.Tensor, v: torch.Tensor | None, weight: torch.T
         y = blocked_linear(outer_terms(sigma, v), weight, heads, backend)
         return y if out is None else out.copy_(y)
     e = weight.shape[0]
+    if isinstance(v, tuple) and len(v) == 4 and e <= v[0].shape[-1]:
+        # per-window-row weights in P's order: [W, H, Q, K, N] -> [H·N·W, *kept, E]
+        if out is None:
+            windows, h, _, _, n_tok = sigma.shape
+            out = sigma.new_empty([h * n_tok * windows] + list(v[3]) + [e])
+        return _window_rows_linear(sigma, v[0], v[1], v[2], weight, heads, out)
+    if isinstance(v, tuple):
+        sigma, v = _window_rows_std(sigma, v)
     if out is None:
         out = sigma.new_empty((sigma.shape[0],) + tuple(sigma.shape[1:-1]) + (e,))
     if isinstance(v, tuple):    # per-window-row weights: fewer rows than sub-blocks, E narrow
         g, slot, sub = v
-        if slot.shape[1] < sub and e <= g.shape[-1]:
-            return _window_rows_linear(sigma, g, slot, sub, weight, heads, out)
         sigma, v = dense_window_weights(sigma, slot, sub), g
     sub, b = sigma.shape[-1], v.shape[-1]
     w = weight.reshape(e, heads, sub, b)
@@ -1091,29 +1137,30 @@ def factored_linear(sigma: torch.Tensor, v: torch.Tensor | None, weight: torch.T
     return out
 
 
-def _window_rows_linear(weights: torch.Tensor, g: torch.Tensor, slot: torch.Tensor, sub: int,
+def _window_rows_linear(weights: torch.Tensor, vp: torch.Tensor, slot: torch.Tensor, sub: int,
                         weight: torch.Tensor, heads: int, out: torch.Tensor,
                         chunk: int = 4) -> torch.Tensor:
-    """``factored_linear`` of per-window-row weights (``window_reduce_factored``): per head h
-    and window w, y[n] = Σ_q weights[n, q] · (g[n] W_h[slot[w, q]]) = g[n] · A[n], A[n] =
-    Σ_q weights[n, q] W_h[slot[w, q]] ([b, E]): one matmul per window over all of its terms
-    (its rows' blocks of W gathered once), then g[n] · A[n] per term, in ``chunk`` windows at
-    a time (E <= b: A is no wider than the outer product of weights and g). Component order k·W + w, k = h·N + t (head outer)."""
-    windows, q = slot.shape
-    e, b = weight.shape[0], g.shape[-1]
-    n_per = weights.shape[0] // (heads * windows)                     # terms per head and window
-    kept = math.prod(weights.shape[1:-1])
-    w5 = weights.reshape(heads, n_per, windows, kept, q)
-    g5 = g.reshape(heads, n_per, windows, kept, b)
-    o5 = out.view(heads, n_per, windows, kept, e)
+    """``factored_linear`` of per-window-row weights in P's order (``window_reduce_probe``:
+    weights [W, H, Q, K, N], value rows vp [W, H, K, N, b]): per head h and window w,
+    y[k, t] = Σ_q weights[q, k, t] · (v[k, t] W_h[slot[w, q]]) = v[k, t] · A[k, t], Aᵀ =
+    W_h[slot[w]]ᵀ weights ([E·b, Q] x [Q, K·N]: one matmul per window over all of its terms,
+    its rows' blocks of W gathered once), then v · A per term, in ``chunk`` windows at a time
+    (E <= b: A is no wider than the outer product of weights and v). Written in the component
+    order (h, t, w) x kept."""
+    windows, _, q, kept, n_tok = weights.shape
+    e, b = weight.shape[0], vp.shape[-1]
+    o5 = out.view(heads, n_tok, windows, kept, e)
     wh_all = weight.reshape(e, heads, sub, b).permute(1, 2, 0, 3)    # [H, S, E, b]
     for h in range(heads):
         wg = wh_all[h].index_select(0, slot.reshape(-1)).view(windows, q, e * b)
+        wg = wg.transpose(1, 2).contiguous()                          # [W, E·b, Q]
         for w0 in range(0, windows, chunk):
             w1 = min(w0 + chunk, windows)
-            lhs = w5[h, :, w0:w1].permute(1, 0, 2, 3).reshape(w1 - w0, n_per * kept, q)
-            a = torch.bmm(lhs, wg[w0:w1]).view(-1, e, b)               # [(w, n, kept), E, b]
-            rows = g5[h, :, w0:w1].permute(1, 0, 2, 3).reshape(-1, 1, b)
-            y = a.mul_(rows).sum(2).view(w1 - w0, n_per, kept, e)
-            o5[h, :, w0:w1].copy_(y.permute(1, 0, 2, 3))
+            rhs = weights[w0:w1, h].reshape(w1 - w0, q, kept * n_tok)
+            a = torch.bmm(wg[w0:w1], rhs).view(w1 - w0, e, b, kept * n_tok)
+            vt = vp[w0:w1, h].reshape(w1 - w0, kept * n_tok, b).transpose(1, 2)
+            y = a.mul_(vt.contiguous().unsqueeze(1)).sum(2)
+            o5[h, :, w0:w1].copy_(y.view(w1 - w0, e, kept, n_tok).permute(3, 0, 2, 1))
     return out
+
+
