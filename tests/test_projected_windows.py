@@ -137,3 +137,16 @@ def test_window_rows_reduction_equals_split_by_window(padded):
     assert got_rows[1].shape == (windows, 5 if padded else q)     # slot: window x row
     torch.testing.assert_close(y, want)
     torch.testing.assert_close(dense, want)
+
+
+def test_reduce_positions_of_a_broadcast_row():
+    """A constant broadcast over every position (a bias) reduced through a positions map (moves
+    and per-row scales deferred) equals the mean of its gathered rows: Σ_r w[r]·row / n."""
+    g = torch.Generator().manual_seed(0)
+    row = torch.randn(1, 1, 1, 1, 6, generator=g)
+    t = row.expand(1, 2, 4, 4, 6)                                    # [1, B, 4, 4, E], stride 0
+    positions = rt.home_positions(t[0])
+    positions = rt.scale_positions(positions, torch.rand(2, 4, 4, 1, generator=g) + 0.5)
+    got = rt.reduce_positions(t, positions, (1, 2), False, True)
+    want = rt.gather_positions(t.contiguous(), positions).mean((2, 3))
+    torch.testing.assert_close(got, want)

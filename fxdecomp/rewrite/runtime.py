@@ -581,7 +581,9 @@ def reduce_positions(t: torch.Tensor, positions: torch.Tensor, dims: tuple, keep
     weight = (p[1].reshape(-1, n) / n if mean else p[1].reshape(-1, n)).to(t.dtype)
     c, b = t.shape[0], t.shape[-1]
     flat = t.reshape(c, -1, b)
-    if c <= 64:
+    if flat.shape[1] > 1 and flat.stride(1) == 0:   # one row broadcast (a bias): Σ w · row
+        out = weight.sum(1).view(1, -1, 1) * flat[:, :1]
+    elif c <= 64:
         out = torch.stack([F.embedding_bag(index, flat[i], per_sample_weights=weight, mode="sum")
                            for i in range(c)])
     else:   # many components (tokens mode): one gather, one multiply, one sum
@@ -936,7 +938,9 @@ def window_reduce_probe(w: torch.Tensor, rmap: torch.Tensor, probs: torch.Tensor
             onehot = onehot.transpose(0, 1).unsqueeze(2)                  # [K, W, 1, Q, S]
             pt = p.view(n_kept, windows, *p.shape[1:]).transpose(-1, -2)  # [K, W, H, N, Q]
             sigma = torch.matmul(pt, onehot).permute(2, 3, 1, 0, 4)       # [H, N, W, K, S]
-            return sigma.reshape([c * windows] + shape + [sub]), g()
+            rows_v = v.view(n_kept, windows, *v.shape[1:]).permute(2, 3, 1, 0, 4)
+            return sigma.reshape([c * windows] + shape + [sub]), \
+                rows_v.reshape([c * windows] + shape + [v.shape[-1]])
         # fewer rows than sub-blocks: the weights stay in P's order, [W, H, Q, K, N] (ω in the
         # same pass), the value rows [W, H, K, N, b]: ``factored_linear`` reads them as they are
         pv = p.view(n_kept, windows, *p.shape[1:]).permute(1, 2, 3, 0, 4)
