@@ -1141,6 +1141,33 @@ def factored_linear(sigma: torch.Tensor, v: torch.Tensor | None, weight: torch.T
     return out
 
 
+_SLOT_WEIGHTS: dict = {}
+
+
+def _slot_weights(weight: torch.Tensor, heads: int, sub: int, slot: torch.Tensor) -> torch.Tensor:
+    """The blocks of a pending W [E, H·S·b] that each window's rows meet, transposed:
+    [H, W, E·b, Q], entry [h, w, e·b + d, q] = W[e, (h·S + slot[w, q])·b + d]. Depends on W and
+    the layout only, so it is kept between calls like a fold (``_folded``), keyed on W's identity
+    and version and on slot's values."""
+    e, b = weight.shape[0], weight.shape[1] // (heads * sub)
+    windows, q = slot.shape
+
+    def make():
+        wh = weight.reshape(e, heads, sub, b).permute(1, 2, 0, 3)     # [H, S, E, b]
+        wg = wh.index_select(1, slot.reshape(-1)).view(heads, windows, q, e * b)
+        return wg.transpose(2, 3).contiguous()
+
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and weight.requires_grad):
+        return make()
+    key = (id(weight), _version(weight), heads, sub, tuple(slot.shape),
+           hash(slot.cpu().numpy().tobytes()))
+    hit = _SLOT_WEIGHTS.get(key)
+    if hit is None or not torch.equal(hit[0], slot):
+        hit = _SLOT_WEIGHTS[key] = (slot.clone(), make())
+        weakref.finalize(weight, _SLOT_WEIGHTS.pop, key, None)
+    return hit[1]
+
+
 def _window_rows_linear(weights: torch.Tensor, vp: torch.Tensor, slot: torch.Tensor, sub: int,
                         weight: torch.Tensor, heads: int, out: torch.Tensor,
                         chunk: int = 4) -> torch.Tensor:
@@ -1154,10 +1181,9 @@ def _window_rows_linear(weights: torch.Tensor, vp: torch.Tensor, slot: torch.Ten
     windows, _, q, kept, n_tok = weights.shape
     e, b = weight.shape[0], vp.shape[-1]
     o5 = out.view(heads, n_tok, windows, kept, e)
-    wh_all = weight.reshape(e, heads, sub, b).permute(1, 2, 0, 3)    # [H, S, E, b]
+    wgt = _slot_weights(weight, heads, sub, slot)                    # [H, W, E·b, Q]
     for h in range(heads):
-        wg = wh_all[h].index_select(0, slot.reshape(-1)).view(windows, q, e * b)
-        wg = wg.transpose(1, 2).contiguous()                          # [W, E·b, Q]
+        wg = wgt[h]
         for w0 in range(0, windows, chunk):
             w1 = min(w0 + chunk, windows)
             rhs = weights[w0:w1, h].reshape(w1 - w0, q, kept * n_tok)
