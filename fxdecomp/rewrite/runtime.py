@@ -885,9 +885,11 @@ def probe_factors(w: torch.Tensor, rmap: torch.Tensor, probs: torch.Tensor, v: t
     """A probe (ω, r) of P and V -> the factored terms (``token_factors``' layout): the scalar
     factor s [H·N, *rest, S] = ω · P at the rows r, the window map r // Q and the value rows
     [H·N, B', dh]."""
-    pr = _probs_rows(probs, w.dtype)
-    s = pr.index_select(0, rmap.reshape(-1)).t().reshape((pr.shape[1],) + tuple(rmap.shape[1:]))
-    return s * w, rmap // probs.shape[2], _value_rows(v)
+    q_len = probs.shape[2]
+    r = rmap.reshape(-1)
+    got = probs[r // q_len, :, r % q_len, :].to(w.dtype)     # [n, H, N]: only the rows read
+    s = got.reshape(r.shape[0], -1).t().reshape((got.shape[1] * got.shape[2],) + tuple(rmap.shape[1:]))
+    return s * w, rmap // q_len, _value_rows(v)
 
 
 def window_reduce_probe(w: torch.Tensor, rmap: torch.Tensor, probs: torch.Tensor,
