@@ -55,8 +55,11 @@ class Chunk:
     win: tuple | None = None
     # Factored per-token terms (``rt.token_factors``): ("rows", v) with ``win``: ``node`` holds
     # the scalar factor s [c, *rest, S] (the window map's shape) and v [c, B·windows, b] the
-    # value rows; the pending input is rt.unfactor(s, v, map). ("reduced", v) after the
-    # per-window reduction: the pending input is rt.outer_terms(node, v).
+    # value rows; the pending input is rt.unfactor(s, v, map). ("probe", V, P) (what a window
+    # attention's terms start as, ``rt.token_probe``): ``node`` holds weights ω [1, *rest, S]
+    # and the map the attention's flat row b'·Q + q, so s = ω · P at those rows
+    # (``rt.probe_factors`` gives the "rows" form; the window is row // Q). ("reduced", v)
+    # after the per-window reduction: the pending input is rt.outer_terms(node, v).
     fac: tuple | None = None
     # Deferred moves of a pending projection (channels last): ``node`` still holds the input as
     # it was before them and ``at`` the positions map [2, *rest, K] the moves and per-row

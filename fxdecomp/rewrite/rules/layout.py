@@ -33,7 +33,11 @@ the forward side); any other consumer gathers the moved input first (``rt.gather
 Windowed per-token terms (``Chunk.win``/``fac``, tokens mode through window attention) are
 never deferred: their input (or scalar factor) and window map move eagerly, together, and the
 final mean reduces them per window (``rt.window_reduce``); the two never meet on one chunk
-(``Emitter.moved`` asserts it). Rebuild a chunk with ``em.refold``/``dataclasses.replace``,
+(``Emitter.moved`` asserts it). Straight from a window attention they move as a probe
+(``fac`` "probe", ``rt.token_probe``): one weight and one attention row per position and
+sub-block, not P's column for every (head, source token); P is read at the moved rows where
+the final mean reduces them (``rt.window_reduce_probe``: per window, and for whole windows in
+P's own order) or where another op needs the terms (``rt.probe_factors``). Rebuild a chunk with ``em.refold``/``dataclasses.replace``,
 never ``em.pending(c.node, ...)``, which drops ``at`` (and ``win``/``fac`` unless passed).
 
 Channels not last (NCHW stages, MaxViT): a pending chunk records the value dim holding its
