@@ -888,7 +888,8 @@ def probe_factors(w: torch.Tensor, rmap: torch.Tensor, probs: torch.Tensor, v: t
     q_len = probs.shape[2]
     r = rmap.reshape(-1)
     got = probs[r // q_len, :, r % q_len, :].to(w.dtype)     # [n, H, N]: only the rows read
-    s = got.reshape(r.shape[0], -1).t().reshape((got.shape[1] * got.shape[2],) + tuple(rmap.shape[1:]))
+    s = got.reshape(r.shape[0], -1).t()
+    s = s.reshape((got.shape[1] * got.shape[2],) + tuple(rmap.shape[1:]))
     return s * w, rmap // q_len, _value_rows(v)
 
 
@@ -907,7 +908,9 @@ def window_reduce_probe(w: torch.Tensor, rmap: torch.Tensor, probs: torch.Tensor
     kept = [d for d in range(nd) if d not in red]
     perm = kept + red
     n_kept = math.prod(rest[d] for d in kept)
-    flat = lambda m: m.expand((1,) + rest + (sub,))[0].permute(perm + [nd]).reshape(n_kept, -1)  # noqa: E731
+    def flat(m):     # [1, *rest, S] -> [n_kept, reduced·S]
+        return m.expand((1,) + rest + (sub,))[0].permute(perm + [nd]).reshape(n_kept, -1)
+
     r = flat(rmap)
     b = r // q_len
     img, wm = b // windows, b % windows
@@ -1075,7 +1078,7 @@ def _window_rows_std(weights: torch.Tensor, rows: tuple) -> tuple:
 
 def dense_window_weights(weights: torch.Tensor, slot: torch.Tensor, sub: int) -> torch.Tensor:
     """Per-window-row weights [c·W, *kept, Q'] (``window_reduce_factored``) -> σ [c·W, *kept, S]:
-    σ[.., j] = Σ_{q: slot[w, q] = j} weights[.., q] (the window w of a term is its index mod W)."""
+    σ[.., j] = Σ_{q: slot[w, q] = j} weights[.., q] (the window w of a term: its index mod W)."""
     windows, q = slot.shape
     w = weights.reshape(-1, windows, math.prod(weights.shape[1:-1]), q)
     out = weights.new_zeros(w.shape[:-1] + (sub,))

@@ -37,7 +37,8 @@ final mean reduces them per window (``rt.window_reduce``); the two never meet on
 (``fac`` "probe", ``rt.token_probe``): one weight and one attention row per position and
 sub-block, not P's column for every (head, source token); P is read at the moved rows where
 the final mean reduces them (``rt.window_reduce_probe``: per window, and for whole windows in
-P's own order) or where another op needs the terms (``rt.probe_factors``). Rebuild a chunk with ``em.refold``/``dataclasses.replace``,
+P's own order) or where another op needs the terms (``rt.probe_factors``).
+Rebuild a chunk with ``em.refold``/``dataclasses.replace``,
 never ``em.pending(c.node, ...)``, which drops ``at`` (and ``win``/``fac`` unless passed).
 
 Channels not last (NCHW stages, MaxViT): a pending chunk records the value dim holding its
