@@ -132,7 +132,8 @@ def test_window_terms_are_never_split_at_full_width():
     dm = fxdecomp.decompose(model, x, granularity="tokens")
     assert "window_reduce" in dm.code and "split_windows" not in dm.code
     g = dm.graph_module.graph
-    first = next(n for n in g.nodes if n.target in (rt.split_heads_tokens, rt.token_factors))
+    first = next(n for n in g.nodes if n.target in (rt.split_heads_tokens, rt.token_factors,
+                                                   rt.token_probe))
     after, todo = set(), [first]
     while todo:
         for u in todo.pop().users:
@@ -184,6 +185,8 @@ def test_factored_linear_equals_blocked_linear(e):
     w = torch.randn(e, heads * sub * b, generator=g)
     want = rt.blocked_linear(rt.outer_terms(sigma, v), w, heads, "torch")
     torch.testing.assert_close(rt.factored_linear(sigma, v, w, heads, "torch", rows=4), want)
+    # rows=1: head by head in one-row blocks (rows=4 takes all heads at once when E is narrow)
+    torch.testing.assert_close(rt.factored_linear(sigma, v, w, heads, "torch", rows=1), want)
 
 
 def test_timm_swin_padded_windows_sum_to_heads():

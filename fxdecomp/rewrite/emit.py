@@ -55,8 +55,11 @@ class Chunk:
     win: tuple | None = None
     # Factored per-token terms (``rt.token_factors``): ("rows", v) with ``win``: ``node`` holds
     # the scalar factor s [c, *rest, S] (the window map's shape) and v [c, B·windows, b] the
-    # value rows; the pending input is rt.unfactor(s, v, map). ("reduced", v) after the
-    # per-window reduction: the pending input is rt.outer_terms(node, v).
+    # value rows; the pending input is rt.unfactor(s, v, map). ("probe", V, P) (what a window
+    # attention's terms start as, ``rt.token_probe``): ``node`` holds weights ω [1, *rest, S]
+    # and the map the attention's flat row b'·Q + q, so s = ω · P at those rows
+    # (``rt.probe_factors`` gives the "rows" form; the window is row // Q). ("reduced", v)
+    # after the per-window reduction: the pending input is rt.outer_terms(node, v).
     fac: tuple | None = None
     # Deferred moves of a pending projection (channels last): ``node`` still holds the input as
     # it was before them and ``at`` the positions map [2, *rest, K] the moves and per-row
@@ -138,6 +141,12 @@ class Emitter:
         if c.fac is None:
             return c
         kind, v = c.fac[:2]
+        if kind == "probe":    # s read from P at the moved rows; the window map r // Q
+            got = self.call(rt.probe_factors, c.node, c.win[0], c.fac[2], v)
+            v = self.call(operator.getitem, got, 2)
+            c = Chunk(self.call(operator.getitem, got, 0), c.labels, None, c.proj, c.cdim,
+                      (self.call(operator.getitem, got, 1), c.win[1]), ("rows", v))
+            kind = "rows"
         if kind == "attn":     # the node already holds the terms
             return Chunk(c.node, c.labels, c.block, c.proj, c.cdim, c.win)
         fn = rt.unfactor if kind == "rows" else rt.outer_terms
@@ -222,7 +231,7 @@ class Emitter:
         for c in chunks:
             if c.win is not None and c.win[0] is not None and c.proj is not None \
                     and c.cdim is None and rank is not None and pos[0] < rank - 1 \
-                    and (c.fac is None or c.fac[0] == "rows"):
+                    and (c.fac is None or c.fac[0] in ("rows", "probe")):
                 # rows of the positions (a crop after a pad): the window map keeps the same rows
                 wmap = self.call(rt.take, c.win[0], pos[0] + 1, pos[1], pos[2])
                 out.append(Chunk(self.call(rt.take, c.node, pos[0] + 1, pos[1], pos[2]), c.labels,

@@ -31,6 +31,7 @@ __all__ = [
     "normalize_terms", "identity_weight", "home_positions", "scale_positions", "gather_positions",
     "reduce_positions", "linear_terms", "window_map", "split_by_map", "window_reduce",
     "token_factors", "unfactor", "window_reduce_factored", "outer_terms", "factored_linear",
+    "window_rows", "dense_window_weights", "token_probe", "probe_factors", "window_reduce_probe",
 ]
 
 
@@ -478,7 +479,7 @@ def write_terms(parts: Sequence, ref: torch.Tensor, backend: str = "auto") -> to
                if isinstance(x, torch.Tensor)]
     if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
         return torch.cat([expand_terms(materialize(p), ref) for p in parts], 0)
-    sizes = [int(p[0].shape[0] if isinstance(p, (tuple, list)) else p.shape[0]) for p in parts]
+    sizes = [_part_size(p) for p in parts]
     starts = [sum(sizes[:i]) for i in range(len(parts))]
     out = ref.new_empty((sum(sizes),) + tuple(ref.shape))
     fits = [isinstance(p, (tuple, list)) and len(p) == 3
@@ -501,6 +502,17 @@ def write_terms(parts: Sequence, ref: torch.Tensor, backend: str = "auto") -> to
         elif fit is not None:
             dst.copy_(materialize(p))
     return out
+
+
+def _part_size(p) -> int:
+    """Components in one part of ``write_terms`` (per-window-row weights in P's order,
+    [W, H, Q, K, N]: H·N·W)."""
+    if not isinstance(p, (tuple, list)):
+        return int(p.shape[0])
+    if len(p) == 4 and isinstance(p[3], tuple) and len(p[3]) == 4:
+        windows, heads, _, _, n_tok = p[0].shape
+        return int(windows * heads * n_tok)
+    return int(p[0].shape[0])
 
 
 def _shared_weight_groups(parts: Sequence, fits: list) -> list[list[int]]:
@@ -569,7 +581,9 @@ def reduce_positions(t: torch.Tensor, positions: torch.Tensor, dims: tuple, keep
     weight = (p[1].reshape(-1, n) / n if mean else p[1].reshape(-1, n)).to(t.dtype)
     c, b = t.shape[0], t.shape[-1]
     flat = t.reshape(c, -1, b)
-    if c <= 64:
+    if flat.shape[1] > 1 and flat.stride(1) == 0:   # one row broadcast (a bias): Σ w · row
+        out = weight.sum(1).view(1, -1, 1) * flat[:, :1]
+    elif c <= 64:
         out = torch.stack([F.embedding_bag(index, flat[i], per_sample_weights=weight, mode="sum")
                            for i in range(c)])
     else:   # many components (tokens mode): one gather, one multiply, one sum
@@ -842,6 +856,125 @@ def token_factors(probs: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, t
     return s, vv
 
 
+# Probed per-token terms. s = P (per head and source token) is as large as the attention's
+# probabilities, and every layout op would copy it. Instead the chunk carries a probe: weights
+# ω [1, *rest, S] (ones at the attention, scaled by the same frozen per-row factors s would be)
+# and a row map r [1, *rest, S] (the attention's flat output row b'·Q + q, moved by the same
+# ops; the window map is r // Q): s = ω · P[b', h, q, t] is read from P once, where the terms
+# are reduced (``window_reduce_probe``) or needed (``probe_factors``).
+def token_probe(probs: torch.Tensor, v: torch.Tensor):
+    """The probe of the per-token terms of P [B', H, Q, N] and V [B', H, N, dh] in the layout
+    [B', Q, H·dh]: (ω [1, B', Q, 1] ones, r [1, B', Q, 1] = b'·Q + q, V [B', H, N, dh])."""
+    rows, q = probs.shape[0], probs.shape[2]
+    r = torch.arange(rows * q, device=probs.device).view(1, rows, q, 1)
+    return torch.ones(r.shape, dtype=v.dtype, device=v.device), r, \
+        v.expand(probs.shape[:2] + v.shape[-2:])
+
+
+def _value_rows(v: torch.Tensor) -> torch.Tensor:
+    """V [B', H, N, dh] -> the value rows of the factored terms [H·N, B', dh]."""
+    return v.permute(1, 2, 0, 3).reshape(v.shape[1] * v.shape[2], v.shape[0], -1)
+
+
+def _probs_rows(probs: torch.Tensor, dtype) -> torch.Tensor:
+    """P [B', H, Q, N] as rows [B'·Q, H·N] (column h·N + t: the component of head h, token t)."""
+    return probs.to(dtype).permute(0, 2, 1, 3).reshape(probs.shape[0] * probs.shape[2], -1)
+
+
+def probe_factors(w: torch.Tensor, rmap: torch.Tensor, probs: torch.Tensor, v: torch.Tensor):
+    """A probe (ω, r) of P and V -> the factored terms (``token_factors``' layout): the scalar
+    factor s [H·N, *rest, S] = ω · P at the rows r, the window map r // Q and the value rows
+    [H·N, B', dh]."""
+    q_len = probs.shape[2]
+    r = rmap.reshape(-1)
+    got = probs[r // q_len, :, r % q_len, :].to(w.dtype)     # [n, H, N]: only the rows read
+    s = got.reshape(r.shape[0], -1).t()
+    s = s.reshape((got.shape[1] * got.shape[2],) + tuple(rmap.shape[1:]))
+    return s * w, rmap // q_len, _value_rows(v)
+
+
+def window_reduce_probe(w: torch.Tensor, rmap: torch.Tensor, probs: torch.Tensor,
+                        v: torch.Tensor, windows: int, dims, keepdim: bool, mean: bool):
+    """``window_reduce_factored`` of probed terms (ω, r; P; V [B', H, N, dh]): the weights of each
+    window's rows read from P at r, times ω (no s at every position). Whole windows (each of
+    the Q rows of every window once, the same places for every kept row) read P in its own
+    order: σ [c·W, *kept, S] when Q >= S, else the weights [W, H, Q, K, N] with rows (v
+    [W, H, K, N, b], slot, S, kept shape) (``factored_linear`` reads them as they are; see
+    ``_window_rows_std``); other layouts list each window's rows (``window_rows``)."""
+    q_len = probs.shape[2]
+    rest, sub = tuple(w.shape[1:-1]), w.shape[-1]
+    nd = len(rest)
+    red = sorted({d % nd for d in dims})
+    kept = [d for d in range(nd) if d not in red]
+    perm = kept + red
+    n_kept = math.prod(rest[d] for d in kept)
+    def flat(m):     # [1, *rest, S] -> [n_kept, reduced·S]
+        return m.expand((1,) + rest + (sub,))[0].permute(perm + [nd]).reshape(n_kept, -1)
+
+    r = flat(rmap)
+    b = r // q_len
+    img, wm = b // windows, b % windows
+    if not (bool((img == img[:, :1]).all()) and bool((wm == wm[:1]).all())):
+        s, bmap, vv = probe_factors(w, rmap, probs, v)
+        return window_reduce_factored(s, vv, bmap, windows, dims, keepdim, mean)
+    shape = [1 if d in red else rest[d] for d in range(nd)] if keepdim else [rest[d] for d in kept]
+    c = v.shape[1] * v.shape[2]
+    rows = (img[:, 0].view(1, n_kept) * windows
+            + torch.arange(windows, device=w.device).view(windows, 1))     # [W, n_kept]
+    g = lambda: _value_rows(v).index_select(1, rows.reshape(-1)).view(  # noqa: E731
+        [c * windows] + shape + [v.shape[-1]])
+    ww = flat(w)
+    if mean:
+        ww = ww / math.prod(rest[d] for d in red)
+    whole = _whole_windows(r, wm, img, windows, q_len)
+    if whole is not None:      # every window's Q rows, once each: P read in its own order
+        index = whole
+        slot = index % sub
+        order = img[:, 0] * windows
+        p = probs.to(w.dtype)
+        if not bool((order == torch.arange(n_kept, device=w.device) * windows).all()):
+            p = p.view(-1, windows, *p.shape[1:]).index_select(0, img[:, 0]).flatten(0, 1)
+            v = v.view(-1, windows, *v.shape[1:]).index_select(0, img[:, 0]).flatten(0, 1)
+        om = ww[:, index].transpose(0, 1)                                 # [W, K, Q]
+        if q_len >= sub:   # σ per sub-block: Pᵀ (ω one-hot over the slots), per (b', h)
+            onehot = om.new_zeros((windows, n_kept, q_len, sub))
+            onehot.scatter_(3, slot.view(windows, 1, q_len, 1).expand(-1, n_kept, -1, -1),
+                            om.unsqueeze(-1))
+            onehot = onehot.transpose(0, 1).unsqueeze(2)                  # [K, W, 1, Q, S]
+            pt = p.view(n_kept, windows, *p.shape[1:]).transpose(-1, -2)  # [K, W, H, N, Q]
+            sigma = torch.matmul(pt, onehot).permute(2, 3, 1, 0, 4)       # [H, N, W, K, S]
+            rows_v = v.view(n_kept, windows, *v.shape[1:]).permute(2, 3, 1, 0, 4)
+            return sigma.reshape([c * windows] + shape + [sub]), \
+                rows_v.reshape([c * windows] + shape + [v.shape[-1]])
+        # fewer rows than sub-blocks: the weights stay in P's order, [W, H, Q, K, N] (ω in the
+        # same pass), the value rows [W, H, K, N, b]: ``factored_linear`` reads them as they are
+        pv = p.view(n_kept, windows, *p.shape[1:]).permute(1, 2, 3, 0, 4)
+        omb = om.permute(0, 2, 1).unsqueeze(1).unsqueeze(-1)              # [W, 1, Q, K, 1]
+        if torch.is_grad_enabled() and (pv.requires_grad or omb.requires_grad):
+            weights = (pv * omb).contiguous()
+        else:
+            weights = torch.empty(pv.shape, dtype=w.dtype, device=w.device)
+            torch.mul(pv, omb, out=weights)
+        vp = v.view(n_kept, windows, *v.shape[1:]).permute(1, 2, 0, 3, 4).contiguous()
+        return weights, (vp, slot, sub, shape)
+    index, slot = window_rows(wm[0], windows, sub)                         # [W, Q'] each
+    q = index.shape[1]
+    if int(index.max()) == r.shape[-1]:              # windows of fewer rows: padded (ω = 0)
+        r, ww = F.pad(r, (0, 1)), F.pad(ww, (0, 1))
+    rw, ww = r[:, index].transpose(0, 1), ww[:, index].transpose(0, 1)     # [W, n_kept, Q']
+    got = _probs_rows(probs, w.dtype).index_select(0, rw.reshape(-1))    # [W·n_kept·Q', c]
+    got = got.t().view(c, windows, n_kept, q)
+    if torch.is_grad_enabled() and (got.requires_grad or ww.requires_grad):
+        weights = (got * ww.unsqueeze(0)).contiguous()
+    else:   # the transpose and the product in one pass
+        weights = torch.empty((c, windows, n_kept, q), dtype=w.dtype, device=w.device)
+        torch.mul(got, ww.unsqueeze(0), out=weights)
+    weights = weights.view([c * windows] + shape + [q])
+    if q >= sub:     # no fewer rows per window than sub-blocks: σ per sub-block is narrower
+        return dense_window_weights(weights, slot, sub), g()
+    return weights, (g(), slot, sub)
+
+
 def unfactor(s: torch.Tensor, v: torch.Tensor, wmap: torch.Tensor) -> torch.Tensor:
     """Factored terms -> the terms [c, *rest, S·b]: t[..., j·b + d] = s[..., j] · v[:, map[..., j], d]."""
     rows = wmap.expand((1,) + tuple(s.shape[1:])).reshape(-1)
@@ -851,25 +984,106 @@ def unfactor(s: torch.Tensor, v: torch.Tensor, wmap: torch.Tensor) -> torch.Tens
 
 def window_reduce_factored(s: torch.Tensor, v: torch.Tensor, wmap: torch.Tensor, windows: int,
                            dims, keepdim: bool, mean: bool):
-    """``window_reduce`` of factored terms: (σ [c·windows, *kept, S], the reduction of s per
-    window; the value row of each (term, window, kept position) [c·windows, *kept, b]: v at row
-    image·windows + w, the image read from the map (b' // windows)). If a kept position mixes
-    images (never for a mean over positions within each image) the terms are unfactored and
-    reduced as they are: (reduced terms, None)."""
+    """``window_reduce`` of factored terms: (weights, rows). Where every kept position sees the
+    same windows at the same reduced positions (a mean over the tokens of each image), the
+    reduced elements of each window are listed once (``window_rows``: Q' rows of window w, each
+    with its sub-block j) and the weights are s gathered at them, [c·windows, *kept, Q'] (times
+    1/n for a mean): component k·windows + w sums Σ_q weights[q] · (v W_{slot[w, q]}), with
+    rows = (v rows, slot [windows, Q'], S) (``factored_linear``; ``outer_terms`` densifies).
+    Otherwise σ [c·windows, *kept, S] (s summed per window and sub-block) and rows = v rows.
+    The v rows [c·windows, *kept, b]: v at row image·windows + w, the image read from the map
+    (b' // windows). If a kept position mixes images (never for a mean over positions within
+    each image) the terms are unfactored and reduced as they are: (reduced terms, None)."""
     c, rest, sub = s.shape[0], tuple(s.shape[1:-1]), s.shape[-1]
     nd = len(rest)
     red = sorted({d % nd for d in dims})
     kept = [d for d in range(nd) if d not in red]
+    perm = kept + red
     n_kept = math.prod(rest[d] for d in kept)
     img = (wmap // windows).expand((1,) + rest + (sub,))[0]
-    img = img.permute(kept + red + [nd]).reshape(n_kept, -1)
+    img = img.permute(perm + [nd]).reshape(n_kept, -1)
     if not bool((img == img[:, :1]).all()):
         return window_reduce(unfactor(s, v, wmap), wmap, windows, dims, keepdim, mean), None
-    sigma = window_reduce(s, wmap, windows, dims, keepdim, mean)           # [c·W, *kept', S]
+    shape = [1 if d in red else rest[d] for d in range(nd)] if keepdim else [rest[d] for d in kept]
     rows = (img[:, 0].view(1, n_kept) * windows
             + torch.arange(windows, device=s.device).view(windows, 1))     # [W, n_kept]
-    g = v.index_select(1, rows.reshape(-1)).view(c * windows, *sigma.shape[1:-1], v.shape[-1])
-    return sigma, g
+    g = v.index_select(1, rows.reshape(-1)).view([c * windows] + shape + [v.shape[-1]])
+    wm = (wmap % windows).expand((1,) + rest + (sub,))[0].permute(perm + [nd]).reshape(n_kept, -1)
+    if not bool((wm == wm[:1]).all()):
+        return window_reduce(s, wmap, windows, dims, keepdim, mean), g
+    index, slot = window_rows(wm[0], windows, sub)                         # [W, Q'] each
+    q = index.shape[1]
+    if q >= sub:     # no fewer rows per window than sub-blocks: σ per sub-block is narrower
+        return window_reduce(s, wmap, windows, dims, keepdim, mean), g
+    src = s.permute([0] + [1 + d for d in perm] + [nd + 1]).reshape(c, 1, n_kept, -1)
+    if int(index.max()) == src.shape[-1]:            # windows of fewer rows: padded with a zero
+        src = F.pad(src, (0, 1))
+    weights = torch.gather(src.expand(c, windows, n_kept, src.shape[-1]), 3,
+                           index.view(1, windows, 1, q).expand(c, windows, n_kept, q))
+    if mean:
+        weights /= math.prod(rest[d] for d in red)
+    return weights.view([c * windows] + shape + [q]), (g, slot, sub)
+
+
+def _whole_windows(r: torch.Tensor, wm: torch.Tensor, img: torch.Tensor, windows: int,
+                   q_len: int) -> torch.Tensor | None:
+    """For rows r [n_kept, n] (b'·Q + q) of windows wm and images img (the same windows at the
+    same places for every kept row): the element holding query q of window w, [W, Q], if every
+    window has each of its Q rows exactly once and every kept row the same queries there; else
+    None."""
+    n = r.shape[1]
+    if n != windows * q_len:
+        return None
+    qq = r % q_len
+    if not bool((qq == qq[:1]).all()):
+        return None
+    index = torch.full((windows * q_len,), -1, dtype=torch.long, device=r.device)
+    index[wm[0] * q_len + qq[0]] = torch.arange(n, device=r.device)
+    if bool((index < 0).any()):
+        return None
+    return index.view(windows, q_len)
+
+
+def window_rows(wm: torch.Tensor, windows: int, sub: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The elements of each window: ``wm`` [n·S] the window of each reduced (position, sub-block)
+    element (flat, sub-block inner) -> (index [windows, Q'] into them, slot [windows, Q'] their
+    sub-block), Q' the most elements of one window; a window with fewer is padded with index n·S
+    (read as a zero) and slot 0."""
+    n = wm.shape[0]
+    order = torch.argsort(wm, stable=True)
+    counts = torch.bincount(wm, minlength=windows)
+    start = torch.cumsum(counts, 0) - counts
+    ids = wm[order]
+    rank = torch.arange(n, device=wm.device) - start[ids]
+    q = int(counts.max())
+    index = torch.full((windows, q), n, dtype=torch.long, device=wm.device)
+    index[ids, rank] = order
+    slot = torch.where(index < n, index % sub, torch.zeros_like(index))
+    return index, slot
+
+
+def _window_rows_std(weights: torch.Tensor, rows: tuple) -> tuple:
+    """Per-window-row weights and rows in P's order (weights [W, H, Q, K, N], rows (v
+    [W, H, K, N, b], slot, S, kept shape)) -> the component order: ([c·W, *kept, Q],
+    (v [c·W, *kept, b], slot, S)), c = H·N (head outer)."""
+    if len(rows) == 3:
+        return weights, rows
+    vp, slot, sub, shape = rows
+    windows, heads, q, kept, n_tok = weights.shape
+    c = heads * n_tok
+    w = weights.permute(1, 4, 0, 3, 2).reshape([c * windows] + list(shape) + [q])
+    g = vp.permute(1, 3, 0, 2, 4).reshape([c * windows] + list(shape) + [vp.shape[-1]])
+    return w, (g, slot, sub)
+
+
+def dense_window_weights(weights: torch.Tensor, slot: torch.Tensor, sub: int) -> torch.Tensor:
+    """Per-window-row weights [c·W, *kept, Q'] (``window_reduce_factored``) -> σ [c·W, *kept, S]:
+    σ[.., j] = Σ_{q: slot[w, q] = j} weights[.., q] (the window w of a term: its index mod W)."""
+    windows, q = slot.shape
+    w = weights.reshape(-1, windows, math.prod(weights.shape[1:-1]), q)
+    out = weights.new_zeros(w.shape[:-1] + (sub,))
+    out.scatter_add_(3, slot.view(1, windows, 1, q).expand(w.shape), w)
+    return out.view(tuple(weights.shape[:-1]) + (sub,))
 
 
 def outer_terms(sigma: torch.Tensor, v: torch.Tensor | None) -> torch.Tensor:
@@ -877,6 +1091,9 @@ def outer_terms(sigma: torch.Tensor, v: torch.Tensor | None) -> torch.Tensor:
     (``v`` None: σ already holds the terms)."""
     if v is None:
         return sigma
+    if isinstance(v, tuple):                     # per-window-row weights (window_reduce_factored)
+        sigma, v = _window_rows_std(sigma, v)
+        sigma, v = dense_window_weights(sigma, v[1], v[2]), v[0]
     return (sigma.unsqueeze(-1) * v.unsqueeze(-2)).flatten(-2)
 
 
@@ -886,29 +1103,46 @@ def factored_linear(sigma: torch.Tensor, v: torch.Tensor | None, weight: torch.T
     """blocked_linear(outer_terms(σ, v), W, heads) without the outer product at full size:
     y[n] = Σ_j σ[n, j] Σ_d v[n, d] W_h[:, j·b + d] for the components of each head h, in
     blocks of ``rows`` (v W_j first when E <= b, else σ ⊗ v first: the narrower one)."""
+    tensors = (sigma, weight) + (v if isinstance(v, tuple) else (v,))
     if v is None or torch.is_grad_enabled() and any(
-            x.requires_grad for x in (sigma, v, weight)):
+            isinstance(x, torch.Tensor) and x.requires_grad for x in tensors):
         y = blocked_linear(outer_terms(sigma, v), weight, heads, backend)
         return y if out is None else out.copy_(y)
-    c, sub, b = sigma.shape[0], sigma.shape[-1], v.shape[-1]
     e = weight.shape[0]
+    if isinstance(v, tuple) and len(v) == 4 and e <= v[0].shape[-1]:
+        # per-window-row weights in P's order: [W, H, Q, K, N] -> [H·N·W, *kept, E]
+        if out is None:
+            windows, h, _, _, n_tok = sigma.shape
+            out = sigma.new_empty([h * n_tok * windows] + list(v[3]) + [e])
+        return _window_rows_linear(sigma, v[0], v[1], v[2], weight, heads, out)
+    if isinstance(v, tuple):
+        sigma, v = _window_rows_std(sigma, v)
     if out is None:
-        out = sigma.new_empty((c,) + tuple(sigma.shape[1:-1]) + (e,))
+        out = sigma.new_empty((sigma.shape[0],) + tuple(sigma.shape[1:-1]) + (e,))
+    if isinstance(v, tuple):    # per-window-row weights: fewer rows than sub-blocks, E narrow
+        g, slot, sub = v
+        sigma, v = dense_window_weights(sigma, slot, sub), g
+    sub, b = sigma.shape[-1], v.shape[-1]
     w = weight.reshape(e, heads, sub, b)
     o = out.view(heads, -1, e)
     sg = sigma.reshape(heads, -1, sub)
     vv = v.reshape(heads, -1, b)
     if sub == 1 and _kernel_backend(backend, sigma) == "triton":
         return _token_rows_kernel(sg, vv, w, o, backend, out)
+    if e <= b and sg.shape[1] * heads * e * sub <= rows * 256:   # small: all heads at once
+        z = torch.bmm(vv, w.permute(1, 3, 0, 2).reshape(heads, b, e * sub)).view(
+            heads, -1, e, sub)                                                   # [H, n, E, S]
+        torch.sum(z.mul_(sg.unsqueeze(2)), 3, out=o)
+        return out
     for h in range(heads):
         narrow = e <= b
-        wh = w[:, h].permute(2, 1, 0).reshape(b, sub * e) if narrow else \
+        wh = w[:, h].permute(2, 0, 1).reshape(b, e * sub) if narrow else \
             w[:, h].reshape(e, sub * b).t()
         for i in range(0, sg.shape[1], rows):
             s_i, v_i = sg[h, i:i + rows], vv[h, i:i + rows]
             if narrow:
-                z = (v_i @ wh).view(-1, sub, e)                                  # [n, S, E]
-                o[h, i:i + rows] = torch.bmm(s_i.unsqueeze(1), z).squeeze(1)
+                z = (v_i @ wh).view(-1, e, sub)                                  # [n, E, S]
+                torch.sum(z.mul_(s_i.unsqueeze(1)), 2, out=o[h, i:i + rows])
             else:
                 torch.mm((s_i.unsqueeze(-1) * v_i.unsqueeze(-2)).flatten(1), wh, out=o[h, i:i + rows])
     return out
@@ -929,4 +1163,57 @@ def _token_rows_kernel(sg: torch.Tensor, vv: torch.Tensor, w: torch.Tensor, o: t
     heads, n, b = vv.shape
     token_contributions(sg.reshape(1, heads, 1, n), vv.unsqueeze(0), w[:, :, 0].permute(1, 2, 0),
                         reduce_q=True, backend=backend, out=o.unsqueeze(0))
+    return out
+
+
+_SLOT_WEIGHTS: dict = {}
+
+
+def _slot_weights(weight: torch.Tensor, heads: int, sub: int, slot: torch.Tensor) -> torch.Tensor:
+    """The blocks of a pending W [E, H·S·b] that each window's rows meet, transposed:
+    [H, W, E·b, Q], entry [h, w, e·b + d, q] = W[e, (h·S + slot[w, q])·b + d]. Depends on W and
+    the layout only, so it is kept between calls like a fold (``_folded``), keyed on W's identity
+    and version and on slot's values."""
+    e, b = weight.shape[0], weight.shape[1] // (heads * sub)
+    windows, q = slot.shape
+
+    def make():
+        wh = weight.reshape(e, heads, sub, b).permute(1, 2, 0, 3)     # [H, S, E, b]
+        wg = wh.index_select(1, slot.reshape(-1)).view(heads, windows, q, e * b)
+        return wg.transpose(2, 3).contiguous()
+
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and weight.requires_grad):
+        return make()
+    key = (id(weight), _version(weight), heads, sub, tuple(slot.shape),
+           hash(slot.cpu().numpy().tobytes()))
+    hit = _SLOT_WEIGHTS.get(key)
+    if hit is None or not torch.equal(hit[0], slot):
+        hit = _SLOT_WEIGHTS[key] = (slot.clone(), make())
+        weakref.finalize(weight, _SLOT_WEIGHTS.pop, key, None)
+    return hit[1]
+
+
+def _window_rows_linear(weights: torch.Tensor, vp: torch.Tensor, slot: torch.Tensor, sub: int,
+                        weight: torch.Tensor, heads: int, out: torch.Tensor,
+                        chunk: int = 4) -> torch.Tensor:
+    """``factored_linear`` of per-window-row weights in P's order (``window_reduce_probe``:
+    weights [W, H, Q, K, N], value rows vp [W, H, K, N, b]): per head h and window w,
+    y[k, t] = Σ_q weights[q, k, t] · (v[k, t] W_h[slot[w, q]]) = v[k, t] · A[k, t], Aᵀ =
+    W_h[slot[w]]ᵀ weights ([E·b, Q] x [Q, K·N]: one matmul per window over all of its terms,
+    its rows' blocks of W gathered once), then v · A per term, in ``chunk`` windows at a time
+    (E <= b: A is no wider than the outer product of weights and v). Written in the component
+    order (h, t, w) x kept."""
+    windows, _, q, kept, n_tok = weights.shape
+    e, b = weight.shape[0], vp.shape[-1]
+    o5 = out.view(heads, n_tok, windows, kept, e)
+    wgt = _slot_weights(weight, heads, sub, slot)                    # [H, W, E·b, Q]
+    for h in range(heads):
+        wg = wgt[h]
+        for w0 in range(0, windows, chunk):
+            w1 = min(w0 + chunk, windows)
+            rhs = weights[w0:w1, h].reshape(w1 - w0, q, kept * n_tok)
+            a = torch.bmm(wg[w0:w1], rhs).view(w1 - w0, e, b, kept * n_tok)
+            vt = vp[w0:w1, h].reshape(w1 - w0, kept * n_tok, b).transpose(1, 2)
+            y = a.mul_(vt.contiguous().unsqueeze(1)).sum(2)
+            o5[h, :, w0:w1].copy_(y.view(w1 - w0, e, kept, n_tok).permute(3, 0, 2, 1))
     return out

@@ -33,7 +33,12 @@ the forward side); any other consumer gathers the moved input first (``rt.gather
 Windowed per-token terms (``Chunk.win``/``fac``, tokens mode through window attention) are
 never deferred: their input (or scalar factor) and window map move eagerly, together, and the
 final mean reduces them per window (``rt.window_reduce``); the two never meet on one chunk
-(``Emitter.moved`` asserts it). Rebuild a chunk with ``em.refold``/``dataclasses.replace``,
+(``Emitter.moved`` asserts it). Straight from a window attention they move as a probe
+(``fac`` "probe", ``rt.token_probe``): one weight and one attention row per position and
+sub-block, not P's column for every (head, source token); P is read at the moved rows where
+the final mean reduces them (``rt.window_reduce_probe``: per window, and for whole windows in
+P's own order) or where another op needs the terms (``rt.probe_factors``).
+Rebuild a chunk with ``em.refold``/``dataclasses.replace``,
 never ``em.pending(c.node, ...)``, which drops ``at`` (and ``win``/``fac`` unless passed).
 
 Channels not last (NCHW stages, MaxViT): a pending chunk records the value dim holding its
@@ -129,7 +134,7 @@ def _pending_layout(em, node: Node, target, args: list, kwargs: dict, merged: in
 
     out = []
     for c in em.terms(x, pending_ok=True, lazy_ok=True, windows_ok=True):
-        if c.fac is not None and c.fac[0] != "rows" or c.proj is None:
+        if c.fac is not None and c.fac[0] not in ("rows", "probe") or c.proj is None:
             c = em.unwindow(c)   # (unfactored; a plain chunk is split by window, if any)
         if c.proj is None:   # a constant may be stored unbroadcast ([1, 1, N, E] for [B, N, E])
             c = em.chunk(em.call(rt.expand_terms, c.node, em.orig(x)), c.labels)
@@ -506,7 +511,7 @@ def keep_pending(em, x: Node, apply, moves: Callable[[int], Optional[int]] | Non
     out = []
     for c in em.terms(x, pending_ok=True, channel_ok=moves is not None,
                       lazy_ok=deferred is not None, windows_ok=True):
-        if c.fac is not None and c.fac[0] != "rows" or c.proj is None:
+        if c.fac is not None and c.fac[0] not in ("rows", "probe") or c.proj is None:
             c = em.unwindow(c)   # (unfactored; a plain chunk is split by window, if any)
         if c.proj is not None:
             new = None if moves is None else moves(rank - 1 if c.cdim is None else c.cdim)
@@ -517,8 +522,10 @@ def keep_pending(em, x: Node, apply, moves: Callable[[int], Optional[int]] | Non
             if c.win is not None and isinstance(windows, tuple):
                 _, dims, keepdim, mean = windows
                 if c.fac is not None:   # σ per window and the value row of each component
-                    both = em.call(rt.window_reduce_factored, c.node, c.fac[1], c.win[0],
-                                   c.win[1], dims, keepdim, mean)
+                    both = em.call(rt.window_reduce_probe, c.node, c.win[0], c.fac[2], c.fac[1],
+                                   c.win[1], dims, keepdim, mean) if c.fac[0] == "probe" else \
+                        em.call(rt.window_reduce_factored, c.node, c.fac[1], c.win[0],
+                                c.win[1], dims, keepdim, mean)
                     out.append(em.pending(em.call(operator.getitem, both, 0), c.proj[0],
                                           c.proj[1], c.labels,
                                           fac=("reduced", em.call(operator.getitem, both, 1))))

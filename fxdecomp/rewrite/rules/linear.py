@@ -56,12 +56,13 @@ def plan_linear(node, facts):
             # evaluated where the terms are gathered, with later linear maps folded in; terms
             # of a window attention get their window map (rows of dim 0 modulo the windows)
             if c.win is not None and c.fac is not None and c.fac[3] == "bqc":
-                # factored: s [K, B', Q, 1] (probabilities) and v [K, B', dh] (value rows)
-                both = em.call(rt.token_factors, c.fac[1], c.fac[2])
-                s = em.call(operator.getitem, both, 0)
-                win = (em.call(rt.window_map, s, c.win[1]), c.win[1])
-                out = em.pending(s, em.orig(w), c.block[1], c.labels, win=win,
-                                 fac=("rows", em.call(operator.getitem, both, 1)))
+                # factored and probed: weights ω and rows r [1, B', Q, 1] move (not s
+                # [K, B', Q, 1]), P is read at r where reduced; v [K, B', dh] the value rows
+                both = em.call(rt.token_probe, c.fac[1], c.fac[2])
+                win = (em.call(operator.getitem, both, 1), c.win[1])
+                out = em.pending(em.call(operator.getitem, both, 0), em.orig(w), c.block[1],
+                                 c.labels, win=win,
+                                 fac=("probe", em.call(operator.getitem, both, 2), c.fac[1]))
             else:   # (one window without the factors: nothing to carry)
                 win = None if c.win is None or c.win[1] == 1 else \
                     (em.call(rt.window_map, c.node, c.win[1]), c.win[1])

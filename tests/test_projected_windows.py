@@ -1,0 +1,153 @@
+"""Projected per-token terms through window attention (issue 13h, Swin-T projected at batch 8).
+
+In tokens mode a window attention's per-(head, source token) terms are rank one: P[:, q, t]
+times V[t]. They are carried as a *probe* (``rt.token_probe``): one weight and one attention
+row per position (ω, r [1, *rest, S]) move through the window reverse, shifts and patch
+mergings instead of P's column for every (head, token) ([H·N, *rest, S]), and P is read at the
+moved rows once, where the final mean reduces them per window (``rt.window_reduce_probe``).
+When a window has fewer rows than the final sub-blocks (after two or more patch mergings), each
+window is projected from its rows (``rt.window_rows`` / ``factored_linear``): Σ_q weights_q ·
+(v W_{slot q}) instead of σ per sub-block. Checked on timm's Swin (shifted windows, two
+mergings; and a grid its windows do not divide: padded windows):
+
+- ``dm(x, project=D)`` equals ``dm(x).components @ D`` (same labels; the tokens-mode path
+  unfactors the same probe, so this compares two contractions) and sums to ``model(x) @ D``;
+- the per-window-row path agrees with the dense σ path and with splitting by window
+  (``rt.split_by_map``, the reference) on random factors, padded windows included;
+- nothing downstream of the probe, before the reduction, holds more than one row per position
+  (the old factored path moved s with H·N rows).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fxdecomp
+from fxdecomp.rewrite import runtime as rt
+
+
+def _swin(img: int, window: int, depths: tuple, seed: int = 0):
+    import timm
+    from fxdecomp.capture.adapters import timm_target
+    torch.manual_seed(seed)
+    m = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=0,
+                          img_size=img, window_size=window, depths=depths,
+                          num_heads=(2,) * len(depths), embed_dim=16).eval()
+    return timm_target(m).eval()
+
+
+CASES = {
+    # 8x8 grid in 2x2 windows (4 rows each), shifted, then two mergings: 16 sub-blocks per window
+    "rows": (32, 2, (2, 1, 1)),
+    # 18x18 grid in 4x4 windows: padded, cropped after the window reverse
+    "padded": (72, 4, (2, 1)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_projected_tokens_equal_tokens_times_directions(case):
+    img, window, depths = CASES[case]
+    target = _swin(img, window, depths)
+    x = torch.randn(3, 3, img, img, generator=torch.Generator().manual_seed(1))
+    dm = fxdecomp.decompose(target, x, granularity="tokens")
+    e = int(target(x).shape[-1])
+    d = torch.randn(e, 5, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        p, t, y = dm(x, project=d), dm(x), target(x)
+    assert p.labels == t.labels
+    assert sum(lab.kind == "attn_head_token" for lab in p.labels) > 0
+    want = t.components.double() @ d.double()
+    scale = float(want.abs().max())
+    assert float((p.components.double() - want).abs().max()) <= 1e-5 * scale
+    total = p.components.double().sum(0)
+    assert float((total - y.double() @ d.double()).abs().max()) <= 1e-5 * scale
+    code = dm._graph_for(x.shape[0], project=True).code
+    assert "window_reduce_probe" in code and "token_factors" not in code
+
+
+def test_probe_moves_one_row_per_position():
+    """Every value computed from the probe before the per-window reduction has one row (ω or
+    r), not one per (head, token)."""
+    img, window, depths = CASES["rows"]
+    target = _swin(img, window, depths)
+    x = torch.randn(2, 3, img, img)
+    dm = fxdecomp.decompose(target, x, granularity="tokens")
+    d = torch.randn(int(target(x).shape[-1]), 4)
+    with torch.no_grad():
+        dm(x, project=d)
+    gm = dm._graph_for(2, project=True)
+    starts = [n for n in gm.graph.nodes if n.target is rt.token_probe]
+    assert starts
+    after, todo = set(), list(starts)
+    while todo:
+        for u in todo.pop().users:
+            if u not in after and u.target not in (rt.window_reduce_probe, rt.write_terms):
+                after.add(u)
+                todo.append(u)
+    rows = {}
+
+    class Record(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n in after and isinstance(out, torch.Tensor):
+                rows[n.name] = int(out.shape[0])
+            return out
+
+    with torch.no_grad():
+        Record(gm).run(x, d)
+    moved = {k: v for k, v in rows.items() if not k.startswith("getitem")}
+    assert moved, "the probe is never moved"
+    assert all(v == 1 for v in moved.values()), moved
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_window_rows_reduction_equals_split_by_window(padded):
+    """window_reduce_probe (each window's rows, then the per-row projection) and the dense σ
+    it stands for both equal splitting the unfactored terms by window and reducing each (fp32:
+    the kernels take no float64); padded: one row of window 3 is cropped (its slot reads
+    window 0, weight 0), so windows have 5 and 3 rows (the general path, not whole windows
+    read in P's order)."""
+    g = torch.Generator().manual_seed(0)
+    images, windows, q, heads, n_tok, b, sub, e = 2, 8, 4, 2, 3, 3, 8, 5
+    probs = torch.rand(images * windows, heads, q, n_tok, generator=g)
+    v = torch.randn(images * windows, heads, n_tok, b, generator=g)
+    # the final layout [B, 2, 2, S]: each image's 32 (position, sub-block) slots hold its 8
+    # windows' 4 rows (a fixed shuffle, the same for every image)
+    perm = torch.randperm(windows * q, generator=g)
+    w_of, q_of = perm // q, perm % q
+    if padded:
+        drop = int((perm == 3 * q).nonzero()[0])
+        w_of[drop], q_of[drop] = 0, 0
+    r = torch.stack([(i * windows + w_of) * q + q_of for i in range(images)])
+    omega = torch.rand(images, windows * q, generator=g)
+    if padded:
+        omega[:, drop] = 0
+    shape = (1, images, 2, 2, sub)
+    omega, r = omega.view(shape), r.view(shape)
+    _, _, vals = rt.token_probe(probs, v)
+    weight = torch.randn(e, heads * sub * b, generator=g)
+    with torch.no_grad():
+        got, got_rows = rt.window_reduce_probe(omega, r, probs, vals, windows, [1, 2], False, True)
+        y = rt.factored_linear(got, got_rows, weight, heads)
+        s, bmap, vv = rt.probe_factors(omega, r, probs, vals)
+        terms = rt.unfactor(s, vv, bmap)
+        want = rt.blocked_linear(rt.split_by_map(terms, bmap, windows).mean((2, 3)), weight,
+                                 heads, "torch")
+        dense = rt.blocked_linear(rt.outer_terms(got, got_rows), weight, heads, "torch")
+    assert isinstance(got_rows, tuple)       # fewer rows per window (<= 5) than sub-blocks (8)
+    assert got_rows[1].shape == (windows, 5 if padded else q)     # slot: window x row
+    torch.testing.assert_close(y, want)
+    torch.testing.assert_close(dense, want)
+
+
+def test_reduce_positions_of_a_broadcast_row():
+    """A constant broadcast over every position (a bias) reduced through a positions map (moves
+    and per-row scales deferred) equals the mean of its gathered rows: Σ_r w[r]·row / n."""
+    g = torch.Generator().manual_seed(0)
+    row = torch.randn(1, 1, 1, 1, 6, generator=g)
+    t = row.expand(1, 2, 4, 4, 6)                                    # [1, B, 4, 4, E], stride 0
+    positions = rt.home_positions(t[0])
+    positions = rt.scale_positions(positions, torch.rand(2, 4, 4, 1, generator=g) + 0.5)
+    got = rt.reduce_positions(t, positions, (1, 2), False, True)
+    want = rt.gather_positions(t.contiguous(), positions).mean((2, 3))
+    torch.testing.assert_close(got, want)
