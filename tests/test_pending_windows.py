@@ -132,8 +132,7 @@ def test_window_terms_are_never_split_at_full_width():
     dm = fxdecomp.decompose(model, x, granularity="tokens")
     assert "window_reduce" in dm.code and "split_windows" not in dm.code
     g = dm.graph_module.graph
-    first = next(n for n in g.nodes if n.target in (rt.split_heads_tokens, rt.token_factors,
-                                                   rt.token_probe))
+    first = next(n for n in g.nodes if n.target in (rt.split_heads_tokens, rt.token_probe))
     after, todo = set(), [first]
     while todo:
         for u in todo.pop().users:

@@ -53,7 +53,7 @@ class Chunk:
     # moved by the same layout ops. Reduced per window at the final mean (``rt.window_reduce``);
     # any rule that does not pass ``windows_ok`` gets the components split first (``unwindow``).
     win: tuple | None = None
-    # Factored per-token terms (``rt.token_factors``): ("rows", v) with ``win``: ``node`` holds
+    # Factored per-token terms (``rt.probe_factors``): ("rows", v) with ``win``: ``node`` holds
     # the scalar factor s [c, *rest, S] (the window map's shape) and v [c, B·windows, b] the
     # value rows; the pending input is rt.unfactor(s, v, map). ("probe", V, P) (what a window
     # attention's terms start as, ``rt.token_probe``): ``node`` holds weights ω [1, *rest, S]

@@ -30,7 +30,7 @@ __all__ = [
     "project_terms", "write_terms", "reshape_rest", "block_diagonal_heads", "linear_output_terms",
     "normalize_terms", "identity_weight", "home_positions", "scale_positions", "gather_positions",
     "reduce_positions", "linear_terms", "window_map", "split_by_map", "window_reduce",
-    "token_factors", "unfactor", "window_reduce_factored", "outer_terms", "factored_linear",
+    "unfactor", "window_reduce_factored", "outer_terms", "factored_linear",
     "window_rows", "dense_window_weights", "token_probe", "probe_factors", "window_reduce_probe",
 ]
 
@@ -846,16 +846,6 @@ def window_reduce(t: torch.Tensor, wmap: torch.Tensor, windows: int, dims, keepd
 # sub-block (the window map's shape, b times smaller than t) times the value row of the
 # attention row b' the window map names. Reduced per window, s becomes σ [k·windows, B, S] and
 # each component is Σ_j σ_j · (v W_j): no term is ever b wide per position.
-def token_factors(probs: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention probabilities P [B', H, Q, N] and values V [B', H, N, dh] as the factors of
-    the per-token terms in the layout [B', Q, H·dh] (after the usual transpose and reshape):
-    s [H·N, B', Q, 1] (s[h·N + t, b', q] = P[b', h, q, t]) and v [H·N, B', dh]."""
-    h, n = probs.shape[1], probs.shape[-1]
-    s = probs.to(v.dtype).permute(1, 3, 0, 2).reshape(h * n, probs.shape[0], probs.shape[2], 1)
-    vv = v.expand(probs.shape[:2] + v.shape[-2:]).permute(1, 2, 0, 3).reshape(h * n, probs.shape[0], -1)
-    return s, vv
-
-
 # Probed per-token terms. s = P (per head and source token) is as large as the attention's
 # probabilities, and every layout op would copy it. Instead the chunk carries a probe: weights
 # ω [1, *rest, S] (ones at the attention, scaled by the same frozen per-row factors s would be)
@@ -882,8 +872,8 @@ def _probs_rows(probs: torch.Tensor, dtype) -> torch.Tensor:
 
 
 def probe_factors(w: torch.Tensor, rmap: torch.Tensor, probs: torch.Tensor, v: torch.Tensor):
-    """A probe (ω, r) of P and V -> the factored terms (``token_factors``' layout): the scalar
-    factor s [H·N, *rest, S] = ω · P at the rows r, the window map r // Q and the value rows
+    """A probe (ω, r) of P and V -> the factored terms: the scalar factor s [H·N, *rest, S]
+    (s[h·N + t] = ω · P[:, h, :, t] at the rows r), the window map r // Q and the value rows
     [H·N, B', dh]."""
     q_len = probs.shape[2]
     r = rmap.reshape(-1)
