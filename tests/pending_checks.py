@@ -3,6 +3,7 @@ agreement of the first stage's heads with a float64 reference, and the sizes of 
 rewritten graph computes from the first head-blocked terms."""
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -36,32 +37,43 @@ def assert_exact_and_heads_match(model, x: torch.Tensor, ref: dict, in_stage: Ca
         assert float((got[h].double() - ref[h]).abs().max()) <= 1e-5 * scale + 1e-7, h
 
 
-def sizes_after_first_heads(dm, x: torch.Tensor) -> tuple[int, dict, list]:
-    """Runs the rewritten graph on x: (numel of the first head-blocked terms, {node name: numel}
-    of every tensor value computed from them, the shapes of all tensor values)."""
-    from fxdecomp.rewrite import runtime as rt
-    g = dm.graph_module.graph
-    first = next(n for n in g.nodes if n.target is rt.head_blocks)
-    after, todo = set(), [first]
+def downstream(starts, stop: Callable = lambda n: False) -> set:
+    """Every node computed from the nodes ``starts`` (``stop``: nodes not entered, nor what
+    only they lead to)."""
+    after, todo = set(), list(starts)
     while todo:
-        n = todo.pop()
-        for u in n.users:
-            if u not in after:
+        for u in todo.pop().users:
+            if u not in after and not stop(u):
                 after.add(u)
                 todo.append(u)
-    numel, shapes = {}, []
+    return after
+
+
+def tensor_shapes(gm: torch.fx.GraphModule, *args) -> dict:
+    """Runs ``gm`` on args (no grad): {node: shape} of every tensor value it computes."""
+    shapes = {}
 
     class Record(torch.fx.Interpreter):
         def run_node(self, n):
             out = super().run_node(n)
             if isinstance(out, torch.Tensor):
-                numel[n] = out.numel()
-                shapes.append(tuple(out.shape))
+                shapes[n] = tuple(out.shape)
             return out
 
     with torch.no_grad():
-        Record(dm.graph_module).run(x)
-    return numel[first], {n.name: numel[n] for n in after if n in numel}, shapes
+        Record(gm).run(*args)
+    return shapes
+
+
+def sizes_after_first_heads(dm, x: torch.Tensor) -> tuple[int, dict, list]:
+    """Runs the rewritten graph on x: (numel of the first head-blocked terms, {node name: numel}
+    of every tensor value computed from them, the shapes of all tensor values)."""
+    from fxdecomp.rewrite import runtime as rt
+    first = next(n for n in dm.graph_module.graph.nodes if n.target is rt.head_blocks)
+    after = downstream([first])
+    shapes = tensor_shapes(dm.graph_module, x)
+    numel = {n: math.prod(s) for n, s in shapes.items()}
+    return numel[first], {n.name: numel[n] for n in after if n in numel}, list(shapes.values())
 
 
 def record_inputs(model, x: torch.Tensor, modules: dict) -> dict:

@@ -21,13 +21,15 @@ split at the output). Checked:
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 import fxdecomp
 from fxdecomp.rewrite import runtime as rt
 
-from .pending_checks import decompose_exactly, record_inputs
+from .pending_checks import decompose_exactly, downstream, record_inputs, tensor_shapes
 from .reference_heads import TwoStageLayers, merge_gather
 
 C, HEADS, GRID, WS = 8, 2, 6, 3
@@ -133,24 +135,9 @@ def test_window_terms_are_never_split_at_full_width():
     assert "window_reduce" in dm.code and "split_windows" not in dm.code
     g = dm.graph_module.graph
     first = next(n for n in g.nodes if n.target in (rt.split_heads_tokens, rt.token_probe))
-    after, todo = set(), [first]
-    while todo:
-        for u in todo.pop().users:
-            if u not in after and u.target not in (rt.write_terms, rt.group_components) \
-                    and u.op != "output":
-                after.add(u)
-                todo.append(u)
-    numel = {}
-
-    class Record(torch.fx.Interpreter):
-        def run_node(self, n):
-            out = super().run_node(n)
-            if isinstance(out, torch.Tensor):
-                numel[n] = out.numel()
-            return out
-
-    with torch.no_grad():
-        Record(dm.graph_module).run(x)
+    after = downstream([first], lambda u: u.target in (rt.write_terms, rt.group_components)
+                       or u.op == "output")
+    numel = {n: math.prod(shape) for n, shape in tensor_shapes(dm.graph_module, x).items()}
     limit = HEADS * 9 * x.shape[0] * WINDOWS * 9 * (C // HEADS)   # the terms [K, B·4, 1, 9, dh]
     big = {n.name: numel[n] for n in after if numel.get(n, 0) > limit}
     assert not big, big

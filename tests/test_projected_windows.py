@@ -25,6 +25,8 @@ import torch
 import fxdecomp
 from fxdecomp.rewrite import runtime as rt
 
+from .pending_checks import downstream, tensor_shapes
+
 
 def _swin(img: int, window: int, depths: tuple, seed: int = 0):
     import timm
@@ -78,23 +80,8 @@ def test_probe_moves_one_row_per_position():
     gm = dm._graph_for(2, project=True)
     starts = [n for n in gm.graph.nodes if n.target is rt.token_probe]
     assert starts
-    after, todo = set(), list(starts)
-    while todo:
-        for u in todo.pop().users:
-            if u not in after and u.target not in (rt.window_reduce_probe, rt.write_terms):
-                after.add(u)
-                todo.append(u)
-    rows = {}
-
-    class Record(torch.fx.Interpreter):
-        def run_node(self, n):
-            out = super().run_node(n)
-            if n in after and isinstance(out, torch.Tensor):
-                rows[n.name] = int(out.shape[0])
-            return out
-
-    with torch.no_grad():
-        Record(gm).run(x, d)
+    after = downstream(starts, lambda u: u.target in (rt.window_reduce_probe, rt.write_terms))
+    rows = {n.name: shape[0] for n, shape in tensor_shapes(gm, x, d).items() if n in after}
     moved = {k: v for k, v in rows.items() if not k.startswith("getitem")}
     assert moved, "the probe is never moved"
     assert all(v == 1 for v in moved.values()), moved
