@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from fxdecomp.interpret import (FEATURES, AlignmentMismatchError, CompAlign, IMAGENET_TEMPLATES,
                                 clear_text_cache, default_text_pool, describe_component,
-                                orthonormal_basis, retrieval_scores, score_components,
+                                feature_fidelity, orthonormal_basis, retrieval_scores, score_components,
                                 score_components_invariant, text_cache_size, text_embeddings,
                                 variance_explained)
 from fxdecomp.run.decomposition import ComponentLabel
@@ -270,6 +270,30 @@ def test_planted_component_ranks_first_and_independent_ones_score_near_zero():
     r = retrieval_scores({"color": score_components(aligned, color),
                           "texture": score_components(aligned, texture)})
     assert int(r["color"].argmax()) == 0 and int(r["texture"].argmax()) == 1
+
+
+def test_feature_fidelity_separates_a_carried_feature_from_a_missing_one():
+    """Planted: CLIP's embeddings vary along 'color' and 'texture'; the aligned total carries
+    color (plus noise) but not texture, and an orthogonal map moved its own content into the
+    texture directions instead (what CompAlign's orthogonality does for an unencoded
+    feature). Fidelity: color high, texture ~0, although both spans see variance in the total
+    and its components score there."""
+    g = torch.Generator().manual_seed(4)
+    e, n = 64, 3000
+    color = _unit(torch.randn(6, e, generator=g))
+    texture = _unit(torch.randn(4, e, generator=g))
+    col, tex = torch.randn(n, 6, generator=g), torch.randn(n, 4, generator=g)
+    reference = col @ color + tex @ texture
+    leak = torch.randn(n, 4, generator=g)                  # not texture: something else
+    total = col @ color + leak @ texture + 0.3 * torch.randn(n, e, generator=g)
+    assert feature_fidelity(total, reference, color) > 0.9
+    assert abs(feature_fidelity(total, reference, texture)) < 0.1
+    assert feature_fidelity(reference, reference, texture) == pytest.approx(1.0, abs=1e-9)
+    # the texture span of the total does vary, so a component carrying the leak scores high
+    assert float(score_components(torch.stack([leak @ texture, total - leak @ texture]),
+                                  texture)[0]) > 0.9
+    with pytest.raises(ValueError, match="same N"):
+        feature_fidelity(total[:10], reference[:11], color)
 
 
 def test_component_independent_of_total_scores_near_zero():

@@ -12,6 +12,11 @@ subspace. With the aligned components a_i(x) [C, N, E] and their total s(x) = Σ
   does change with the order unless the embeddings are mutually orthogonal).
 - ``variance_explained``: tr Cov(B a_i) / tr Cov(a_i), the share of the component's variance
   that lies in the feature's span.
+- ``feature_fidelity``: whether the aligned total carries the feature at all: mean_j
+  Corr(B_j·s, B_j·clip(x)) against CLIP's own image embeddings of the same images. A feature
+  the subject does not encode still gets scores (its directions receive whatever the alignment
+  maps there, e.g. color): low fidelity says those scores, and margins that subtract them
+  (``retrieval_scores``), read leakage.
 
 >>> aligned = torch.randn(4, 100, 8); text = torch.randn(3, 8)
 >>> score_components(aligned, text).shape
@@ -26,7 +31,8 @@ import torch
 from fxdecomp.errors import InputError
 
 __all__ = ["FEATURES", "feature_descriptions", "orthonormal_basis", "score_components",
-           "score_components_invariant", "variance_explained", "retrieval_scores"]
+           "score_components_invariant", "variance_explained", "feature_fidelity",
+           "retrieval_scores"]
 
 #: Description lists of the paper's features (Balasubramanian et al. 2024).
 FEATURES: dict[str, list[str]] = {
@@ -138,6 +144,35 @@ def variance_explained(aligned: torch.Tensor, text_embeddings: torch.Tensor) -> 
     inside = (p * p).sum((1, 2))
     out = torch.where(total > _EPS, inside / total.clamp_min(_EPS), torch.zeros_like(total))
     return out.float()
+
+
+def feature_fidelity(total: torch.Tensor, reference: torch.Tensor,
+                     text_embeddings: torch.Tensor) -> float:
+    """How faithfully an aligned total carries a feature: mean over the feature's orthonormal
+    basis directions j of Corr_x(B_j·total, B_j·reference), both centred over images.
+
+    total: [N, E] aligned sums Σ_i f_i(c_i(x)) (``CompAlign.total``); reference: [N, E] CLIP's
+    own image embeddings of the same images (best held out from the alignment); text_embeddings:
+    [k, E]. Near 1: the total varies along the feature's texts as CLIP does; near 0: what
+    varies there is not what CLIP sees (the subject does not encode the feature), so the
+    feature's component scores read leakage. A direction along which either does not vary
+    contributes 0.
+    """
+    basis = orthonormal_basis(text_embeddings)
+    pair = []
+    for name, x in (("total", total), ("reference", reference)):
+        x = _as_matrix(x, name).double()
+        if x.shape[-1] != basis.shape[-1]:
+            raise InputError(f"{name} has E={x.shape[-1]} but the text embeddings have "
+                             f"E={basis.shape[-1]}")
+        pair.append((x - x.mean(0)) @ basis.T)                     # [N, r]
+    s, c = pair
+    if s.shape[0] != c.shape[0] or s.shape[0] < 2:
+        raise InputError(f"total [N, E] and reference [N, E] need the same N >= 2 images, got "
+                         f"{tuple(total.shape)} and {tuple(reference.shape)}")
+    norm = torch.sqrt((s * s).sum(0) * (c * c).sum(0))
+    corr = torch.where(norm > _EPS, (s * c).sum(0) / norm.clamp_min(_EPS), torch.zeros_like(norm))
+    return float(corr.mean())
 
 
 def retrieval_scores(scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

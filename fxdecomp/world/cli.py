@@ -73,7 +73,9 @@ def run_demo(args) -> int:
     print(f"sum of components vs the model's output: relative error "
           f"{m['exactness_max_relative_error']:.2e} ({m['n_components']} components: attn_head, "
           f"mlp, embed, bias)")
-    print(f"CompAlign held-out cosine to the tiny CLIP: {m['alignment_heldout_cosine']:.3f}")
+    print(f"CompAlign held-out cosine to the tiny CLIP: {m['alignment_heldout_cosine']:.3f}; "
+          "fidelity per attribute: "
+          + ", ".join(f"{a} {v:.2f}" for a, v in m["attribute_fidelity"].items()))
     print(f"precision@10 (k={m['k']})   top-k   by score  full    random  chance")
     for a in ATTRIBUTE_ORDER:
         p = m["retrieval_precision_at_10"][a]

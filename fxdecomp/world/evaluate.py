@@ -8,7 +8,9 @@ On a freshly generated ``test`` split (all attributes independent):
 2. align them to the shipped tiny CLIP with ``CompAlign`` (its defaults) on ``ALIGN_FRACTION``
    of the images; the held-out cosine cos(Σ_i f_i(c_i(x)) + b, clip(x)) is measured on the rest;
 3. score every component for each attribute (``score_components`` on the aligned components and
-   the CLIP text embeddings of the attribute's values, ``WORLD_FEATURES``);
+   the CLIP text embeddings of the attribute's values, ``WORLD_FEATURES``), and measure how
+   faithfully the aligned total carries each attribute on the held-out images
+   (``feature_fidelity`` against CLIP's own embeddings: ``attribute_fidelity``);
 4. property retrieval (``fxdecomp.apply``): for query images, rank all images by the cosine of
    (a) the sum of the k components selected for the attribute (``select_components``: score
    minus the max over the other attributes, the paper's rule), (a') the k with the best score
@@ -123,7 +125,7 @@ def evaluate_world(n: int = 2000, seed: int = 0, k: int = 3, queries: int = 500,
     from fxdecomp import decompose
     from fxdecomp.apply import precision_at_k, property_retrieval, select_components
     from fxdecomp.capture.adapters import load_clip, load_model
-    from fxdecomp.interpret import CompAlign, score_components, text_embeddings
+    from fxdecomp.interpret import CompAlign, feature_fidelity, score_components, text_embeddings
     from fxdecomp.world.models import WORLD_FEATURES, read_record
 
     t0 = time.perf_counter()
@@ -164,10 +166,12 @@ def evaluate_world(n: int = 2000, seed: int = 0, k: int = 3, queries: int = 500,
     t = time.perf_counter()
     candidates = torch.tensor([lab.kind in CANDIDATE_KINDS for lab in labels])
     cand_idx = candidates.nonzero().flatten()
-    scores, cand_scores = {}, {}
+    scores, cand_scores, fidelity = {}, {}, {}
+    held_total = aligner.total(components[:, held_idx])
     for attr in ATTRIBUTE_ORDER:
         text = text_embeddings(WORLD_FEATURES[attr], clip, tokenizer, templates="none",
                                model_id="world:clip")
+        fidelity[attr] = feature_fidelity(held_total, targets[held_idx], text)
         s = score_components(aligned[cand_idx], text)
         cand_scores[attr] = s
         full = torch.zeros(len(labels))
@@ -233,6 +237,7 @@ def evaluate_world(n: int = 2000, seed: int = 0, k: int = 3, queries: int = 500,
         "retrieval_precision_at_10": precision,
         "chance_precision_at_10": chance,
         "alignment_heldout_cosine": held_cos,
+        "attribute_fidelity": fidelity,
         "exactness_max_relative_error": err,
         "k": k,
         "retrieval_sweep_k": sweep,

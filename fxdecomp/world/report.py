@@ -258,6 +258,10 @@ def write_report(ev: WorldEvaluation, out: str | Path) -> Path:
         f"- alignment: CompAlign maps the components into the tiny CLIP's space; on "
         f"{m['n_images'] - m['n_align_fit']} held-out images the aligned sum has mean cosine "
         f"**{m['alignment_heldout_cosine']:.3f}** to CLIP's own embedding;",
+        f"- fidelity per attribute (held out: correlation of the aligned sum with CLIP's own "
+        f"embedding along the attribute's texts; low = the subject does not carry it, so its "
+        f"scores read what leaks into those directions): "
+        + ", ".join(f"{a} {v:.2f}" for a, v in m["attribute_fidelity"].items()) + ";",
         f"- scoring: each component is scored for each attribute through CLIP text embeddings of "
         f"the attribute's values; the k = {m['k']} components with the best score minus their "
         f"best score on another attribute are selected (the paper's rule, `scores.png`), and "
@@ -297,8 +301,9 @@ def write_report(ev: WorldEvaluation, out: str | Path) -> Path:
         "shapes, then round vs angular), background the one it may learn by accident (the "
         "spurious cue). The two selection rules differ where the subject does not encode an "
         "attribute: its aligned total then varies along that attribute's texts only through "
-        "what it does encode, so (texture here) the components that encode color best also "
-        "score high on texture, and subtracting the best other score demotes them.",
+        "what it does encode, so (texture here: see its fidelity above) the components that "
+        "encode color best also score high on texture, and subtracting the best other score "
+        "demotes them.",
         "",
     ]
     if m.get("retrieval_sweep_k"):
