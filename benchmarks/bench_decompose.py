@@ -474,7 +474,7 @@ def main(argv=None) -> int:
     reps = a.reps or (3 if q else 5)
     timeout = a.timeout or (120.0 if q else 900.0)
     scale_batch = a.scale_batch or (2 if q else 8)
-    tag = a.tag or ("cpu_quick" if q else "cpu") if a.device == "cpu" else (a.tag or a.device)
+    tag = a.tag or (("cpu_quick" if q else "cpu") if a.device == "cpu" else a.device)
 
     configs = []
     for m in models:
