@@ -940,11 +940,7 @@ def window_reduce_probe(w: torch.Tensor, rmap: torch.Tensor, probs: torch.Tensor
         # same pass), the value rows [W, H, K, N, b]: ``factored_linear`` reads them as they are
         pv = p.view(n_kept, windows, *p.shape[1:]).permute(1, 2, 3, 0, 4)
         omb = om.permute(0, 2, 1).unsqueeze(1).unsqueeze(-1)              # [W, 1, Q, K, 1]
-        if torch.is_grad_enabled() and (pv.requires_grad or omb.requires_grad):
-            weights = (pv * omb).contiguous()
-        else:
-            weights = torch.empty(pv.shape, dtype=w.dtype, device=w.device)
-            torch.mul(pv, omb, out=weights)
+        weights = _product(pv, omb, w.dtype)
         vp = v.view(n_kept, windows, *v.shape[1:]).permute(1, 2, 0, 3, 4).contiguous()
         return weights, (vp, slot, sub, shape)
     index, slot = window_rows(wm[0], windows, sub)                         # [W, Q'] each
@@ -954,11 +950,7 @@ def window_reduce_probe(w: torch.Tensor, rmap: torch.Tensor, probs: torch.Tensor
     rw, ww = r[:, index].transpose(0, 1), ww[:, index].transpose(0, 1)     # [W, n_kept, Q']
     got = _probs_rows(probs, w.dtype).index_select(0, rw.reshape(-1))    # [W·n_kept·Q', c]
     got = got.t().view(c, windows, n_kept, q)
-    if torch.is_grad_enabled() and (got.requires_grad or ww.requires_grad):
-        weights = (got * ww.unsqueeze(0)).contiguous()
-    else:   # the transpose and the product in one pass
-        weights = torch.empty((c, windows, n_kept, q), dtype=w.dtype, device=w.device)
-        torch.mul(got, ww.unsqueeze(0), out=weights)
+    weights = _product(got, ww.unsqueeze(0), w.dtype)      # the transpose and product in one pass
     weights = weights.view([c * windows] + shape + [q])
     if q >= sub:     # no fewer rows per window than sub-blocks: σ per sub-block is narrower
         return dense_window_weights(weights, slot, sub), g()
@@ -1013,6 +1005,15 @@ def window_reduce_factored(s: torch.Tensor, v: torch.Tensor, wmap: torch.Tensor,
     if mean:
         weights /= math.prod(rest[d] for d in red)
     return weights.view([c * windows] + shape + [q]), (g, slot, sub)
+
+
+def _product(a: torch.Tensor, b: torch.Tensor, dtype) -> torch.Tensor:
+    """a · b (broadcast) as a new contiguous tensor, written in one pass (``out=``) unless
+    autograd records through either."""
+    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+        return (a * b).contiguous()
+    out = torch.empty(torch.broadcast_shapes(a.shape, b.shape), dtype=dtype, device=a.device)
+    return torch.mul(a, b, out=out)
 
 
 def _whole_windows(r: torch.Tensor, wm: torch.Tensor, img: torch.Tensor, windows: int,
