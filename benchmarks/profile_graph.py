@@ -2,6 +2,7 @@
 
     python benchmarks/profile_graph.py swin_tiny_patch4_window7_224 --batch 8
     python benchmarks/profile_graph.py maxvit_tiny_tf_224:pooled --batch 8 --top 40
+    python benchmarks/profile_graph.py swin_tiny_patch4_window7_224 --project 8   # dm(x, project=D)
 
 Builds the decomposition of a timm model (seeded random weights; ``NAME:OUTPUT`` picks an
 adapter output), times the plain forward and the rewritten graph (best of ``--reps``), then runs
@@ -28,6 +29,8 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--top", type=int, default=30, help="rows of each table")
+    p.add_argument("--project", type=int, default=0, metavar="K",
+                   help="profile dm(x, project=D) with K seeded random directions (tokens mode)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     import fxdecomp
@@ -36,8 +39,17 @@ def main(argv=None) -> int:
     name, _, output = a.model.partition(":")
     target, info = load_model("timm:" + name, random_init=True, seed=0, output=output or None)
     x = example_input(info, batch=a.batch, seed=0)
-    dm = fxdecomp.decompose(target, x, granularity=a.granularity)
-    gm = dm.graph_module
+    granularity = "tokens" if a.project else a.granularity
+    dm = fxdecomp.decompose(target, x, granularity=granularity)
+    args = (x,)
+    if a.project:
+        with torch.no_grad():
+            out_dim = target(x).shape[-1]
+        D = torch.randn(out_dim, a.project, generator=torch.Generator().manual_seed(0))
+        dm(x, project=D)                                  # builds the projected graph
+        gm, args = dm._graph_for(int(x.shape[0]), project=True), (x, D)
+    else:
+        gm = dm.graph_module
     per_fn: collections.Counter = collections.Counter()
     calls: collections.Counter = collections.Counter()
     nodes: list = []
@@ -58,18 +70,19 @@ def main(argv=None) -> int:
     with torch.no_grad():
         for _ in range(2):
             target(x)
-            gm(x)
+            gm(*args)
         plain, decomposed = [], []
         for _ in range(a.reps):
             t0 = time.perf_counter()
             target(x)
             plain.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            gm(x)
+            gm(*args)
             decomposed.append(time.perf_counter() - t0)
-        Timed(gm).run(x)
+        Timed(gm).run(*args)
     tp, tm = min(plain), min(decomposed)
-    print(f"{a.model} batch {a.batch} {a.granularity}: plain {tp * 1e3:.0f} ms, decomposed "
+    mode = f"projected k={a.project}" if a.project else a.granularity
+    print(f"{a.model} batch {a.batch} {mode}: plain {tp * 1e3:.0f} ms, decomposed "
           f"{tm * 1e3:.0f} ms, ratio {tm / tp:.2f}x (best of {a.reps}); node by node "
           f"{sum(per_fn.values()) * 1e3:.0f} ms")
     print("\nms        calls  function")

@@ -1,7 +1,7 @@
 """fxdecomp: exact decomposition of vision-transformer representations into components."""
 from .errors import CollapseError, FxDecompError, InputError, ModelLoadError, UnsupportedGraphError
 from .run.decomposition import KINDS, ComponentLabel, Decomposition
-from .run.decomposed import DecomposedModel, decompose, decompose_in_groups
+from .run.decomposed import DecomposedModel, WindowSplitWarning, decompose, decompose_in_groups
 from .interpret import (FEATURES, AlignmentMismatchError, CompAlign, describe_component,
                         score_components, score_components_invariant, text_embeddings,
                         variance_explained)
@@ -13,6 +13,6 @@ __all__ = [
     "FxDecompError", "UnsupportedGraphError", "InputError", "ModelLoadError", "CollapseError",
     "CompAlign", "AlignmentMismatchError", "text_embeddings", "score_components",
     "score_components_invariant", "variance_explained", "describe_component", "FEATURES",
-    "open_store", "ComponentStore",
+    "open_store", "ComponentStore", "WindowSplitWarning",
 ]
 __version__ = "0.1.0"

@@ -22,6 +22,7 @@ split at the output). Checked:
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -49,25 +50,30 @@ def reverse(w):     # [4B, 9, C] -> [B, 6, 6, C], then the shift back
     return x.roll((SHIFT, SHIFT), (1, 2))
 
 
+def cat_gather(x):  # torchvision Swin's form of the 2x2 gather: strided slices, cat on channels
+    return torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
+
+
 class TinyWindows(TwoStageLayers):
-    def __init__(self, pool: str = "mean"):
+    def __init__(self, pool: str = "mean", merge: str = "gather"):
         super().__init__(C, HEADS)
         self.pool = pool
+        self.gather = cat_gather if merge == "cat" else merge_gather
 
     def forward(self, img):
         x = self.embed(img).permute(0, 2, 3, 1)                       # [B, 6, 6, C]
         b = x.shape[0]
         x = x + reverse(self.attn1(partition(self.n1(x).roll((-SHIFT, -SHIFT), (1, 2)))))
         x = x + self.mlp(self.n2(x))
-        x = self.reduction(self.merge_norm(merge_gather(x)))          # [B, 3, 3, 2C]
+        x = self.reduction(self.merge_norm(self.gather(x)))           # [B, 3, 3, 2C]
         x = x + self.attn2(self.n3(x).reshape(b, 9, 2 * C)).reshape(b, 3, 3, 2 * C)
         x = self.norm(x)
         return x.mean((1, 2)) if self.pool == "mean" else x.flatten(1)
 
 
-def _model_and_input(pool):
+def _model_and_input(pool, merge="gather"):
     torch.manual_seed(0)
-    return TinyWindows(pool).eval(), torch.randn(2, 3, 24, 24)
+    return TinyWindows(pool, merge).eval(), torch.randn(2, 3, 24, 24)
 
 
 def _frozen_ln(t, stream, ln):
@@ -101,10 +107,19 @@ def _reference_stage1_tokens(model, x):
     return out
 
 
-@pytest.mark.parametrize("pool", ["mean", "flatten"])
-def test_tokens_per_window_exact_and_match_reference(pool):
-    model, x = _model_and_input(pool)
-    dm, d = decompose_exactly(model, x, "tokens")
+@pytest.mark.parametrize("pool,merge", [("mean", "gather"), ("flatten", "gather"), ("mean", "cat")])
+def test_tokens_per_window_exact_and_match_reference(pool, merge):
+    """``merge="cat"``: the patch merging written as torchvision's Swin writes it (strided
+    slices concatenated on the channel dim), the same function as the reshape form: the windows
+    pass it too (sub-blocks concatenated, W block diagonal), and match the same reference."""
+    model, x = _model_and_input(pool, merge)
+    assert torch.equal(cat_gather(torch.arange(72.).view(1, 6, 6, 2)),
+                       merge_gather(torch.arange(72.).view(1, 6, 6, 2)))
+    with warnings.catch_warnings():
+        # the windows pass every op up to the output (a flatten output holds one term per
+        # window and position: that split is what the output is, not a warned blow-up)
+        warnings.simplefilter("error", fxdecomp.WindowSplitWarning)
+        dm, d = decompose_exactly(model, x, "tokens")
     got = {(lab.head, lab.token, int(lab.name.rsplit(".w", 1)[1])): (i, lab)
            for i, lab in enumerate(d.labels) if lab.kind == "attn_head_token" and lab.module == "attn1"}
     ref = _reference_stage1_tokens(model, x)
@@ -124,15 +139,33 @@ def test_tokens_per_window_exact_and_match_reference(pool):
     assert float((p.components.double() - want).abs().max()) <= 1e-5 * float(want.abs().max())
 
 
-def test_window_terms_are_never_split_at_full_width():
+def test_a_split_per_window_is_warned_naming_the_op_and_module():
+    """MaxViT's block attention is followed by a permute to NCHW (channels moved out of the
+    last dim), which the windowed path does not pass: its terms are split per window there
+    (exact, but windows times larger). The build says so, naming the op and the module."""
+    timm = pytest.importorskip("timm")
+    from fxdecomp.capture.adapters import timm_target
+    torch.manual_seed(0)
+    m = timm.create_model("maxvit_tiny_tf_224", pretrained=False, num_classes=0, img_size=64,
+                          depths=(1, 1), embed_dim=(32, 64)).eval()
+    target = timm_target(m, output="pooled").eval()
+    x = torch.randn(1, 3, 64, 64)
+    with pytest.warns(fxdecomp.WindowSplitWarning,
+                      match=r"aten\.permute\.default at stages\.0\.blocks\.0 \(\d+ windows\)"):
+        decompose_exactly(target, x, "tokens")
+
+
+@pytest.mark.parametrize("merge", ["gather", "cat"])
+def test_window_terms_are_never_split_at_full_width(merge):
     """Every value computed from the first stage's per-token terms (or their factors, P and V)
     is at most as large as the terms [K, B·windows, 1, 9, dh] (before the final write of all
     components): the windows are separated only where the mean reduces the positions.
     Splitting them at the attention (K·4 terms of the same width) makes a value 4 times
     larger."""
-    model, x = _model_and_input("mean")
+    model, x = _model_and_input("mean", merge)
     dm = fxdecomp.decompose(model, x, granularity="tokens")
     assert "window_reduce" in dm.code and "split_windows" not in dm.code
+    assert ("cat_last" in dm.code) == (merge == "cat") and "split_by_map" not in dm.code
     g = dm.graph_module.graph
     first = next(n for n in g.nodes if n.target in (rt.split_heads_tokens, rt.token_probe))
     after = downstream([first], lambda u: u.target in (rt.write_terms, rt.group_components)
@@ -223,3 +256,18 @@ def test_write_terms_factored_parts_sharing_one_weight():
     with torch.no_grad():
         got = rt.write_terms(parts, ref, "torch")
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("granularity", ["heads", "tokens"])
+def test_cat_merge_gives_the_components_of_the_reshape_merge(granularity):
+    """The same model with its patch merging written both ways (reshape/permute, timm; strided
+    slices + cat, torchvision) has the same components, label for label: in heads mode the
+    pending heads pass the cat with their moves deferred (positions maps concatenated), in
+    tokens mode with their window maps."""
+    a, x = _model_and_input("mean", "gather")
+    b, _ = _model_and_input("mean", "cat")
+    _, da = decompose_exactly(a, x, granularity)
+    dm, db = decompose_exactly(b, x, granularity)
+    assert "cat_last" in dm.code and "place_in_cat" not in dm.code
+    assert [lab.name for lab in db.labels] == [lab.name for lab in da.labels]
+    torch.testing.assert_close(db.components, da.components, rtol=1e-4, atol=1e-6)

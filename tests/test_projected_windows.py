@@ -138,3 +138,25 @@ def test_reduce_positions_of_a_broadcast_row():
     got = rt.reduce_positions(t, positions, (1, 2), False, True)
     want = rt.gather_positions(t.contiguous(), positions).mean((2, 3))
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("c", [1, 3, 80])
+def test_reduce_positions_reads_strided_rows_in_place(c):
+    """Terms that are a permuted view of channels-last memory (the 2x2 sub-positions of
+    a patch merging taken from a [B, H, W, E] value) are reduced from their memory rows, no
+    copy: the result equals the reduction of the same terms made contiguous, for one component
+    (``embedding_bag``) and many (a gather), with moves and per-row scales deferred."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(c, 2, 8, 8, 5, generator=g)                             # [c, B, H, W, E]
+    t = base.view(c, 2, 4, 2, 4, 2, 5).permute(0, 1, 2, 4, 3, 5, 6)   # [c, B, 4, 4, 2, 2, E]
+    assert not t.is_contiguous()
+    flat, rowmap = rt._memory_rows(t)
+    assert rowmap is not None and flat.data_ptr() == base.data_ptr()          # no copy
+    positions = rt.home_positions(t[0])
+    positions = rt.scale_positions(positions, torch.rand(t.shape[1:-1] + (1,), generator=g) + 0.5)
+    dims = (1, 2)
+    got = rt.reduce_positions(t, positions, dims, False, True)
+    want = rt.reduce_positions(t.contiguous(), positions, dims, False, True)
+    torch.testing.assert_close(got, want)
+    ref = rt.gather_positions(t.contiguous(), positions).mean((2, 3))          # independent path
+    torch.testing.assert_close(got, ref)

@@ -98,6 +98,8 @@ class Emitter:
         self._taken: dict = {}
         self._positions: dict = {}   # (positions node, what moved it) -> moved positions node
         self._head_counter: dict[str, int] = {}
+        # (op, module path) -> windows, where windowed terms were split per window (``unwindow``)
+        self.window_splits: dict[tuple[str, str], int] = {}
         self._separate_heads: Counter = Counter(
             structure.site(n).name for n, p in walk.plans.items()
             if p.kind == PlanKind.ATTENTION and len(n.meta["val"].shape) < 4)
@@ -164,6 +166,9 @@ class Emitter:
         wmap, windows = c.win
         if windows == 1:       # one window: the terms already are the components
             return Chunk(c.node, c.labels, c.block, c.proj, c.cdim)
+        if self.anchor is not None:
+            key = (str(self.anchor.target), self.facts.module_path(self.anchor))
+            self.window_splits[key] = max(windows, self.window_splits.get(key, 0))
         if wmap is None:
             block = None if c.block is None else c.block[:2] + (c.block[2] * windows,)
             return Chunk(self.call(rt.split_windows, c.node, windows), c.labels, block, c.proj, c.cdim)
@@ -477,6 +482,7 @@ class Emitter:
                 self.terms_of[n] = self._narrow(chunks, None, layout, _rank(n))
         target = self.walk.output
         out_ref = self.env[target]
+        self.anchor = None     # a split at the output itself is what the output holds: not noted
         chunks = self.terms_of[target]
         if self.project:
             chunks, out_ref = self._project(chunks, out_ref)

@@ -29,7 +29,7 @@ __all__ = [
     "split_windows", "fold_centering", "fold_rows", "fold_linear", "fold_projection", "inv_std",
     "project_terms", "write_terms", "reshape_rest", "block_diagonal_heads", "linear_output_terms",
     "normalize_terms", "identity_weight", "home_positions", "scale_positions", "gather_positions",
-    "reduce_positions", "linear_terms", "window_map", "split_by_map", "window_reduce",
+    "reduce_positions", "cat_last", "linear_terms", "window_map", "split_by_map", "window_reduce",
     "unfactor", "window_reduce_factored", "outer_terms", "factored_linear",
     "window_rows", "dense_window_weights", "token_probe", "probe_factors", "window_reduce_probe",
 ]
@@ -153,6 +153,12 @@ def place_in_cat(t: torch.Tensor, parts: Sequence[torch.Tensor], index: int, dim
     after = sum(int(p.shape[dim]) for p in parts[index + 1:])
     pad = [0, 0] * (ref.dim() - 1 - dim) + [before, after]
     return F.pad(t, pad)
+
+
+def cat_last(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Terms (or their pending inputs, window maps, positions maps) concatenated along the last
+    dim: part k becomes sub-block k (``rules.layout._cat_pending``)."""
+    return torch.cat(list(parts), -1)
 
 
 def layer_norm_terms(t: torch.Tensor, x: torch.Tensor, normalized_shape, weight, eps: float):
@@ -580,7 +586,9 @@ def reduce_positions(t: torch.Tensor, positions: torch.Tensor, dims: tuple, keep
     index = p[0].reshape(-1, n).to(torch.long)
     weight = (p[1].reshape(-1, n) / n if mean else p[1].reshape(-1, n)).to(t.dtype)
     c, b = t.shape[0], t.shape[-1]
-    flat = t.reshape(c, -1, b)
+    flat, rowmap = _memory_rows(t)
+    if rowmap is not None:
+        index = rowmap[index]
     if flat.shape[1] > 1 and flat.stride(1) == 0:   # one row broadcast (a bias): Σ w · row
         out = weight.sum(1).view(1, -1, 1) * flat[:, :1]
     elif c <= 64:
@@ -594,6 +602,27 @@ def reduce_positions(t: torch.Tensor, positions: torch.Tensor, dims: tuple, keep
         for d in sorted(dims):
             out = out.unsqueeze(1 + d)
     return out
+
+
+def _memory_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """t [c, *rest, b] as rows [c, R, b] without a copy where its rows are whole rows of its
+    memory (last dim contiguous, every rest stride a multiple of b: e.g. a permuted or
+    sliced view of a channels-last value) -> (rows, rowmap [Π rest]: the memory row of each
+    logical row); (t.reshape(c, -1, b), None) where a reshape is a view or a copy is needed."""
+    c, b = t.shape[0], t.shape[-1]
+    rest, strides = t.shape[1:-1], t.stride()[1:-1]
+    try:
+        return t.view(c, -1, b), None
+    except RuntimeError:
+        pass
+    if t.stride(-1) != 1 or any(s % b or s < 0 for s in strides) or 0 in t.shape:
+        return t.reshape(c, -1, b), None
+    rowmap = torch.zeros((), dtype=torch.long, device=t.device)
+    for size, stride in zip(rest, strides):
+        rowmap = rowmap.unsqueeze(-1) + torch.arange(size, device=t.device) * (stride // b)
+    n_rows = int(rowmap.max()) + 1
+    rows = t.as_strided((c, n_rows, b), (t.stride(0), b, 1), t.storage_offset())
+    return rows, rowmap.reshape(-1)
 
 
 def split_heads_tokens(probs: torch.Tensor, v: torch.Tensor, head_dim: int | None,

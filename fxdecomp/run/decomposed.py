@@ -74,8 +74,12 @@ def _build(model: nn.Module, example: torch.Tensor, granularity: str, layers, dy
     if granularity in ("heads", "tokens"):
         from ..analyse.channel_heads import channel_heads
         root_heads = channel_heads(gm, w, structure, example)
-    graph_module, labels = Emitter(gm, w, structure, Policy(expand), backend, tables,
-                                   root_heads, project=project).run()
+    emitter = Emitter(gm, w, structure, Policy(expand), backend, tables, root_heads,
+                      project=project)
+    graph_module, labels = emitter.run()
+    if emitter.window_splits:
+        warnings.warn(_window_split_message(emitter.window_splits), WindowSplitWarning,
+                      stacklevel=3)
     whole = {}
     if granularity in ("heads", "tokens"):
         whole = _whole_attention(w, structure, expand, root_heads or {}, labels)
@@ -85,6 +89,22 @@ def _build(model: nn.Module, example: torch.Tensor, granularity: str, layers, dy
                           + (" ..." if len(whole) > 3 else "") + " (dm.whole_attention)",
                           stacklevel=3)
     return graph_module, labels, blocks, captured, (coverage, whole)
+
+
+class WindowSplitWarning(UserWarning):
+    """Tokens mode through window attention: an op the windowed path does not pass made the
+    per-window terms split into one full-size term per window (exact, but memory and time grow
+    with the number of windows)."""
+
+
+def _window_split_message(splits: dict[tuple[str, str], int]) -> str:
+    where = "; ".join(f"{op} at {module or '<root>'} ({windows} windows)"
+                      for (op, module), windows in list(splits.items())[:3])
+    more = f" and {len(splits) - 3} more" if len(splits) > 3 else ""
+    return (f"tokens mode: window-attention terms are split per window before {len(splits)} "
+            f"op(s) the windowed path does not pass: {where}{more}. Each component is then as "
+            "large as the whole value (memory and time x the number of windows, also with "
+            "project=); decompose fewer layers (layers=), a smaller batch, or heads mode")
 
 
 def _whole_attention(w: Walk, structure: Structure, expand, root_heads: dict,

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import math
 import operator
+from dataclasses import replace
 from typing import Callable, Optional
 
 import torch
@@ -664,6 +665,12 @@ def plan_cat(node, facts):
     dim = arg(node, 1, "dim", 0)
 
     def emit(em, node):
+        rank = len(sizes(node))
+        if norm_dim(dim, rank) == rank - 1 and len(parts) > 1 \
+                and any(pending_in(em, p) for p in parts):
+            merged = _cat_pending(em, parts)
+            if merged is not None:
+                return merged
         origs = [em.orig(p) for p in parts]
         ref = em.orig(node)
         out = []
@@ -690,6 +697,52 @@ def plan_cat(node, facts):
             offset += n
         return req
     return Plan.linear(list(parts), emit, demand=demand)
+
+
+def _cat_pending(em, parts) -> list | None:
+    """cat along the channel dim of K equally shaped values whose terms correspond chunk by
+    chunk (the same components: e.g. the 2x2 strided slices of one value in a patch merging
+    written as ``cat([x[0::2, 0::2], x[1::2, 0::2], ...], -1)``, torchvision's Swin): the
+    merging's gather in another form. Pending projections stay pending: their inputs (or the
+    windowed factors and window maps, or the deferred positions maps) are concatenated along
+    the last dim, part k becoming sub-block k, and W becomes block diagonal
+    (``rt.block_diagonal_heads``); plain terms are concatenated as they are. None: the parts do
+    not correspond (the caller places each part in its slice instead)."""
+    shapes = [sizes(p) for p in parts]
+    if not shapes[0] or shapes[0][-1] is None or any(sh != shapes[0] for sh in shapes):
+        return None
+    lists = [em.terms(p, pending_ok=True, lazy_ok=True, windows_ok=True) for p in parts]
+    if len({len(chunks) for chunks in lists}) != 1:
+        return None
+    k, out = len(parts), []
+    for group in zip(*lists):
+        first = group[0]
+        if any(c.labels != first.labels for c in group):
+            return None
+        if all(c.proj is None for c in group):
+            nodes = [em.call(rt.expand_terms, em.densify(em.unwindow(c)).node, em.orig(p))
+                     for c, p in zip(group, parts)]
+            out.append(em.chunk(em.call(rt.cat_last, nodes), first.labels))
+            continue
+        win, fac = first.win, first.fac
+        if any(c.proj is None or c.proj != first.proj or c.cdim is not None or c.block is not None
+               or (c.win is None) != (win is None) or (c.fac is None) != (fac is None)
+               for c in group) \
+                or win is not None and any(c.win[1] != win[1] for c in group) \
+                or fac is not None and (fac[0] not in ("rows", "probe")
+                                        or any(c.fac != fac for c in group)):
+            return None
+        weight = em.call(rt.block_diagonal_heads, first.proj[0], first.proj[1], k)
+        if all(c.at is not None and c.node is first.node for c in group):
+            # deferred moves (one input, K positions maps): the maps merge, the input stays
+            at = em.call(rt.cat_last, [c.at for c in group])
+            out.append(replace(first, proj=(weight, first.proj[1]), at=at))
+            continue
+        group = [em.settle(c) for c in group]
+        wmap = None if win is None else (em.call(rt.cat_last, [c.win[0] for c in group]), win[1])
+        out.append(em.pending(em.call(rt.cat_last, [c.node for c in group]), weight,
+                              first.proj[1], first.labels, win=wmap, fac=fac))
+    return out
 
 
 @RULES.rule(aten.stack, examples=(
