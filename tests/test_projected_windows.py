@@ -160,3 +160,14 @@ def test_reduce_positions_reads_strided_rows_in_place(c):
     torch.testing.assert_close(got, want)
     ref = rt.gather_positions(t.contiguous(), positions).mean((2, 3))          # independent path
     torch.testing.assert_close(got, ref)
+
+
+def test_take_of_evenly_spaced_rows_is_a_view():
+    """A demand for every other row (a patch merging's x[0::2] as a demand) is served by a
+    strided view, not a copy; other row sets are gathered. Both equal index_select."""
+    t = torch.randn(3, 2, 8, 5)
+    for index in [(0, 2, 4, 6), (1, 3, 5, 7), (1, 4, 7), (0, 1, 5), (2,), (3, 4, 5)]:
+        got = rt.take(t, 2, index)
+        torch.testing.assert_close(got, t.index_select(2, torch.tensor(index)))
+        evenly = len(index) == 1 or len({b - a for a, b in zip(index, index[1:])}) == 1
+        assert (got.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()) == evenly, index

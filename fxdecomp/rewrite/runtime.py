@@ -670,7 +670,8 @@ def max_dim_terms(t: torch.Tensor, x: torch.Tensor, dim: int, keepdim: bool) -> 
 
 
 def take(t: torch.Tensor, dim: int, index, group: int | None = None) -> torch.Tensor:
-    """Rows ``index`` along ``dim`` (a view when they are contiguous): what a demand keeps.
+    """Rows ``index`` along ``dim`` (a view when they are contiguous or evenly spaced): what a
+    demand keeps.
     With ``group``: ``dim`` holds ``group`` outer rows × an inner size; keep outer rows
     ``index`` with all their inner elements."""
     if group is not None:
@@ -680,6 +681,10 @@ def take(t: torch.Tensor, dim: int, index, group: int | None = None) -> torch.Te
     index = tuple(index)
     if index and index == tuple(range(index[0], index[0] + len(index))):
         return t.narrow(dim, index[0], len(index))
+    step = index[1] - index[0] if len(index) > 1 else 0
+    if step > 1 and index == tuple(range(index[0], index[-1] + 1, step)):
+        # every step-th row (a strided slice, e.g. a patch merging's x[0::2]): a view
+        return t[(slice(None),) * (dim % t.dim()) + (slice(index[0], index[-1] + 1, step),)]
     return t.index_select(dim, torch.tensor(index, dtype=torch.long, device=t.device))
 
 

@@ -706,8 +706,8 @@ def _cat_pending(em, parts) -> list | None:
     merging's gather in another form. Pending projections stay pending: their inputs (or the
     windowed factors and window maps, or the deferred positions maps) are concatenated along
     the last dim, part k becoming sub-block k, and W becomes block diagonal
-    (``rt.block_diagonal_heads``); plain terms are concatenated as they are. None: the parts do
-    not correspond (the caller places each part in its slice instead)."""
+    (``rt.block_diagonal_heads``); plain terms are concatenated and become pending with W = I.
+    None: the parts do not correspond (the caller places each part in its slice instead)."""
     shapes = [sizes(p) for p in parts]
     if not shapes[0] or shapes[0][-1] is None or any(sh != shapes[0] for sh in shapes):
         return None
@@ -720,9 +720,12 @@ def _cat_pending(em, parts) -> list | None:
         if any(c.labels != first.labels for c in group):
             return None
         if all(c.proj is None for c in group):
+            # plain terms become pending (W = I), as at a reshape-form merging: the merging's
+            # norm and linear map then fold into W instead of running at every position
             nodes = [em.call(rt.expand_terms, em.densify(em.unwindow(c)).node, em.orig(p))
                      for c, p in zip(group, parts)]
-            out.append(em.chunk(em.call(rt.cat_last, nodes), first.labels))
+            eye = em.call(rt.identity_weight, k * shapes[0][-1], em.orig(parts[0]))
+            out.append(em.pending(em.call(rt.cat_last, nodes), eye, 1, first.labels))
             continue
         win, fac = first.win, first.fac
         if any(c.proj is None or c.proj != first.proj or c.cdim is not None or c.block is not None
