@@ -960,13 +960,12 @@ def window_reduce_probe(w: torch.Tensor, rmap: torch.Tensor, probs: torch.Tensor
             p = p.view(-1, windows, *p.shape[1:]).index_select(0, img[:, 0]).flatten(0, 1)
             v = v.view(-1, windows, *v.shape[1:]).index_select(0, img[:, 0]).flatten(0, 1)
         om = ww[:, index].transpose(0, 1)                                 # [W, K, Q]
-        if q_len >= sub:   # σ per sub-block: Pᵀ (ω one-hot over the slots), per (b', h)
-            onehot = om.new_zeros((windows, n_kept, q_len, sub))
-            onehot.scatter_(3, slot.view(windows, 1, q_len, 1).expand(-1, n_kept, -1, -1),
-                            om.unsqueeze(-1))
-            onehot = onehot.transpose(0, 1).unsqueeze(2)                  # [K, W, 1, Q, S]
-            pt = p.view(n_kept, windows, *p.shape[1:]).transpose(-1, -2)  # [K, W, H, N, Q]
-            sigma = torch.matmul(pt, onehot).permute(2, 3, 1, 0, 4)       # [H, N, W, K, S]
+        if q_len >= sub:   # σ per sub-block: P·ω summed over each slot's rows, per window
+            pv = p.view(n_kept, windows, *p.shape[1:]).permute(1, 3, 0, 2, 4)  # [W, Q, K, H, N]
+            pw = _product(pv, om.transpose(1, 2).reshape(windows, q_len, n_kept, 1, 1), w.dtype)
+            hot = F.one_hot(slot, sub).to(w.dtype).transpose(1, 2)            # [W, S, Q]
+            sigma = torch.bmm(hot, pw.view(windows, q_len, -1)).view(
+                (windows, sub) + tuple(pv.shape[2:])).permute(3, 4, 0, 2, 1)  # [H, N, W, K, S]
             rows_v = v.view(n_kept, windows, *v.shape[1:]).permute(2, 3, 1, 0, 4)
             return sigma.reshape([c * windows] + shape + [sub]), \
                 rows_v.reshape([c * windows] + shape + [v.shape[-1]])
