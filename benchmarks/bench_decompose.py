@@ -100,13 +100,17 @@ def worker(cfg: dict) -> dict:
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
     import fxdecomp
-    from fxdecomp.capture.adapters import example_input, load_model
+    from fxdecomp.capture.adapters import SOURCES, example_input, load_model
 
     res: dict = {"threads": torch.get_num_threads()}
     device = torch.device(cfg.get("device") or "cpu")
     cuda = device.type == "cuda"
     name, _, output = cfg["model"].partition(":")   # "maxvit_tiny_tf_224:pooled": adapter output
-    target, info = load_model("timm:" + name, random_init=True, seed=0,
+    spec = "timm:" + name
+    if name in ("torchvision", "open_clip", "hf") or name in SOURCES:
+        # another source, "torchvision:swin_t": the spec as load_model takes it
+        spec, output = cfg["model"], ""
+    target, info = load_model(spec, random_init=True, seed=0,
                               model_kwargs=cfg.get("model_kwargs") or None, output=output or None)
     target = target.to(device)
     x = example_input(info, batch=cfg["batch"], seed=0).to(device)
@@ -423,7 +427,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true",
                    help="smoke run: deit_small, batch 2, all modes, 3 reps, small scaling check")
-    p.add_argument("--models", help=f"comma list of timm names (default: {','.join(MODELS)})")
+    p.add_argument("--models", help=f"comma list of timm names, NAME:OUTPUT, or another source's spec such as torchvision:swin_t (default: {','.join(MODELS)})")
     p.add_argument("--batches", help="comma list (default 1,8,32)")
     p.add_argument("--modes", help="comma list of plain,blocks,heads,tokens (default all)")
     p.add_argument("--reps", type=int, help="timed repetitions per config (default 5; quick 3)")
