@@ -615,7 +615,7 @@ def _memory_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         return t.view(c, -1, b), None
     except RuntimeError:
         pass
-    if t.stride(-1) != 1 or any(s % b or s < 0 for s in strides) or 0 in t.shape:
+    if 0 in t.shape or t.stride(-1) != 1 or any(s % b for s in strides):
         return t.reshape(c, -1, b), None
     rowmap = torch.zeros((), dtype=torch.long, device=t.device)
     for size, stride in zip(rest, strides):
