@@ -722,7 +722,7 @@ def _cat_pending(em, parts) -> list | None:
         if all(c.proj is None for c in group):
             # plain terms become pending (W = I), as at a reshape-form merging: the merging's
             # norm and linear map then fold into W instead of running at every position
-            nodes = [em.call(rt.expand_terms, em.densify(em.unwindow(c)).node, em.orig(p))
+            nodes = [em.call(rt.expand_terms, em.densify(c).node, em.orig(p))
                      for c, p in zip(group, parts)]
             eye = em.call(rt.identity_weight, k * shapes[0][-1], em.orig(parts[0]))
             out.append(em.pending(em.call(rt.cat_last, nodes), eye, 1, first.labels))
