@@ -100,18 +100,14 @@ def worker(cfg: dict) -> dict:
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
     import fxdecomp
-    from fxdecomp.capture.adapters import FAMILIES, SOURCES, example_input, load_model
+    from fxdecomp.capture.adapters import example_input, load_model, split_model_arg
 
     res: dict = {"threads": torch.get_num_threads()}
     device = torch.device(cfg.get("device") or "cpu")
     cuda = device.type == "cuda"
-    name, _, output = cfg["model"].partition(":")   # "maxvit_tiny_tf_224:pooled": adapter output
-    spec = "timm:" + name
-    if name in FAMILIES + tuple(SOURCES):
-        # another source, "torchvision:swin_t": the spec as load_model takes it
-        spec, output = cfg["model"], ""
+    spec, output = split_model_arg(cfg["model"])
     target, info = load_model(spec, random_init=True, seed=0,
-                              model_kwargs=cfg.get("model_kwargs") or None, output=output or None)
+                              model_kwargs=cfg.get("model_kwargs") or None, output=output)
     target = target.to(device)
     x = example_input(info, batch=cfg["batch"], seed=0).to(device)
     sync = torch.cuda.synchronize if cuda else (lambda: None)

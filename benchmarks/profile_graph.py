@@ -23,7 +23,8 @@ import torch
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("model", help="timm name, optionally NAME:OUTPUT (e.g. maxvit_tiny_tf_224:pooled)")
+    p.add_argument("model", help="timm name, optionally NAME:OUTPUT (e.g. maxvit_tiny_tf_224:pooled), "
+                                 "or another source's spec (torchvision:swin_t)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--granularity", default="heads")
     p.add_argument("--reps", type=int, default=3)
@@ -34,10 +35,10 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     import fxdecomp
-    from fxdecomp.capture.adapters import example_input, load_model
+    from fxdecomp.capture.adapters import example_input, load_model, split_model_arg
 
-    name, _, output = a.model.partition(":")
-    target, info = load_model("timm:" + name, random_init=True, seed=0, output=output or None)
+    spec, output = split_model_arg(a.model)
+    target, info = load_model(spec, random_init=True, seed=0, output=output)
     x = example_input(info, batch=a.batch, seed=0)
     granularity = "tokens" if a.project else a.granularity
     dm = fxdecomp.decompose(target, x, granularity=granularity)

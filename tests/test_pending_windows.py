@@ -57,17 +57,26 @@ def cat_gather(x):  # torchvision Swin's form of the 2x2 gather: strided slices,
 class TinyWindows(TwoStageLayers):
     def __init__(self, pool: str = "mean", merge: str = "gather"):
         super().__init__(C, HEADS)
-        self.pool = pool
+        self.pool, self.merge = pool, merge
         self.gather = cat_gather if merge == "cat" else merge_gather
+        # merge="pool": MaxViT's downsampling shortcut instead (NCHW: 2x2 average pool, 1x1 conv)
+        self.downsample = torch.nn.Conv2d(C, 2 * C, 1)
+
+    def downsample_nchw(self, x):   # [B, 6, 6, C] -> [B, 3, 3, 2C] through NCHW
+        pooled = torch.nn.functional.avg_pool2d(x.permute(0, 3, 1, 2), 2)
+        return self.downsample(pooled).permute(0, 2, 3, 1)
 
     def forward(self, img):
         x = self.embed(img).permute(0, 2, 3, 1)                       # [B, 6, 6, C]
         b = x.shape[0]
         x = x + reverse(self.attn1(partition(self.n1(x).roll((-SHIFT, -SHIFT), (1, 2)))))
         x = x + self.mlp(self.n2(x))
-        x = self.reduction(self.merge_norm(self.gather(x)))           # [B, 3, 3, 2C]
+        x = self.downsample_nchw(x) if self.merge == "pool" else \
+            self.reduction(self.merge_norm(self.gather(x)))           # [B, 3, 3, 2C]
         x = x + self.attn2(self.n3(x).reshape(b, 9, 2 * C)).reshape(b, 3, 3, 2 * C)
         x = self.norm(x)
+        if self.pool == "nchw":   # torchvision's head: to NCHW, pool to one position, flatten
+            return torch.nn.functional.adaptive_avg_pool2d(x.permute(0, 3, 1, 2), 1).flatten(1)
         return x.mean((1, 2)) if self.pool == "mean" else x.flatten(1)
 
 
@@ -100,18 +109,29 @@ def _reference_stage1_tokens(model, x):
                     rows = torch.arange(o.shape[0]) % WINDOWS == w
                     o[rows] = p[rows, h, :, t, None] * v[rows, h, t, None, :]
                     term = reverse(o @ w_o[:, h * d:(h + 1) * d].t())     # [B, 6, 6, C]
-                    term = _frozen_ln(merge_gather(term), rec["m"].double(), model.merge_norm)
-                    term = term @ model.reduction.weight.double().t()     # [B, 3, 3, 2C]
+                    if model.merge == "pool":
+                        pooled = torch.nn.functional.avg_pool2d(term.permute(0, 3, 1, 2), 2)
+                        w_d = model.downsample.weight.double().flatten(1)   # [2C, C]
+                        term = pooled.permute(0, 2, 3, 1) @ w_d.t()       # [B, 3, 3, 2C]
+                    else:
+                        term = _frozen_ln(merge_gather(term), rec["m"].double(), model.merge_norm)
+                        term = term @ model.reduction.weight.double().t()     # [B, 3, 3, 2C]
                     term = _frozen_ln(term, rec["n"].double(), model.norm)
-                    out[h, t, w] = term.mean((1, 2)) if model.pool == "mean" else term.flatten(1)
+                    out[h, t, w] = term.flatten(1) if model.pool == "flatten" else term.mean((1, 2))
     return out
 
 
-@pytest.mark.parametrize("pool,merge", [("mean", "gather"), ("flatten", "gather"), ("mean", "cat")])
+@pytest.mark.parametrize("pool,merge", [("mean", "gather"), ("flatten", "gather"), ("mean", "cat"),
+                                        ("nchw", "cat"), ("mean", "pool"), ("nchw", "pool")])
 def test_tokens_per_window_exact_and_match_reference(pool, merge):
     """``merge="cat"``: the patch merging written as torchvision's Swin writes it (strided
     slices concatenated on the channel dim), the same function as the reshape form: the windows
-    pass it too (sub-blocks concatenated, W block diagonal), and match the same reference."""
+    pass it too (sub-blocks concatenated, W block diagonal), and match the same reference.
+    ``pool="nchw"``: torchvision's head (a permute to NCHW, an adaptive average pool to one
+    position, a flatten): the windows pass the permute with the channels moved out of the last
+    dim and are reduced per window at the pool. ``merge="pool"``: MaxViT's downsampling (NCHW,
+    a 2x2 average pool whose cells straddle the windows, a 1x1 convolution): the pooled
+    positions become sub-blocks that keep their windows, the convolution folds into W."""
     model, x = _model_and_input(pool, merge)
     assert torch.equal(cat_gather(torch.arange(72.).view(1, 6, 6, 2)),
                        merge_gather(torch.arange(72.).view(1, 6, 6, 2)))
@@ -140,32 +160,81 @@ def test_tokens_per_window_exact_and_match_reference(pool, merge):
 
 
 def test_a_split_per_window_is_warned_naming_the_op_and_module():
-    """MaxViT's block attention is followed by a permute to NCHW (channels moved out of the
-    last dim), which the windowed path does not pass: its terms are split per window there
-    (exact, but windows times larger). The build says so, naming the op and the module."""
+    """DaViT's spatial block transposes its tokens to channels-first ([B, N, C] -> [B, C, N])
+    and views them as an image for its convolutional position encoding, which the windowed path
+    does not pass: its terms are split per window there (exact, but windows times larger). The
+    build says so, naming the op and the module."""
     timm = pytest.importorskip("timm")
     from fxdecomp.capture.adapters import timm_target
     torch.manual_seed(0)
-    m = timm.create_model("maxvit_tiny_tf_224", pretrained=False, num_classes=0, img_size=64,
-                          depths=(1, 1), embed_dim=(32, 64)).eval()
+    m = timm.create_model("davit_tiny", pretrained=False, num_classes=0, depths=(1, 1),
+                          embed_dims=(32, 64), num_heads=(2, 4)).eval()
     target = timm_target(m, output="pooled").eval()
     x = torch.randn(1, 3, 64, 64)
     with pytest.warns(fxdecomp.WindowSplitWarning,
-                      match=r"aten\.permute\.default at stages\.0\.blocks\.0 \(\d+ windows\)"):
+                      match=r"aten\.transpose\.int at stages\.0\.blocks\.0\.0 \(\d+ windows\)"):
         decompose_exactly(target, x, "tokens")
 
 
-@pytest.mark.parametrize("merge", ["gather", "cat"])
-def test_window_terms_are_never_split_at_full_width(merge):
+def _small_maxvit():
+    timm = pytest.importorskip("timm")
+    from fxdecomp.capture.adapters import timm_target
+    m = timm.create_model("maxvit_tiny_tf_224", pretrained=False, num_classes=0, img_size=64,
+                          depths=(1, 1), embed_dim=(32, 64)).eval()
+    # block and grid attention in each stage: 1 head of 32 channels in stage 0, 2 in stage 1
+    return timm_target(m, output="pooled").eval(), torch.randn(2, 3, 64, 64), 6
+
+
+def _small_torchvision_swin():
+    swin = pytest.importorskip("torchvision.models.swin_transformer")
+    m = swin.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 1, 1],
+                             num_heads=[1, 2, 2], window_size=[2, 2], num_classes=5).eval()
+    return m, torch.randn(2, 3, 32, 32), 5
+
+
+@pytest.mark.parametrize("make", [_small_maxvit, _small_torchvision_swin],
+                         ids=["maxvit", "torchvision_swin"])
+def test_nchw_windows_stay_windowed_and_sum_to_their_heads(make):
+    """MaxViT (NCHW MBConv blocks between NHWC block and grid attentions, average-pool
+    downsampling with a 1x1 convolution, a pooled LayerNorm head) and torchvision's Swin (a
+    permute to NCHW, an adaptive average pool to one position and a flatten at the end; with
+    2x2 windows, fewer rows per window than sub-blocks at the pool after two mergings): the
+    per-token terms pass every permute, pool and convolution windowed (no split is warned; the
+    tiny model's float64 reference above checks each (head, token, window) through the same
+    ops), the tokens mode is exact, and each head's tokens sum to its heads-mode component."""
+    torch.manual_seed(0)
+    target, x, n_heads = make()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fxdecomp.WindowSplitWarning)
+        dm, tokens = decompose_exactly(target, x, "tokens")
+    assert "split_by_map" not in dm.code and "split_windows" not in dm.code
+    _, heads = decompose_exactly(target, x, "heads")
+    by_head = {}
+    for i, lab in enumerate(tokens.labels):
+        if lab.kind == "attn_head_token":
+            by_head[lab.module, lab.head] = by_head.get((lab.module, lab.head), 0) + \
+                tokens.components[i].double()
+    want = {(lab.module, lab.head): heads.components[i].double()
+            for i, lab in enumerate(heads.labels) if lab.kind == "attn_head"}
+    assert sorted(by_head) == sorted(want) and len(want) == n_heads
+    scale = float(heads.output.abs().max())
+    for key, w in want.items():
+        assert float((by_head[key] - w).abs().max()) <= 1e-5 * scale, key
+
+
+@pytest.mark.parametrize("pool,merge", [("mean", "gather"), ("mean", "cat"), ("nchw", "cat"),
+                                        ("nchw", "pool")])
+def test_window_terms_are_never_split_at_full_width(pool, merge):
     """Every value computed from the first stage's per-token terms (or their factors, P and V)
     is at most as large as the terms [K, B·windows, 1, 9, dh] (before the final write of all
     components): the windows are separated only where the mean reduces the positions.
     Splitting them at the attention (K·4 terms of the same width) makes a value 4 times
     larger."""
-    model, x = _model_and_input("mean", merge)
+    model, x = _model_and_input(pool, merge)
     dm = fxdecomp.decompose(model, x, granularity="tokens")
     assert "window_reduce" in dm.code and "split_windows" not in dm.code
     assert ("cat_last" in dm.code) == (merge == "cat") and "split_by_map" not in dm.code
+    assert ("pool_gather" in dm.code) == (merge == "pool")
     g = dm.graph_module.graph
     first = next(n for n in g.nodes if n.target in (rt.split_heads_tokens, rt.token_probe))
     after = downstream([first], lambda u: u.target in (rt.write_terms, rt.group_components)

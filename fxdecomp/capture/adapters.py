@@ -273,6 +273,20 @@ def parse_spec(spec: str) -> tuple[str, str, str | None]:
     return family, rest, tag or None
 
 
+def split_model_arg(arg: str) -> tuple[str, str | None]:
+    """A benchmark's model argument -> (spec for ``load_model``, output or None): a timm name,
+    ``NAME:OUTPUT`` (a timm name and the adapter output, e.g. "maxvit_tiny_tf_224:pooled"), or
+    another source's spec ("torchvision:swin_t", kept whole).
+
+    >>> split_model_arg("maxvit_tiny_tf_224:pooled"), split_model_arg("torchvision:swin_t")
+    (('timm:maxvit_tiny_tf_224', 'pooled'), ('torchvision:swin_t', None))
+    """
+    name, _, output = arg.partition(":")
+    if name in FAMILIES + tuple(SOURCES):
+        return arg, None
+    return "timm:" + name, output or None
+
+
 def load_model(spec: str, random_init: bool = False, checkpoint: str | None = None, seed: int = 0,
                output: str | None = None, *, normalize: bool = False,
                model_kwargs: dict | None = None) -> tuple[nn.Module, dict]:

@@ -138,10 +138,32 @@ class Emitter:
         the channels in value dim ``cdim`` (None: the last; see ``Chunk.cdim``)."""
         return Chunk(t, tuple(labels), None, (weight, heads), cdim, win, fac)
 
+    def channels_last(self, c: Chunk) -> Chunk:
+        """A windowed or factored chunk with its channels in value dim ``cdim`` -> the same with
+        them last: its input (or factor) and window map, whose channel slot holds the S·b (or
+        S) sub-block entries, moved there as views. The per-window runtime functions take the
+        channels-last layout; ``channels_at`` moves them back."""
+        if c.cdim is None:
+            return c
+        mv = lambda n: self.call(torch.movedim, n, c.cdim + 1, -1)   # noqa: E731
+        win = c.win if c.win is None or c.win[0] is None else (mv(c.win[0]), c.win[1])
+        return replace(c, node=mv(c.node), win=win, cdim=None)
+
+    def channels_at(self, c: Chunk, cdim: int | None) -> Chunk:
+        """The inverse of ``channels_last``: a channels-last chunk with its channels (and its
+        window map's sub-blocks) moved to value dim ``cdim`` (None: kept last)."""
+        if cdim is None:
+            return c
+        mv = lambda n: self.call(torch.movedim, n, -1, cdim + 1)     # noqa: E731
+        win = c.win if c.win is None or c.win[0] is None else (mv(c.win[0]), c.win[1])
+        return replace(c, node=mv(c.node), win=win, cdim=cdim)
+
     def unfactor(self, c: Chunk) -> Chunk:
         """Factored terms (``Chunk.fac``) -> their pending input (windowed or not)."""
         if c.fac is None:
             return c
+        if c.cdim is not None:
+            return self.channels_at(self.unfactor(self.channels_last(c)), c.cdim)
         kind, v = c.fac[:2]
         if kind == "probe":    # s read from P at the moved rows; the window map r // Q
             got = self.call(rt.probe_factors, c.node, c.win[0], c.fac[2], v)
@@ -163,6 +185,8 @@ class Emitter:
         c = self.unfactor(c)
         if c.win is None:
             return c
+        if c.cdim is not None and c.win[0] is not None:
+            return self.channels_at(self.unwindow(self.channels_last(c)), c.cdim)
         wmap, windows = c.win
         if windows == 1:       # one window: the terms already are the components
             return Chunk(c.node, c.labels, c.block, c.proj, c.cdim)

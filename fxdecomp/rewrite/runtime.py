@@ -409,6 +409,32 @@ def block_diagonal_heads(weight: torch.Tensor, heads: int, merged: int) -> torch
     return (eye.reshape(merged, 1, 1, merged, 1) * w).reshape(merged * e, heads * merged * (hb // heads))
 
 
+@_folded
+def pooled_heads(weight: torch.Tensor, heads: int, merged: int) -> torch.Tensor:
+    """A pending projection's W [E, H·b] after an average pool whose K = ``merged`` pooled
+    positions were gathered into the input's channel slot (``pool_gather``: [..., K·b]): the
+    pooled value keeps E channels, the mean of the K sub-blocks: W' [E, H·K·b],
+    W'[e, h·K·b + k·b + j] = W[e, h·b + j] / K."""
+    e = weight.shape[0]
+    return block_diagonal_heads(weight, heads, merged).view(merged, e, -1).sum(0) / merged
+
+
+def pool_gather(t: torch.Tensor, cdim: int, kernel: Sequence[int]) -> torch.Tensor:
+    """The positions an average pool with stride = kernel (no padding) averages, gathered into
+    the channel slot: t [c, ..., X (value dim ``cdim``), ..., S_1, ..., S_n] (the pool's n
+    spatial dims last) -> [c, ..., K·X, ..., S_1/k_1, ..., S_n/k_n], sub-position k (row-major
+    over the kernel) becoming sub-block k. For windowed pending inputs, their window maps and
+    factors: each pooled position keeps the window of every position it averages."""
+    n, ch = len(kernel), cdim + 1
+    lead, spatial = tuple(t.shape[:-n]), tuple(t.shape[-n:])
+    x = t.reshape(lead + sum(((s // k, k) for s, k in zip(spatial, kernel)), ()))
+    nl = len(lead)
+    x = x.permute(list(range(ch)) + [nl + 2 * i + 1 for i in range(n)] + list(range(ch, nl))
+                  + [nl + 2 * i for i in range(n)])
+    return x.reshape(lead[:ch] + (math.prod(kernel) * lead[ch],) + lead[ch + 1:]
+                     + tuple(s // k for s, k in zip(spatial, kernel)))
+
+
 _IDENTITY: dict = {}
 
 
@@ -886,11 +912,12 @@ def window_reduce(t: torch.Tensor, wmap: torch.Tensor, windows: int, dims, keepd
 # and a row map r [1, *rest, S] (the attention's flat output row b'·Q + q, moved by the same
 # ops; the window map is r // Q): s = ω · P[b', h, q, t] is read from P once, where the terms
 # are reduced (``window_reduce_probe``) or needed (``probe_factors``).
-def token_probe(probs: torch.Tensor, v: torch.Tensor):
+def token_probe(probs: torch.Tensor, v: torch.Tensor, q_shape: Sequence[int] | None = None):
     """The probe of the per-token terms of P [B', H, Q, N] and V [B', H, N, dh] in the layout
-    [B', Q, H·dh]: (ω [1, B', Q, 1] ones, r [1, B', Q, 1] = b'·Q + q, V [B', H, N, dh])."""
+    [B', Q, H·dh] (or [B', *q_shape, H·dh], the queries viewed as a window, e.g. 7 x 7):
+    (ω [1, B', Q, 1] ones, r [1, B', Q, 1] = b'·Q + q, V [B', H, N, dh])."""
     rows, q = probs.shape[0], probs.shape[2]
-    r = torch.arange(rows * q, device=probs.device).view(1, rows, q, 1)
+    r = torch.arange(rows * q, device=probs.device).view((1, rows) + tuple(q_shape or (q,)) + (1,))
     return torch.ones(r.shape, dtype=v.dtype, device=v.device), r, \
         v.expand(probs.shape[:2] + v.shape[-2:])
 

@@ -134,7 +134,18 @@ def _pending_layout(em, node: Node, target, args: list, kwargs: dict, merged: in
         return em.call(rt.pusher(target, 0), t, tuple(args), kwargs)
 
     out = []
-    for c in em.terms(x, pending_ok=True, lazy_ok=True, windows_ok=True):
+    ins, outs = sizes(x), sizes(node)
+    for c in em.terms(x, pending_ok=True, channel_ok=True, lazy_ok=True, windows_ok=True):
+        if c.cdim is not None and all(s == 1 for s in ins[c.cdim + 1:]) \
+                and list(outs) == list(ins[:c.cdim + 1]):
+            # [B, C, 1, 1] -> [B, C] (a flatten after pooling to one position): the channels
+            # become last; the input (factor, window map) drops the same ones, nothing evaluated
+            flat = lambda t: em.call(torch.flatten, t, c.cdim + 1)   # noqa: E731
+            out.append(replace(c, node=flat(c.node), cdim=None, win=c.win if c.win is None
+                               else (flat(c.win[0]), c.win[1])))
+            continue
+        if c.cdim is not None:
+            c = em.materialize(c)
         if c.fac is not None and c.fac[0] not in ("rows", "probe") or c.proj is None:
             c = em.unwindow(c)   # (unfactored; a plain chunk is split by window, if any)
         if c.proj is None:   # a constant may be stored unbroadcast ([1, 1, N, E] for [B, N, E])
@@ -174,9 +185,10 @@ def _attention_layout(node: Node, fac: tuple | None) -> tuple | None:
             or key is aten.permute and _perm(node) == [0, 2, 1, 3]):
         return fac[:3] + ("bqhd",)
     if state == "bqhd" and key in (aten.reshape, aten.view, aten._unsafe_view, aten.flatten) \
-            and len(outs) == 3 and ins[1:] and None not in ins[1:] and None not in outs[1:] \
-            and outs[1] == ins[1] and outs[2] == ins[2] * ins[3]:
-        return fac[:3] + ("bqc",)
+            and len(outs) >= 3 and ins[1:] and None not in ins[1:] and None not in outs[1:] \
+            and math.prod(outs[1:-1]) == ins[1] and outs[-1] == ins[2] * ins[3]:
+        # [B', Q, H·dh], or the queries viewed as a window ([B', 7, 7, H·dh], MaxViT)
+        return fac[:3] + ("bqc", tuple(outs[1:-1]))
     return None
 
 
@@ -500,10 +512,13 @@ def keep_pending(em, x: Node, apply, moves: Callable[[int], Optional[int]] | Non
     of the other dims), so on channels-last inputs it is deferred (``Emitter.moved``);
     ``deferred(chunk) -> chunk or None``: how the op acts on channels-last chunks with deferred
     moves without gathering them first (None: gather).
-    Windowed pending chunks (``Chunk.win``, channels last; never deferred): ``windows="move"``
-    (the default with ``move``: ``apply`` moves the window map too), ``("reduce", dims,
+    Windowed pending chunks (``Chunk.win``; never deferred; channels in any dim): ``windows=
+    "move"`` (the default with ``move``: ``apply`` moves the window map too), ``("reduce", dims,
     keepdim, mean)`` (a sum or mean over value dims ``dims``: reduced per window,
-    ``rt.window_reduce``, which ends the windowing), ``"split"`` (the default: split first)."""
+    ``rt.window_reduce``, which ends the windowing), ``("pool", kernel)`` (an average pool with
+    stride = kernel and no padding over the last dims, channels before them: the pooled
+    positions become sub-blocks, ``rt.pool_gather``, and W averages them, ``rt.pooled_heads``),
+    ``"split"`` (the default: split first)."""
     rank = len(sizes(x))
     if move:
         deferred = lambda c: em.moved(c, em.orig(x), apply, em.anchor)  # noqa: E731
@@ -517,22 +532,35 @@ def keep_pending(em, x: Node, apply, moves: Callable[[int], Optional[int]] | Non
         if c.proj is not None:
             new = None if moves is None else moves(rank - 1 if c.cdim is None else c.cdim)
             cdim = None if moves is None or new is None or new == rank_out - 1 else new
-            if c.win is not None and (windows == "split" or cdim is not None or new is None
-                                      and moves is not None):
+            if c.win is not None and (windows == "split" or new is None and moves is not None):
                 c = em.unwindow(c)
+            if c.win is not None and isinstance(windows, tuple) and windows[0] == "pool":
+                # the pooled positions gathered into the channel slot (each keeps its window),
+                # W averages the sub-blocks: the windows stay separate through the pool
+                kernel = windows[1]
+                gather = lambda n: em.call(rt.pool_gather, n, c.cdim, kernel)  # noqa: E731
+                w = em.call(rt.pooled_heads, c.proj[0], c.proj[1], math.prod(kernel))
+                out.append(em.pending(gather(c.node), w, c.proj[1], c.labels, cdim,
+                                      (gather(c.win[0]), c.win[1]), c.fac))
+                continue
             if c.win is not None and isinstance(windows, tuple):
                 _, dims, keepdim, mean = windows
+                if c.cdim is not None:   # reduced channels-last, the result's channels moved
+                    dims = [d - (d > c.cdim) for d in dims]
+                    c = em.channels_last(c)
                 if c.fac is not None:   # σ per window and the value row of each component
                     both = em.call(rt.window_reduce_probe, c.node, c.win[0], c.fac[2], c.fac[1],
                                    c.win[1], dims, keepdim, mean) if c.fac[0] == "probe" else \
                         em.call(rt.window_reduce_factored, c.node, c.fac[1], c.win[0],
                                 c.win[1], dims, keepdim, mean)
-                    out.append(em.pending(em.call(operator.getitem, both, 0), c.proj[0],
-                                          c.proj[1], c.labels,
-                                          fac=("reduced", em.call(operator.getitem, both, 1))))
+                    red = em.pending(em.call(operator.getitem, both, 0), c.proj[0], c.proj[1],
+                                     c.labels, fac=("reduced", em.call(operator.getitem, both, 1)))
+                    # channels kept in another dim ([B, C, 1, 1]): the reduced factors (in
+                    # channels-last layouts of their own) become the input there
+                    out.append(red if cdim is None else em.channels_at(em.unfactor(red), cdim))
                     continue
                 t = em.call(rt.window_reduce, c.node, c.win[0], c.win[1], dims, keepdim, mean)
-                out.append(em.pending(t, c.proj[0], c.proj[1], c.labels))
+                out.append(em.channels_at(em.pending(t, c.proj[0], c.proj[1], c.labels), cdim))
                 continue
             if moves is None or new is not None:
                 done = deferred(c) if deferred is not None and c.cdim is None and cdim is None \

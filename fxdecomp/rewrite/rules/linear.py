@@ -7,6 +7,7 @@ then it is an attention output (see ``attention.py``).
 from __future__ import annotations
 
 import operator
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +59,7 @@ def plan_linear(node, facts):
             if c.win is not None and c.fac is not None and c.fac[3] == "bqc":
                 # factored and probed: weights ω and rows r [1, B', Q, 1] move (not s
                 # [K, B', Q, 1]), P is read at r where reduced; v [K, B', dh] the value rows
-                both = em.call(rt.token_probe, c.fac[1], c.fac[2])
+                both = em.call(rt.token_probe, c.fac[1], c.fac[2], c.fac[4])
                 win = (em.call(operator.getitem, both, 1), c.win[1])
                 out = em.pending(em.call(operator.getitem, both, 0), em.orig(w), c.block[1],
                                  c.labels, win=win,
@@ -100,14 +101,14 @@ def plan_conv(node, facts):
             # W = I first (no convolution of every component: the map waits for the final mean)
             w2 = em.call(torch.flatten, em.orig(w), 1)
             out = []
-            for c in em.terms(x, pending_ok=True, channel_ok=True):
+            for c in em.terms(x, pending_ok=True, channel_ok=True, windows_ok=True):
                 if c.proj is None or c.cdim != 1:
                     c = em.densify(c)
                     t = em.call(rt.expand_terms, c.node, em.orig(x))
                     c = em.pending(t, em.call(rt.identity_weight, sizes(x)[1], em.orig(x)), 1,
                                    c.labels, 1)
-                out.append(em.pending(c.node, em.call(rt.fold_linear, c.proj[0], w2),
-                                      c.proj[1], c.labels, 1))
+                # windowed inputs keep their window map and factors (the map acts on channels)
+                out.append(replace(c, proj=(em.call(rt.fold_linear, c.proj[0], w2), c.proj[1])))
             return out + bias_chunk(em, node, bias, 1)
         c = em.merged(x)
         if len(c.labels) == 1:

@@ -33,16 +33,41 @@ def _plan_pool(node, facts):
     x = node.args[0]
     spatial = int(re.search(r"pool(\d)d", str(node.target)).group(1))
     plain = layout_emit()
+    rank = len(sizes(x))
+    # an adaptive pool to one position is a mean over the spatial dims: windowed terms are
+    # reduced per window there (``keep_pending``), not split
+    size = arg(node, 1, "output_size") if "adaptive" in str(node.target) else None
+    windows = ("reduce", list(range(rank - spatial, rank)), True, True) \
+        if size is not None and all(s == 1 for s in size) else _tiling_pool(node, spatial)
 
     def emit(em, node):
         if not pending_in(em, x):
             return plain(em, node)
-        rank = len(sizes(x))
         args = (None,) + tuple(em.orig_arg(a) for a in node.args[1:])
         kwargs = {k: em.orig_arg(v) for k, v in node.kwargs.items()}
         return keep_pending(em, x, lambda t: em.call(rt.pusher(node.target, 0), t, args, kwargs),
-                            moves=lambda ch: ch if ch < rank - spatial else None, rank_out=rank)
+                            moves=lambda ch: ch if ch < rank - spatial else None, rank_out=rank,
+                            windows=windows)
     return Plan.linear([x], emit)
+
+
+def _tiling_pool(node: Node, spatial: int):
+    """("pool", kernel) for an average pool whose windows tile the input (stride = kernel, no
+    padding, sizes divisible, no divisor override): windowed terms pass it as sub-blocks
+    (``keep_pending``); else "split"."""
+    if "adaptive" in str(node.target):
+        return "split"
+    def tup(v):
+        return tuple(v) * (spatial if len(v) == 1 else 1) if isinstance(v, (list, tuple)) \
+            else (v,) * spatial
+    kernel = tup(arg(node, 1, "kernel_size"))
+    stride = tup(arg(node, 2, "stride", []) or kernel)
+    padding = tup(arg(node, 3, "padding", 0))
+    shape = sizes(node.args[0])[-spatial:]
+    if stride != kernel or any(padding) or arg(node, 6, "divisor_override") is not None \
+            or any(not isinstance(s, int) or s % k for s, k in zip(shape, kernel)):
+        return "split"
+    return ("pool", kernel)
 
 
 RULES.register(Rule(
