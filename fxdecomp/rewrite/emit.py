@@ -59,7 +59,9 @@ class Chunk:
     # attention's terms start as, ``rt.token_probe``): ``node`` holds weights ω [1, *rest, S]
     # and the map the attention's flat row b'·Q + q, so s = ω · P at those rows
     # (``rt.probe_factors`` gives the "rows" form; the window is row // Q). ("reduced", v)
-    # after the per-window reduction: the pending input is rt.outer_terms(node, v).
+    # after the per-window reduction: the pending input is rt.outer_terms(node, v), with the
+    # channels last in memory even where ``cdim`` is set (then every value dim after ``cdim`` is
+    # 1, as for [B, C, 1, 1] pooled to one position: the same memory; ``rt.reshape_reduced``).
     fac: tuple | None = None
     # Deferred moves of a pending projection (channels last): ``node`` still holds the input as
     # it was before them and ``at`` the positions map [2, *rest, K] the moves and per-row
@@ -162,8 +164,9 @@ class Emitter:
         """Factored terms (``Chunk.fac``) -> their pending input (windowed or not)."""
         if c.fac is None:
             return c
-        if c.cdim is not None:
-            return self.channels_at(self.unfactor(self.channels_last(c)), c.cdim)
+        if c.cdim is not None:   # reduced factors hold the channels last already (below)
+            flat = replace(c, cdim=None) if c.fac[0] == "reduced" else self.channels_last(c)
+            return self.channels_at(self.unfactor(flat), c.cdim)
         kind, v = c.fac[:2]
         if kind == "probe":    # s read from P at the moved rows; the window map r // Q
             got = self.call(rt.probe_factors, c.node, c.win[0], c.fac[2], v)
@@ -322,6 +325,8 @@ class Emitter:
         of its positions when its moves are deferred)."""
         if c.at is not None:
             return self.scaled_rows(c, factor)
+        if c.fac is not None and c.fac[0] == "reduced":
+            return replace(c, node=self.call(rt.scale_reduced, c.node, c.fac[1], factor))
         return Chunk(self.call(operator.mul, c.node, factor), c.labels, c.block, c.proj, c.cdim,
                      c.win, c.fac)
 

@@ -32,6 +32,7 @@ __all__ = [
     "reduce_positions", "cat_last", "linear_terms", "window_map", "split_by_map", "window_reduce",
     "unfactor", "window_reduce_factored", "outer_terms", "factored_linear",
     "window_rows", "dense_window_weights", "token_probe", "probe_factors", "window_reduce_probe",
+    "pool_gather", "pooled_heads", "reshape_reduced", "scale_reduced",
 ]
 
 
@@ -1146,6 +1147,29 @@ def outer_terms(sigma: torch.Tensor, v: torch.Tensor | None) -> torch.Tensor:
         sigma, v = _window_rows_std(sigma, v)
         sigma, v = dense_window_weights(sigma, v[1], v[2]), v[0]
     return (sigma.unsqueeze(-1) * v.unsqueeze(-2)).flatten(-2)
+
+
+def reshape_reduced(sigma: torch.Tensor, v, ref: torch.Tensor, channel_dim: int):
+    """Reduced factored terms (the forms ``window_reduce_probe``/``window_reduce_factored``
+    return) with their kept dims viewed as those of the value ``ref`` without its channel dim
+    (as many rows: singleton dims dropped, added or moved, e.g. [B, 1, 1] -> [B]): (σ', v')."""
+    shape = [s for i, s in enumerate(ref.shape) if i != channel_dim % ref.dim()]
+
+    def view(t):
+        return t.reshape([t.shape[0], *shape, t.shape[-1]])
+    if isinstance(v, tuple) and len(v) == 4:     # weights in P's order: the shape is recorded
+        return sigma, v[:3] + (list(shape),)
+    if isinstance(v, tuple):                     # per-window-row weights, (v rows, slot, S)
+        return view(sigma), (view(v[0]),) + tuple(v[1:])
+    return view(sigma), None if v is None else view(v)
+
+
+def scale_reduced(sigma: torch.Tensor, v, factor) -> torch.Tensor:
+    """Reduced factored terms (σ and v as in ``reshape_reduced``) times a frozen per-row factor
+    of the value ([*kept, 1]): σ' (the weights in P's order hold the kept rows in dim -2)."""
+    if isinstance(v, tuple) and len(v) == 4 and isinstance(factor, torch.Tensor):
+        return sigma * factor.reshape(-1, 1)
+    return sigma * factor
 
 
 def factored_linear(sigma: torch.Tensor, v: torch.Tensor | None, weight: torch.Tensor,

@@ -136,6 +136,13 @@ def _pending_layout(em, node: Node, target, args: list, kwargs: dict, merged: in
     out = []
     ins, outs = sizes(x), sizes(node)
     for c in em.terms(x, pending_ok=True, channel_ok=True, lazy_ok=True, windows_ok=True):
+        if _is_reduced(c) and outs:
+            # a reshape of singleton dims: the channels end up in the last dim that is not 1
+            last = max([i for i, s in enumerate(outs) if s != 1], default=len(outs) - 1)
+            moved = _reduced_moved(em, c, ins, outs, last)
+            if moved is not None:
+                out.append(moved)
+                continue
         if c.cdim is not None and all(s == 1 for s in ins[c.cdim + 1:]) \
                 and list(outs) == list(ins[:c.cdim + 1]):
             # [B, C, 1, 1] -> [B, C] (a flatten after pooling to one position): the channels
@@ -499,6 +506,32 @@ def pending_in(em, x: Node) -> bool:
     return any(c.proj is not None for c in em.terms_of[x])
 
 
+def _reduced_moved(em, c, ins, outs, new: int | None):
+    """A chunk of factors reduced per window (``Chunk.fac`` "reduced": the value's rows with the
+    channels last in memory, singleton dims where the value has them) through an op that only
+    adds, drops or moves singleton dims and puts the channels in output dim ``new`` ([B, C, 1, 1]
+    <-> [B, 1, 1, C] <-> [B, C]): the same factors viewed with the output's dims
+    (``rt.reshape_reduced``). None: the op does more (the caller unfactors them)."""
+    old = len(ins) - 1 if c.cdim is None else c.cdim
+    if new is None or not outs or ins[old] is None or ins[old] != outs[new] \
+            or any(s != 1 for s in outs[new + 1:]):
+        return None
+    kin = [s for i, s in enumerate(ins) if i != old]
+    kout = [s for i, s in enumerate(outs) if i != new]
+    if [s for s in kin if s != 1] != [s for s in kout if s != 1]:
+        return None
+    cdim = None if new == len(outs) - 1 else new
+    if kin == kout:
+        return replace(c, cdim=cdim)
+    both = em.call(rt.reshape_reduced, c.node, c.fac[1], em.orig(em.anchor), new)
+    return replace(c, node=em.call(operator.getitem, both, 0), cdim=cdim,
+                   fac=("reduced", em.call(operator.getitem, both, 1)))
+
+
+def _is_reduced(c) -> bool:
+    return c.fac is not None and c.fac[0] == "reduced" and c.proj is not None
+
+
 def keep_pending(em, x: Node, apply, moves: Callable[[int], Optional[int]] | None = None,
                  rank_out: int | None = None, move: bool = False,
                  deferred: Callable | None = None, windows: str | tuple | None = None) -> list:
@@ -527,6 +560,12 @@ def keep_pending(em, x: Node, apply, moves: Callable[[int], Optional[int]] | Non
     out = []
     for c in em.terms(x, pending_ok=True, channel_ok=moves is not None,
                       lazy_ok=deferred is not None, windows_ok=True):
+        if _is_reduced(c) and windows == "move" and moves is not None:
+            moved = _reduced_moved(em, c, sizes(x), sizes(em.anchor),
+                                   moves(rank - 1 if c.cdim is None else c.cdim))
+            if moved is not None:
+                out.append(moved)
+                continue
         if c.fac is not None and c.fac[0] not in ("rows", "probe") or c.proj is None:
             c = em.unwindow(c)   # (unfactored; a plain chunk is split by window, if any)
         if c.proj is not None:
@@ -555,9 +594,11 @@ def keep_pending(em, x: Node, apply, moves: Callable[[int], Optional[int]] | Non
                                 c.win[1], dims, keepdim, mean)
                     red = em.pending(em.call(operator.getitem, both, 0), c.proj[0], c.proj[1],
                                      c.labels, fac=("reduced", em.call(operator.getitem, both, 1)))
-                    # channels kept in another dim ([B, C, 1, 1]): the reduced factors (in
-                    # channels-last layouts of their own) become the input there
-                    out.append(red if cdim is None else em.channels_at(em.unfactor(red), cdim))
+                    if cdim is not None and keepdim and all(s == 1 for s in sizes(em.anchor)[cdim + 1:]):
+                        red = replace(red, cdim=cdim)   # [B, C, 1, 1]: the same memory (Chunk.fac)
+                    elif cdim is not None:   # the channels elsewhere: the input, moved there
+                        red = em.channels_at(em.unfactor(red), cdim)
+                    out.append(red)
                     continue
                 t = em.call(rt.window_reduce, c.node, c.win[0], c.win[1], dims, keepdim, mean)
                 out.append(em.channels_at(em.pending(t, c.proj[0], c.proj[1], c.labels), cdim))
