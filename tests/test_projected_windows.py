@@ -171,3 +171,43 @@ def test_take_of_evenly_spaced_rows_is_a_view():
         torch.testing.assert_close(got, t.index_select(2, torch.tensor(index)))
         evenly = len(index) == 1 or len({b - a for a, b in zip(index, index[1:])}) == 1
         assert (got.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()) == evenly, index
+
+
+@pytest.mark.parametrize("sub,padded", [(2, False), (8, False), (8, True)],
+                         ids=["sigma", "p_order", "window_rows"])
+def test_reduced_factors_reshape_and_scale_in_every_form(sub, padded):
+    """The factors a per-window reduction returns come in three forms (σ per sub-block when
+    windows have no fewer rows than sub-blocks; weights in P's order for whole windows with
+    fewer; each window's rows otherwise). Reduced with keepdim ([B, 1, 1] kept, as an adaptive
+    pool to one position leaves them), each form viewed as [B] (``rt.reshape_reduced``) gives
+    the same terms, and a per-row factor (``rt.scale_reduced``, a norm's frozen 1/σ after the
+    pool) scales the terms of each image, against ``outer_terms`` of the unchanged factors."""
+    g = torch.Generator().manual_seed(0)
+    images, windows, q, heads, n_tok, b = 3, 8, 4, 2, 3, 2
+    grid = {2: 4, 8: 2}[sub]                 # grid² positions x sub slots = windows x q rows
+    probs = torch.rand(images * windows, heads, q, n_tok, generator=g)
+    v = torch.randn(images * windows, heads, n_tok, b, generator=g)
+    perm = torch.randperm(windows * q, generator=g)
+    w_of, q_of = perm // q, perm % q
+    omega = torch.rand(images, windows * q, generator=g)
+    if padded:
+        drop = int((perm == 3 * q).nonzero()[0])
+        w_of[drop], q_of[drop] = 0, 0
+        omega[:, drop] = 0
+    r = torch.stack([(i * windows + w_of) * q + q_of for i in range(images)])
+    shape = (1, images, grid, grid, sub)
+    _, _, vals = rt.token_probe(probs, v)
+    with torch.no_grad():
+        sigma, rows = rt.window_reduce_probe(omega.view(shape), r.view(shape), probs, vals,
+                                             windows, [1, 2], True, True)
+        form = "sigma" if not isinstance(rows, tuple) else \
+            "p_order" if len(rows) == 4 else "window_rows"
+        terms = rt.outer_terms(sigma, rows)                       # [c·W, B, 1, 1, S·b]
+        ref = torch.zeros(images, 5)                              # the value [B, E] after
+        flat = rt.outer_terms(*rt.reshape_reduced(sigma, rows, ref, 1))
+        factor = torch.rand(images, 1, 1, 1, generator=g) + 0.5
+        scaled = rt.outer_terms(rt.scale_reduced(sigma, rows, factor), rows)
+    assert form == {(2, False): "sigma", (8, False): "p_order", (8, True): "window_rows"}[sub, padded]
+    assert terms.shape == (heads * n_tok * windows, images, 1, 1, sub * b)
+    torch.testing.assert_close(flat, terms.reshape(terms.shape[0], images, sub * b))
+    torch.testing.assert_close(scaled, terms * factor)

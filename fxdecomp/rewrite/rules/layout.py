@@ -47,6 +47,15 @@ channels (``Chunk.cdim``) and its input keeps the value's layout with b channels
 pads of the other dims apply to the input as is (``keep_pending`` with ``moves``), and a 1x1
 convolution folds into W (``linear.plan_conv``); rules that do not pass ``channel_ok`` get
 such chunks evaluated (``rt.blocked_linear_at``). Not covered: attention over a pending value.
+Windowed chunks pass the same way (MaxViT's NCHW blocks between its window attentions,
+torchvision Swin's NCHW head): the window map and the probe's maps have S in the channel slot,
+so a permute moves them with the input; an average pool whose cells tile the input gathers the
+K pooled positions into sub-blocks (``rt.pool_gather``: each keeps its window) and W averages
+them (``rt.pooled_heads``); a pool to one position reduces per window (the per-window
+functions run on a channels-last view, ``Emitter.channels_last``). The reduced factors keep
+their channels last in memory; where the value has only singleton dims after its channels
+([B, C, 1, 1]) that is the same memory, and permutes and reshapes of those singleton dims only
+re-view them (``_reduced_moved``, ``rt.reshape_reduced``).
 """
 from __future__ import annotations
 
