@@ -62,8 +62,8 @@ class TinyWindows(TwoStageLayers):
         # merge="pool": MaxViT's downsampling shortcut instead (NCHW: 2x2 average pool, 1x1 conv)
         self.downsample = torch.nn.Conv2d(C, 2 * C, 1)
 
-    def downsample_nchw(self, x):   # [B, 6, 6, C] -> [B, 3, 3, 2C] through NCHW
-        pooled = torch.nn.functional.avg_pool2d(x.permute(0, 3, 1, 2), 2)
+    def downsample_nchw(self, x):   # [B, 6, 6, C] -> [B, 3, 3, 2C] through NCHW (a copy too)
+        pooled = torch.nn.functional.avg_pool2d(x.permute(0, 3, 1, 2).clone(), 2)
         return self.downsample(pooled).permute(0, 2, 3, 1)
 
     def forward(self, img):

@@ -160,6 +160,9 @@ def _pending_layout(em, node: Node, target, args: list, kwargs: dict, merged: in
             out.append(replace(c, node=flat(c.node), cdim=None, win=c.win if c.win is None
                                else (flat(c.win[0]), c.win[1])))
             continue
+        if c.cdim is not None and op_key(node) in _COPIES:
+            out.append(c)   # a copy: the chunk as it is
+            continue
         if c.cdim is not None:
             c = em.materialize(c)
         if c.fac is not None and c.fac[0] not in ("rows", "probe") or c.proj is None:
