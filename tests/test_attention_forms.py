@@ -91,3 +91,24 @@ def test_unsplittable_einsum_attention_refused_in_tokens_mode():
         assert float((d.components.sum(0) - model(x)).abs().max()) <= 1e-5 * float(model(x).abs().max())
     with pytest.raises(fxdecomp.UnsupportedGraphError, match=r"einsum attention .*'bhqk,bhdk->bhqd'"):
         fxdecomp.decompose(model, x, granularity="tokens")
+
+
+def test_tokens_mode_runs_the_fused_attention_once():
+    """In tokens mode P is computed for the split anyway, so the rewritten forward reads P @ V
+    instead of running scaled_dot_product_attention a second time (fp32): no fused attention is
+    left in the graph, and the decomposition is exact; heads mode keeps the model's own kernel."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0,
+                              img_size=32, depth=2).eval()
+    x = torch.randn(2, 3, 32, 32)
+    codes = {}
+    for granularity in ("heads", "tokens"):
+        dm = fxdecomp.decompose(model, x, granularity=granularity)
+        with torch.no_grad():
+            d, y = dm(x), model(x)
+        torch.testing.assert_close(d.components.sum(0), y, rtol=1e-5, atol=1e-5)
+        codes[granularity] = dm.code
+    assert "scaled_dot_product_attention" in codes["heads"]
+    assert "scaled_dot_product_attention" not in codes["tokens"]
+    assert "attention_probs" in codes["tokens"]

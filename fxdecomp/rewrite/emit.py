@@ -423,6 +423,18 @@ class Emitter:
             if kw.get("enable_gqa"):
                 vals = self.call(rt.repeat_kv, vals, self.env[q])
             n_tok = int(k.meta["val"].shape[-2])
+            if n.meta["val"].dtype == torch.float32:
+                # P is computed here anyway: the forward reads P @ V instead of running the
+                # fused attention a second time (fp32 only: a half-precision forward keeps the
+                # model's own kernel and rounding)
+                fused, stale = self.env[n], value
+                self.env[n] = self.call(torch.matmul, probs, vals)
+                self._taken.pop((n, layout), None)
+                value = self.value_at(n, layout)
+                # (dead code elimination keeps a fused attention: it may draw dropout)
+                for old in dict.fromkeys((stale, fused)):
+                    if not old.users:
+                        self.graph.erase_node(old)
         elif form.form == "matmul" or (form.form == "einsum" and is_pv_equation(form.equation)):
             probs, vals = self.env[form.probs], self.env[form.values]
             n_tok = int(form.probs.meta["val"].shape[-1])
