@@ -916,7 +916,7 @@ def window_reduce(t: torch.Tensor, wmap: torch.Tensor, windows: int, dims, keepd
 def token_probe(probs: torch.Tensor, v: torch.Tensor, q_shape: Sequence[int] | None = None):
     """The probe of the per-token terms of P [B', H, Q, N] and V [B', H, N, dh] in the layout
     [B', Q, H·dh] (or [B', *q_shape, H·dh], the queries viewed as a window, e.g. 7 x 7):
-    (ω [1, B', Q, 1] ones, r [1, B', Q, 1] = b'·Q + q, V [B', H, N, dh])."""
+    (ω [1, B', Q, 1] ones, r [1, B', Q, 1] = b'·Q + q (Q as q_shape), V [B', H, N, dh])."""
     rows, q = probs.shape[0], probs.shape[2]
     r = torch.arange(rows * q, device=probs.device).view((1, rows) + tuple(q_shape or (q,)) + (1,))
     return torch.ones(r.shape, dtype=v.dtype, device=v.device), r, \

@@ -57,6 +57,7 @@ def _tiling_pool(node: Node, spatial: int):
     (``keep_pending``); else "split"."""
     if "adaptive" in str(node.target):
         return "split"
+
     def tup(v):
         return tuple(v) * (spatial if len(v) == 1 else 1) if isinstance(v, (list, tuple)) \
             else (v,) * spatial
