@@ -63,10 +63,11 @@ class Chunk:
     # channels last in memory even where ``cdim`` is set (then every value dim after ``cdim`` is
     # 1, as for [B, C, 1, 1] pooled to one position: the same memory; ``rt.reshape_reduced``).
     fac: tuple | None = None
-    # Deferred moves of a pending projection (channels last): ``node`` still holds the input as
-    # it was before them and ``at`` the positions map [2, *rest, K] the moves and per-row
+    # Deferred moves of a pending projection: ``node`` still holds the input as it was before
+    # them (channels last) and ``at`` the positions map [2, *rest, K] the moves and per-row
     # scales were applied to instead (``rt.gather_positions``: the input they give is
-    # [c, *rest, K·b]). ``Emitter.terms`` gathers it for every rule that does not pass
+    # [c, *rest, K·b]); a permute that moved the channels to ``cdim`` moved K there in the map
+    # too ([2, B, K, H, W]). ``Emitter.terms`` gathers it for every rule that does not pass
     # ``lazy_ok``. Never together with ``win`` (windowed chunks move eagerly).
     at: Node | None = None
 
@@ -214,6 +215,7 @@ class Emitter:
         Chunks that share a map share its moves: ``key`` names the op. Not for windowed or
         factored chunks (``Chunk.win``/``fac``: their input and window map move eagerly)."""
         assert c.win is None and c.fac is None, "deferred moves of a windowed chunk"
+        assert c.at is not None or c.cdim is None, "a positions map starts channels-last"
         at = c.at
         if at is None:
             at = self._cached(("home", ref), lambda: self.call(rt.home_positions, ref))
@@ -231,9 +233,14 @@ class Emitter:
         return self._positions[key]
 
     def settle(self, c: Chunk) -> Chunk:
-        """A chunk with deferred moves -> the same chunk with them applied to its input."""
+        """A chunk with deferred moves -> the same chunk with them applied to its input (a map
+        whose K sits at the channel dim ``cdim``: gathered channels-last, then moved there)."""
         if c.at is None:
             return c
+        if c.cdim is not None:
+            at = self.call(torch.movedim, c.at, c.cdim + 1, -1)
+            node = self.call(rt.gather_positions, c.node, at)
+            return replace(c, node=self.call(torch.movedim, node, -1, c.cdim + 1), at=None)
         return replace(c, node=self.call(rt.gather_positions, c.node, c.at), at=None)
 
     def materialize(self, c: Chunk) -> Chunk:
@@ -273,6 +280,12 @@ class Emitter:
             if c.block is not None and c.block[0] == pos[0] or c.proj is not None and (
                     rank is None or (pos[0] >= rank - 1 if c.cdim is None else pos[0] == c.cdim)):
                 c = self.densify(c)
+            if c.at is None and c.proj is not None and c.cdim is None and c.block is None \
+                    and c.win is None and c.fac is None and rank is not None and pos[0] < rank - 1:
+                # rows of a pending input: taken on a positions map (deferred), so that parts
+                # sliced from one input keep reading it (a cat of them merges maps, not copies)
+                c = replace(c, at=self._cached(("home", c.node), lambda: self.call(
+                    rt.home_positions, self.call(operator.getitem, c.node, 0))))
             if c.at is not None:
                 out.append(replace(c, at=self._cached(
                     (c.at, "take", pos), lambda: self.call(rt.take, c.at, pos[0] + 1, pos[1], pos[2]))))

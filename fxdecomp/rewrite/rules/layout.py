@@ -157,6 +157,9 @@ def _pending_layout(em, node: Node, target, args: list, kwargs: dict, merged: in
             # [B, C, 1, 1] -> [B, C] (a flatten after pooling to one position): the channels
             # become last; the input (factor, window map) drops the same ones, nothing evaluated
             flat = lambda t: em.call(torch.flatten, t, c.cdim + 1)   # noqa: E731
+            if c.at is not None:   # deferred: the map drops them, the input is channels-last
+                out.append(replace(c, at=flat(c.at), cdim=None))
+                continue
             out.append(replace(c, node=flat(c.node), cdim=None, win=c.win if c.win is None
                                else (flat(c.win[0]), c.win[1])))
             continue
@@ -540,6 +543,24 @@ def _reduced_moved(em, c, ins, outs, new: int | None):
                    fac=("reduced", em.call(operator.getitem, both, 1)))
 
 
+def reduce_deferred(em, c, dims, keepdim: bool, mean: bool, rank: int):
+    """A sum (``mean``) over value dims ``dims`` of a chunk with deferred moves, straight from
+    its unmoved input: one weighted sum per output row (``rt.reduce_positions``), nothing
+    gathered; a map with K at the channel dim (``Chunk.cdim``) is read channels-last and the
+    result moved back. None: no deferred moves, or the channels are reduced."""
+    ch = rank - 1 if c.cdim is None else c.cdim
+    if c.at is None or ch in dims:
+        return None
+    at = c.at if c.cdim is None else em.call(torch.movedim, c.at, ch + 1, -1)
+    red = em.call(rt.reduce_positions, c.node, at, tuple(d - (d > ch) for d in dims),
+                  bool(keepdim), mean)
+    new = ch if keepdim else ch - sum(d < ch for d in dims)
+    cdim = None if new == (rank if keepdim else rank - len(dims)) - 1 else new
+    if cdim is not None:
+        red = em.call(torch.movedim, red, -1, cdim + 1)
+    return replace(c, node=red, at=None, cdim=cdim)
+
+
 def _is_reduced(c) -> bool:
     return c.fac is not None and c.fac[0] == "reduced" and c.proj is not None
 
@@ -616,10 +637,12 @@ def keep_pending(em, x: Node, apply, moves: Callable[[int], Optional[int]] | Non
                 out.append(em.channels_at(em.pending(t, c.proj[0], c.proj[1], c.labels), cdim))
                 continue
             if moves is None or new is not None:
-                done = deferred(c) if deferred is not None and c.cdim is None and cdim is None \
-                    and c.win is None and c.fac is None else None
+                # deferred: channels-last chunks, and those whose map a permute already moved
+                lazy = deferred is not None and c.win is None and c.fac is None \
+                    and (c.cdim is None or c.at is not None)
+                done = deferred(c) if lazy else None
                 if done is not None:
-                    out.append(done)
+                    out.append(replace(done, cdim=cdim) if move else done)
                     continue
                 c = em.settle(c)
                 win = None if c.win is None else (apply(c.win[0]), c.win[1])

@@ -6,7 +6,6 @@ element per output: with the argmax frozen at the forward pass they are a gather
 from __future__ import annotations
 
 import re
-from dataclasses import replace
 
 import torch.nn.functional as F
 from torch import nn
@@ -19,7 +18,7 @@ from ...graph.shapes import norm_dim, sizes
 from .. import runtime as rt
 from . import RULES
 from .common import Tail, arg, as_image, mapped, ops
-from .layout import keep_pending, layout_emit, pending_in
+from .layout import keep_pending, layout_emit, pending_in, reduce_deferred
 
 
 def _plan_in_first(node, facts):
@@ -45,9 +44,12 @@ def _plan_pool(node, facts):
             return plain(em, node)
         args = (None,) + tuple(em.orig_arg(a) for a in node.args[1:])
         kwargs = {k: em.orig_arg(v) for k, v in node.kwargs.items()}
+        # a pool to one position of chunks with deferred moves: their mean, read in place
+        deferred = (lambda c: reduce_deferred(em, c, windows[1], True, True, rank)) \
+            if isinstance(windows, tuple) and windows[0] == "reduce" else None
         return keep_pending(em, x, lambda t: em.call(rt.pusher(node.target, 0), t, args, kwargs),
                             moves=lambda ch: ch if ch < rank - spatial else None, rank_out=rank,
-                            windows=windows)
+                            windows=windows, deferred=deferred)
     return Plan.linear([x], emit)
 
 
@@ -132,13 +134,10 @@ def plan_reduce(node, facts):
         kwargs = dict(node.kwargs)
 
         def deferred(c):
-            """Rows with deferred moves are reduced straight from the unmoved input: one
-            weighted sum per output row (``rt.reduce_positions``), nothing gathered."""
-            if c.at is None or rank - 1 in dims or kwargs:
-                return None
-            red = em.call(rt.reduce_positions, c.node, c.at, tuple(dims), bool(keep),
-                          op_key(node) is aten.mean)
-            return replace(c, node=red, at=None)
+            """Rows with deferred moves are reduced straight from the unmoved input
+            (``reduce_deferred``)."""
+            return None if kwargs else \
+                reduce_deferred(em, c, dims, bool(keep), op_key(node) is aten.mean, rank)
         windows = ("reduce", dims, keep, op_key(node) is aten.mean) if not kwargs \
             else "split"
         return keep_pending(em, x, lambda t: em.call(rt.pusher(node.target, 0), t, args, kwargs),
