@@ -222,6 +222,24 @@ def test_nchw_windows_stay_windowed_and_sum_to_their_heads(make):
         assert float((by_head[key] - w).abs().max()) <= 1e-5 * scale, key
 
 
+def test_torchvision_swin_heads_read_moved_inputs_in_place():
+    """torchvision's Swin slices each stage's output four ways (strided rows) and concatenates
+    the slices, and ends with a permute to NCHW and a pool to one position. In heads mode the
+    slices are taken on positions maps (all four parts keep reading one input, so the cat
+    concatenates maps), the permute moves the maps' sub-positions with the channels, and the
+    pool reads the input in place (``rt.reduce_positions``): a moved input is gathered only
+    where the output's terms are written, never into a cat or a pool."""
+    torch.manual_seed(0)
+    target, x, _ = _small_torchvision_swin()
+    dm, _ = decompose_exactly(target, x, "heads")
+    nodes = list(dm.graph_module.graph.nodes)
+    gathers = [n for n in nodes if n.target is rt.gather_positions]
+    early = {n.name: sorted({str(u.target) for u in n.users}) for n in gathers
+             if any(u.target is not rt.write_terms for u in n.users)}
+    assert not early, early
+    assert any(n.target is rt.reduce_positions for n in nodes)
+
+
 @pytest.mark.parametrize("pool,merge", [("mean", "gather"), ("mean", "cat"), ("nchw", "cat"),
                                         ("nchw", "pool")])
 def test_window_terms_are_never_split_at_full_width(pool, merge):
