@@ -989,11 +989,12 @@ def window_reduce_probe(w: torch.Tensor, rmap: torch.Tensor, probs: torch.Tensor
             v = v.view(-1, windows, *v.shape[1:]).index_select(0, img[:, 0]).flatten(0, 1)
         om = ww[:, index].transpose(0, 1)                                 # [W, K, Q]
         if q_len >= sub:   # σ per sub-block: P·ω summed over each slot's rows, per window
-            pv = p.view(n_kept, windows, *p.shape[1:]).permute(1, 3, 0, 2, 4)  # [W, Q, K, H, N]
-            pw = _product(pv, om.transpose(1, 2).reshape(windows, q_len, n_kept, 1, 1), w.dtype)
+            # one [S, Q] x [Q, N] product per (image, window, head), P read where it lies:
+            # L[k, w, s, q] = ω[k, w, q] if slot[w, q] = s else 0
             hot = F.one_hot(slot, sub).to(w.dtype).transpose(1, 2)            # [W, S, Q]
-            sigma = torch.bmm(hot, pw.view(windows, q_len, -1)).view(
-                (windows, sub) + tuple(pv.shape[2:])).permute(3, 4, 0, 2, 1)  # [H, N, W, K, S]
+            lhs = (hot.unsqueeze(0) * om.transpose(0, 1).unsqueeze(2)).unsqueeze(2)
+            pk = p.view(n_kept, windows, *p.shape[1:])                         # [K, W, H, Q, N]
+            sigma = torch.matmul(lhs, pk).permute(2, 4, 1, 0, 3)              # [H, N, W, K, S]
             rows_v = v.view(n_kept, windows, *v.shape[1:]).permute(2, 3, 1, 0, 4)
             return sigma.reshape([c * windows] + shape + [sub]), \
                 rows_v.reshape([c * windows] + shape + [v.shape[-1]])
@@ -1002,7 +1003,9 @@ def window_reduce_probe(w: torch.Tensor, rmap: torch.Tensor, probs: torch.Tensor
         pv = p.view(n_kept, windows, *p.shape[1:]).permute(1, 2, 3, 0, 4)
         omb = om.permute(0, 2, 1).unsqueeze(1).unsqueeze(-1)              # [W, 1, Q, K, 1]
         weights = _product(pv, omb, w.dtype)
-        vp = v.view(n_kept, windows, *v.shape[1:]).permute(1, 2, 0, 3, 4).contiguous()
+        # [W, H, K, N, b] laid out as [W, H, b, K, N]: each window's rows are read transposed
+        vp = v.view(n_kept, windows, *v.shape[1:]).permute(1, 2, 4, 0, 3).contiguous() \
+            .permute(0, 1, 3, 4, 2)
         return weights, (vp, slot, sub, shape)
     index, slot = window_rows(wm[0], windows, sub)                         # [W, Q'] each
     q = index.shape[1]
@@ -1270,16 +1273,18 @@ def _slot_weights(weight: torch.Tensor, heads: int, sub: int, slot: torch.Tensor
 
 def _window_rows_linear(weights: torch.Tensor, vp: torch.Tensor, slot: torch.Tensor, sub: int,
                         weight: torch.Tensor, heads: int, out: torch.Tensor,
-                        chunk: int = 4) -> torch.Tensor:
+                        block: int = 1 << 18) -> torch.Tensor:
     """``factored_linear`` of per-window-row weights in P's order (``window_reduce_probe``:
     weights [W, H, Q, K, N], value rows vp [W, H, K, N, b]): per head h and window w,
     y[k, t] = Σ_q weights[q, k, t] · (v[k, t] W_h[slot[w, q]]) = v[k, t] · A[k, t], Aᵀ =
     W_h[slot[w]]ᵀ weights ([E·b, Q] x [Q, K·N]: one matmul per window over all of its terms,
-    its rows' blocks of W gathered once), then v · A per term, in ``chunk`` windows at a time
-    (E <= b: A is no wider than the outer product of weights and v). Written in the component
-    order (h, t, w) x kept."""
+    its rows' blocks of W gathered once), then v · A per term, a few windows at a time (A of
+    about ``block`` elements: it stays in cache between the matmul and the product; E <= b: A is
+    no wider than the outer product of weights and v). Written in the component order (h, t, w)
+    x kept."""
     windows, _, q, kept, n_tok = weights.shape
     e, b = weight.shape[0], vp.shape[-1]
+    chunk = max(1, block // (e * b * kept * n_tok))
     o5 = out.view(heads, n_tok, windows, kept, e)
     wgt = _slot_weights(weight, heads, sub, slot)                    # [H, W, E·b, Q]
     for h in range(heads):
@@ -1288,7 +1293,7 @@ def _window_rows_linear(weights: torch.Tensor, vp: torch.Tensor, slot: torch.Ten
             w1 = min(w0 + chunk, windows)
             rhs = weights[w0:w1, h].reshape(w1 - w0, q, kept * n_tok)
             a = torch.bmm(wg[w0:w1], rhs).view(w1 - w0, e, b, kept * n_tok)
-            vt = vp[w0:w1, h].reshape(w1 - w0, kept * n_tok, b).transpose(1, 2)
-            y = a.mul_(vt.contiguous().unsqueeze(1)).sum(2)
+            vt = vp[w0:w1, h].reshape(w1 - w0, kept * n_tok, b).transpose(1, 2)   # [c, b, K·N]
+            y = a.mul_(vt.unsqueeze(1)).sum(2)
             o5[h, :, w0:w1].copy_(y.view(w1 - w0, e, kept, n_tok).permute(3, 0, 2, 1))
     return out
