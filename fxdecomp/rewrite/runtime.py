@@ -1208,6 +1208,13 @@ def factored_linear(sigma: torch.Tensor, v: torch.Tensor | None, weight: torch.T
     if sub == 1 and _kernel_backend(backend, sigma) == "triton":
         return _token_rows_kernel(sg, vv, w, o, backend, out)
     if e <= b and sg.shape[1] * heads * e * sub <= rows * 256:   # small: all heads at once
+        if sub <= 4:    # a few sub-blocks: Σ_s σ_s · z_s in place (no reduction over a tiny dim)
+            z = torch.bmm(vv, w.permute(1, 3, 2, 0).reshape(heads, b, sub * e)).view(
+                heads, -1, sub, e)                                               # [H, n, S, E]
+            torch.mul(z[:, :, 0], sg[:, :, :1], out=o)
+            for s in range(1, sub):
+                o.addcmul_(z[:, :, s], sg[:, :, s:s + 1])
+            return out
         z = torch.bmm(vv, w.permute(1, 3, 0, 2).reshape(heads, b, e * sub)).view(
             heads, -1, e, sub)                                                   # [H, n, E, S]
         torch.sum(z.mul_(sg.unsqueeze(2)), 3, out=o)
