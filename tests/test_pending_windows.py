@@ -280,12 +280,14 @@ def test_window_reduce_equals_split_then_reduce(b, same):
     torch.testing.assert_close(kept, rt.split_by_map(t, wmap, windows).sum(3, keepdim=True))
 
 
+@pytest.mark.parametrize("sub", [1, 4, 6])
 @pytest.mark.parametrize("e", [3, 40])
-def test_factored_linear_equals_blocked_linear(e):
+def test_factored_linear_equals_blocked_linear(e, sub):
     """Σ_j σ_j (v W_j), in row blocks, equals the per-head projection of the outer product, for
-    E narrower (v W first) and wider (σ ⊗ v first) than the value rows."""
+    E narrower (v W first) and wider (σ ⊗ v first) than the value rows, with one, a few
+    (accumulated in place) and more sub-blocks."""
     g = torch.Generator().manual_seed(0)
-    heads, per, sub, b = 2, 7, 4, 5
+    heads, per, b = 2, 7, 5
     sigma = torch.randn(heads * per, 3, sub, generator=g)
     v = torch.randn(heads * per, 3, b, generator=g)
     w = torch.randn(e, heads * sub * b, generator=g)
