@@ -195,10 +195,11 @@ def test_training_script_records_the_recipe(tmp_path):
     assert train(["subject", "--n", "32", "--eval-n", "32", "--pretrain-epochs", "1",
                   "--epochs", "1", "--threads", "1", "--init", str(a / "subject.safetensors"),
                   "--pretrain-label", "none", "--pretrain-recon", "1", "--pretrain-simclr", "1",
-                  "--out", str(b)]) == 0
+                  "--pretrain-recon-grid", "4", "--out", str(b)]) == 0
     rec = json.loads((b / "subject.json").read_text())
     assert rec["init"]["record"] == json.loads((a / "subject.json").read_text())
     assert rec["pretrain"]["recon_weight"] == 1 and rec["pretrain"]["simclr_weight"] == 1
+    assert rec["pretrain"]["recon_target"].startswith("image average-pooled to 4x4")
     load_subject("logits", b / "subject.safetensors")
     assert train(["clip", "--n", "256", "--eval-n", "32", "--epochs", "1", "--threads", "1",
                   "--out", str(a)]) == 0
@@ -211,6 +212,51 @@ def test_training_script_records_the_recipe(tmp_path):
     assert rec["init"]["record"] == json.loads((a / "clip.json").read_text())
     assert rec["phrase_weights"] == {"color": 0.0, "texture": 0.0, "shape": 1.0, "background": 0.0}
     load_world_clip(b / "clip.safetensors")
+
+
+def test_gradient_energy_target_sees_patterns_the_pooled_copy_averages_away():
+    """The texture-sensitive pretraining target (``--pretrain-grad``), against closed forms:
+    a flat image has none; vertical 1-pixel stripes vary along x and both diagonals, not along
+    y; stripes constant along the anti-diagonal (x + y) vary along x, y and the diagonal only;
+    the 8 x 8 pooled copy of both stripe images is the same flat grey."""
+    from fxdecomp.world.train import GRAD_STEPS, _downsampled, _gradient_energy
+    assert GRAD_STEPS == ((0, 1), (1, 0), (1, 1), (1, -1))
+    yy, xx = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+    vertical = (xx % 2).float().expand(1, 3, 64, 64)
+    diagonal = (((xx + yy) // 2) % 2).float().expand(1, 3, 64, 64)
+    flat = torch.full((1, 3, 64, 64), 0.5)
+    for img in (vertical, diagonal):
+        assert torch.allclose(_downsampled(img), _downsampled(flat), atol=1e-6)
+    g = {name: _gradient_energy(img).view(4, 8, 8) for name, img in
+         (("flat", flat), ("vertical", vertical), ("diagonal", diagonal))}
+    assert _gradient_energy(flat).shape == (1, 4 * 64) and g["flat"].abs().max() == 0
+    assert torch.allclose(g["vertical"].mean((1, 2)), torch.tensor([1.0, 0.0, 1.0, 1.0]))
+    # (x + y) // 2 flips every other step along x or y: half the pixels, both diagonal steps
+    # (x + y changes by 2) every time, the anti-diagonal (x + y unchanged) never
+    assert torch.allclose(g["diagonal"].mean((1, 2)), torch.tensor([0.5, 0.5, 1.0, 0.0]), atol=0.02)
+
+
+def test_texture_target_is_recorded_and_changes_the_training(tmp_path, capsys):
+    """--pretrain-grad: the record names the target, its loss is printed, and the trained weights
+    differ from the same run without it (3 steps: the first has learning rate 0 (warmup) and the
+    zero-initialised decoder passes no gradient to the backbone until it has learned once); the
+    defaults keep the shipped recipe's record (8 x 8 pooled copy, no gradient target)."""
+    from safetensors.torch import load_file
+    from fxdecomp.world.train import main as train
+    common = ["subject", "--n", "96", "--batch", "32", "--eval-n", "32", "--pretrain-epochs", "1",
+              "--epochs", "1", "--threads", "1", "--pretrain-recon", "1"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert train(common + ["--out", str(a)]) == 0
+    assert " grad " not in capsys.readouterr().out
+    assert train(common + ["--pretrain-grad", "1", "--pretrain-grad-grid", "2",
+                           "--out", str(b)]) == 0
+    assert " grad " in capsys.readouterr().out
+    ra, rb = (json.loads((d / "subject.json").read_text())["pretrain"] for d in (a, b))
+    assert ra["recon_target"].startswith("image average-pooled to 8x8") and "grad_weight" not in ra
+    assert rb["recon_target"] == ra["recon_target"]
+    assert rb["grad_weight"] == 1 and "pooled to 2x2" in rb["grad_target"]
+    wa, wb = (load_file(str(d / "subject.safetensors")) for d in (a, b))
+    assert any(not torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_nt_xent_prefers_matching_views():
