@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
@@ -255,6 +256,32 @@ def test_texture_target_is_recorded_and_changes_the_training(tmp_path, capsys):
     assert ra["recon_target"].startswith("image average-pooled to 8x8") and "grad_weight" not in ra
     assert rb["recon_target"] == ra["recon_target"]
     assert rb["grad_weight"] == 1 and "pooled to 2x2" in rb["grad_target"]
+    wa, wb = (load_file(str(d / "subject.safetensors")) for d in (a, b))
+    assert any(not torch.equal(wa[k], wb[k]) for k in wa)
+    assert rb["grad_loss"] == "standardised"
+
+
+def _printed_grad_loss(out: str) -> float:
+    return float(re.search(r" grad (\d+\.\d+)", out).group(1))
+
+
+def test_relative_texture_loss_keeps_the_target_uncentred(tmp_path, capsys):
+    """--pretrain-grad-loss relative: the target as it is, the squared error over its mean
+    batch variance. At the zero-initialised decoder's start that is 1 + mean² / variance of the
+    gradient energies (well above 1: they are positive), where the standardised loss is about 1;
+    the record says which, and the weights differ."""
+    from safetensors.torch import load_file
+    from fxdecomp.world.train import main as train
+    common = ["subject", "--n", "96", "--batch", "32", "--eval-n", "32", "--pretrain-epochs", "1",
+              "--epochs", "1", "--threads", "1", "--pretrain-grad", "1", "--pretrain-grad-grid", "1"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert train(common + ["--out", str(a)]) == 0
+    standardised = _printed_grad_loss(capsys.readouterr().out)
+    assert train(common + ["--pretrain-grad-loss", "relative", "--out", str(b)]) == 0
+    relative = _printed_grad_loss(capsys.readouterr().out)
+    assert 0.8 < standardised <= 1.0 and relative > 1.5
+    rb = json.loads((b / "subject.json").read_text())["pretrain"]
+    assert rb["grad_loss"] == "relative" and "over its mean variance" in rb["grad_target"]
     wa, wb = (load_file(str(d / "subject.safetensors")) for d in (a, b))
     assert any(not torch.equal(wa[k], wb[k]) for k in wa)
 

@@ -216,14 +216,15 @@ def _fit_stage(model, args, split: str, label: str, epochs: int, lr: float, seed
                recon_weight: float = 0.0, simclr: torch.nn.Module | None = None,
                simclr_weight: float = 0.0, recon_grid: int = RECON_GRID,
                grad: torch.nn.Module | None = None, grad_weight: float = 0.0,
-               grad_grid: int = GRAD_GRID) -> None:
+               grad_grid: int = GRAD_GRID, grad_loss: str = "standardised") -> None:
     """``epochs`` epochs of cross-entropy on ``label`` (its codes), a fresh draw of ``args.n``
     images of ``split`` every epoch (seed ``args.seed * 1000 + seed_offset + epoch``), AdamW with
     warmup and a cosine decay over the stage. With ``recon``: plus ``recon_weight`` x the mean
     squared error of ``recon(pre-logits)`` against the downsampled image (``_downsampled`` to
     ``recon_grid``). With ``grad``: plus ``grad_weight`` x the mean squared error of
     ``grad(pre-logits)`` against the image's gradient energy (``_gradient_energy`` pooled to
-    ``grad_grid``), each statistic standardised over the batch.
+    ``grad_grid``), each statistic standardised over the batch (``grad_loss`` "standardised") or
+    as it is with the error divided by its mean variance over the batch ("relative").
     With ``simclr`` (a projection head): plus ``simclr_weight`` x ``nt_xent`` of the projected
     pre-logits of two random views (``_views``) of the batch."""
     params = [p for m in (model, recon, simclr, grad) if m is not None for p in m.parameters()]
@@ -250,11 +251,14 @@ def _fit_stage(model, args, split: str, label: str, epochs: int, lr: float, seed
                 recon_losses.append(r.item())
                 loss = loss + recon_weight * r
             if grad is not None and len(xb) > 1:
-                # each statistic standardised over the batch: the loss is the share of its
-                # variance left unexplained (1 at the zero-initialised decoder's start)
                 t = _gradient_energy(xb, grad_grid)
-                t = (t - t.mean(0)) / t.std(0).clamp_min(1e-6)
-                r = F.mse_loss(grad(pre), t)
+                if grad_loss == "standardised":
+                    # each statistic standardised over the batch: the loss is the share of its
+                    # variance left unexplained (1 at the zero-initialised decoder's start)
+                    t = (t - t.mean(0)) / t.std(0).clamp_min(1e-6)
+                    r = F.mse_loss(grad(pre), t)
+                else:   # "relative": the target as it is, the error over its mean batch variance
+                    r = F.mse_loss(grad(pre), t) / t.var(0).mean().clamp_min(1e-6)
                 grad_losses.append(r.item())
                 loss = loss + grad_weight * r
             if simclr is not None:
@@ -295,8 +299,12 @@ def train_subject(args) -> dict:
         pretrain["grad_target"] = (
             f"mean absolute pixel difference at steps (dy, dx) {list(GRAD_STEPS)}, averaged over "
             f"the color channels and pooled to {args.pretrain_grad_grid}x{args.pretrain_grad_grid}; "
-            "linear decoder (zero init) from the pre-logits; loss: squared error against each "
-            "statistic standardised over the batch; pixels only, no label or mask")
+            "linear decoder (zero init) from the pre-logits; loss: " + (
+                "squared error against each statistic standardised over the batch"
+                if args.pretrain_grad_loss == "standardised" else
+                "squared error against the target as it is, over its mean variance in the batch")
+            + "; pixels only, no label or mask")
+        pretrain["grad_loss"] = args.pretrain_grad_loss
     if args.pretrain_epochs and args.pretrain_label == "none" and not (
             args.pretrain_recon or args.pretrain_simclr or args.pretrain_grad):
         raise SystemExit("--pretrain-label none needs --pretrain-recon, --pretrain-grad or "
@@ -340,7 +348,8 @@ def train_subject(args) -> dict:
         _fit_stage(model, args, "train", args.pretrain_label, args.pretrain_epochs, args.lr,
                    0, g, t0, recon=recon, recon_weight=args.pretrain_recon, simclr=simclr,
                    simclr_weight=args.pretrain_simclr, recon_grid=args.pretrain_recon_grid,
-                   grad=grad, grad_weight=args.pretrain_grad, grad_grid=args.pretrain_grad_grid)
+                   grad=grad, grad_weight=args.pretrain_grad, grad_grid=args.pretrain_grad_grid,
+                   grad_loss=args.pretrain_grad_loss)
         held = generate(args.eval_n, seed=EVAL_SEED, split="test", workers=args.workers)
         if args.pretrain_label == "shape":
             pretrain["test_shape_accuracy"] = shape_accuracy(model, held)
@@ -537,6 +546,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 "standardised over the batch); 0: none")
             s.add_argument("--pretrain-grad-grid", type=int, default=GRAD_GRID,
                            help="cells per side of the gradient-energy target")
+            s.add_argument("--pretrain-grad-loss", choices=("standardised", "relative"),
+                           default="standardised",
+                           help="standardised: each statistic standardised over the batch; "
+                                "relative: the statistics as they are, the squared error over "
+                                "their mean variance in the batch")
             s.add_argument("--pretrain-simclr", type=float, default=0.0,
                            help="weight of the stage-1 instance-discrimination loss between two "
                                 "crops of each image (SimCLR, no color change); 0: none")
