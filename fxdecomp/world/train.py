@@ -18,7 +18,8 @@ Waterbirds models are (generic pretraining, then the task):
    ``--pretrain-grad`` x the squared error of a zero-initialised linear decoder from the
    pre-logits to the image's gradient energy (``_gradient_energy``: mean absolute pixel
    differences in four directions, pooled to ``--pretrain-grad-grid`` cells, each statistic
-   standardised over the batch), a texture-sensitive target from the pixels alone (the pooled
+   standardised over the batch, or as it is with the error over its mean batch variance:
+   ``--pretrain-grad-loss relative``), a texture-sensitive target from the pixels alone (the pooled
    copy averages the 4-10 pixel patterns away); ``--pretrain-recon-grid`` sets the pooled copy's
    grid;
 2. the task: a new 2-way head and ``--epochs`` of cross-entropy on round vs angular over the
@@ -36,11 +37,14 @@ so does the self-supervised losses' model fine-tuned without shape, ``--pretrain
 precision@10 for color, against 0.81 with the self-supervised losses.)
 Evaluated on the balanced test split (accuracy and worst-group accuracy over the four label x
 background-group groups); the record also holds stage 1's 8-way shape accuracy on ``test``.
-The shipped subject is three runs, each continuing from the one before: ``subject --threads 1``
+The shipped subject is four runs, each continuing from the one before: ``subject --threads 1``
 (4 heads, shape only, 40 + 4 epochs), ``subject --threads 1 --init <run 1> --pretrain-epochs
 15 --pretrain-recon 2.0 --pretrain-simclr 1.0`` (4 heads), then the same with ``--init <run 2>
 --pretrain-epochs 12`` and 8 heads (``SUBJECT_CONFIG``; a head count is not in the weights,
-each 16-wide head of run 2 became two 8-wide heads).
+each 16-wide head of run 2 became two 8-wide heads), then ``--init <run 3> --pretrain-epochs 8
+--pretrain-recon 2.0 --pretrain-simclr 1.0 --pretrain-grad 1.0 --pretrain-grad-grid 1
+--pretrain-grad-loss relative`` (chosen among seven such fine-tunings on six world seeds: the
+README's "The ground-truth world").
 
 clip: the tiny CLIP (``CLIP_CONFIG``) trained contrastively on texts about the training images:
 each image gets either its full caption or one attribute phrase ("red color", ...), at random.
