@@ -335,10 +335,10 @@ def train_subject(args) -> dict:
             torch.manual_seed(args.seed + 7)
             grad = torch.nn.Linear(SUBJECT_CONFIG["embed_dim"],
                                    len(GRAD_STEPS) * args.pretrain_grad_grid ** 2).to(args.device)
-            # zero init against a standardised target: the loss starts at 1 and its error
-            # reaches the backbone only as the decoder learns (a random decoder against the raw
-            # statistics, error ~50x their variance, pulled the pretrained backbone away from
-            # shape in a first try: 8-way accuracy 0.99 -> 0.38)
+            # zero init: the loss starts at 1 (standardised target; relative: 1 + mean² /
+            # variance) and its error reaches the backbone only as the decoder learns (a random
+            # decoder against the raw statistics, error ~50x their variance, pulled the
+            # pretrained backbone away from shape in a first try: 8-way accuracy 0.99 -> 0.38)
             torch.nn.init.zeros_(grad.weight)
             torch.nn.init.zeros_(grad.bias)
         simclr = None
