@@ -200,7 +200,7 @@ def test_reduced_factors_reshape_and_scale_in_every_form(sub, padded):
     with torch.no_grad():
         sigma, rows = rt.window_reduce_probe(omega.view(shape), r.view(shape), probs, vals,
                                              windows, [1, 2], True, True)
-        form = "sigma" if not isinstance(rows, tuple) else \
+        form = "sigma" if isinstance(rows[0], str) else \
             "p_order" if len(rows) == 4 else "window_rows"
         terms = rt.outer_terms(sigma, rows)                       # [c·W, B, 1, 1, S·b]
         ref = torch.zeros(images, 5)                              # the value [B, E] after
@@ -211,3 +211,40 @@ def test_reduced_factors_reshape_and_scale_in_every_form(sub, padded):
     assert terms.shape == (heads * n_tok * windows, images, 1, 1, sub * b)
     torch.testing.assert_close(flat, terms.reshape(terms.shape[0], images, sub * b))
     torch.testing.assert_close(scaled, terms * factor)
+
+
+@pytest.mark.parametrize("sub,q,padded", [(2, 4, False), (8, 16, False), (8, 4, False),
+                                           (8, 4, True)],
+                         ids=["sigma", "sigma_wide", "p_order", "window_rows"])
+@pytest.mark.parametrize("rows", [4096, 5])
+def test_factored_linear_reads_every_form_of_reduced_factors(sub, q, padded, rows):
+    """``factored_linear`` of each form of reduced factors (read where they lie: σ and V as the
+    attention holds them, weights in P's order, each window's rows), with V a strided view of a
+    qkv output as a model's attention reads it, equals ``blocked_linear`` of the dense terms
+    (``outer_terms``); ``rows`` = 5 splits the work into blocks of a few images."""
+    g = torch.Generator().manual_seed(1)
+    images, windows, heads, n_tok, b, e = 3, 8, 2, 3, 4, 3
+    grid = int((windows * q // sub) ** 0.5)   # grid² positions x sub slots = windows x q rows
+    probs = torch.rand(images * windows, heads, q, n_tok, generator=g)
+    qkv = torch.randn(images * windows, n_tok, 3, heads, b, generator=g)
+    v = qkv.permute(2, 0, 3, 1, 4)[2]                    # [B', H, N, b], strided like timm's
+    perm = torch.randperm(windows * q, generator=g)
+    w_of, q_of = perm // q, perm % q
+    omega = torch.rand(images, windows * q, generator=g)
+    if padded:
+        drop = int((perm == 3 * q).nonzero()[0])
+        w_of[drop], q_of[drop] = 0, 0
+        omega[:, drop] = 0
+    r = torch.stack([(i * windows + w_of) * q + q_of for i in range(images)])
+    shape = (1, images, grid, grid, sub)
+    weight = torch.randn(e, heads * sub * b, generator=g)
+    _, _, vals = rt.token_probe(probs, v)
+    with torch.no_grad():
+        sigma, got = rt.window_reduce_probe(omega.view(shape), r.view(shape), probs, vals,
+                                            windows, [1, 2], False, True)
+        y = rt.factored_linear(sigma, got, weight, heads, "torch", rows=rows)
+        want = rt.blocked_linear(rt.outer_terms(sigma, got), weight, heads, "torch")
+    form = "sigma" if isinstance(got[0], str) else "p_order" if len(got) == 4 else "window_rows"
+    assert form == ("window_rows" if padded else "sigma" if q >= sub else "p_order")
+    assert y.shape == (heads * n_tok * windows, images, e)
+    torch.testing.assert_close(y, want)

@@ -221,6 +221,16 @@ class Emitter:
             at = self._cached(("home", ref), lambda: self.call(rt.home_positions, ref))
         return replace(c, at=self._cached((at, key), lambda: apply(at)))
 
+    def as_pending(self, c: Chunk, ref: Node, width: int) -> Chunk:
+        """Plain channels-last terms of the value ``ref`` (``width`` channels) as a pending
+        projection with W = I and the home positions map: later linear maps of the channels fold into W, per-row
+        scales and moves apply to the map, and the terms are read where they are needed."""
+        c = self.densify(c)
+        t = self.call(rt.expand_terms, c.node, ref)
+        eye = self.call(rt.identity_weight, width, ref)
+        home = self._cached(("home", ref), lambda: self.call(rt.home_positions, ref))
+        return replace(self.pending(t, eye, 1, c.labels), at=home)
+
     def scaled_rows(self, c: Chunk, factor) -> Chunk:
         """A pending projection with deferred moves, its rows scaled by a frozen factor (size 1
         along the last dim): the positions' weights take it."""

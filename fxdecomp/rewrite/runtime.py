@@ -28,7 +28,7 @@ __all__ = [
     "where_scalar", "masked_value", "pad_border", "unsqueeze_terms", "index_tensor", "repeat_kv",
     "split_windows", "fold_centering", "fold_rows", "fold_linear", "fold_projection", "inv_std",
     "project_terms", "write_terms", "reshape_rest", "block_diagonal_heads", "linear_output_terms",
-    "normalize_terms", "identity_weight", "home_positions", "scale_positions", "gather_positions",
+    "normalize_terms", "layer_norm_with_inv", "identity_weight", "home_positions", "scale_positions", "gather_positions",
     "reduce_positions", "cat_last", "linear_terms", "window_map", "split_by_map", "window_reduce",
     "unfactor", "window_reduce_factored", "outer_terms", "factored_linear",
     "window_rows", "dense_window_weights", "token_probe", "probe_factors", "window_reduce_probe",
@@ -475,6 +475,17 @@ def inv_std(x: torch.Tensor, n_dims: int, eps, centered: bool = True) -> torch.T
     return torch.rsqrt(var + eps).to(x.dtype)
 
 
+def layer_norm_with_inv(x: torch.Tensor, normalized_shape, weight, bias, eps: float):
+    """The forward's LayerNorm and its frozen 1/σ (as ``inv_std``) from one pass over x: the
+    fused kernel's own 1/σ output (while autograd records through x, ``F.layer_norm`` and a
+    differentiable 1/σ instead). The output is the model's own, bit for bit."""
+    n = len(normalized_shape)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return F.layer_norm(x, normalized_shape, weight, bias, eps), inv_std(x, n, eps)
+    out, _, inv = torch.ops.aten.native_layer_norm(x, list(normalized_shape), weight, bias, eps)
+    return out, inv.reshape(tuple(x.shape[:-n]) + (1,) * n).to(x.dtype)
+
+
 def normalize_terms(t: torch.Tensor, inv: torch.Tensor, weight, centered: bool) -> torch.Tensor:
     """A LayerNorm (``centered``) or RMSNorm over the last dim on terms, with its frozen 1/σ
     ``inv`` (from ``inv_std``) given: γ ⊙ (t − mean t)·inv, or γ ⊙ t·inv (see
@@ -544,6 +555,9 @@ def _part_size(p) -> int:
         return int(p.shape[0])
     if len(p) == 4 and isinstance(p[3], tuple) and len(p[3]) == 4:
         windows, heads, _, _, n_tok = p[0].shape
+        return int(windows * heads * n_tok)
+    if len(p) == 4 and _kept_rows(p[3]):
+        _, windows, heads, _, n_tok = p[0].shape
         return int(windows * heads * n_tok)
     return int(p[0].shape[0])
 
@@ -994,10 +1008,10 @@ def window_reduce_probe(w: torch.Tensor, rmap: torch.Tensor, probs: torch.Tensor
             hot = F.one_hot(slot, sub).to(w.dtype).transpose(1, 2)            # [W, S, Q]
             lhs = (hot.unsqueeze(0) * om.transpose(0, 1).unsqueeze(2)).unsqueeze(2)
             pk = p.view(n_kept, windows, *p.shape[1:])                         # [K, W, H, Q, N]
-            sigma = torch.matmul(lhs, pk).permute(2, 4, 1, 0, 3)              # [H, N, W, K, S]
-            rows_v = v.view(n_kept, windows, *v.shape[1:]).permute(2, 3, 1, 0, 4)
-            return sigma.reshape([c * windows] + shape + [sub]), \
-                rows_v.reshape([c * windows] + shape + [v.shape[-1]])
+            # σ [K, W, H, S, N] and V [K, W, H, N, b] stay as they are (no copy into the
+            # component order; ``factored_linear`` reads them per head, ``_kept_rows_std``)
+            sigma = torch.matmul(lhs, pk)
+            return sigma, ("kwh", v.view(n_kept, windows, *v.shape[1:]), shape)
         # fewer rows than sub-blocks: the weights stay in P's order, [W, H, Q, K, N] (ω in the
         # same pass), the value rows [W, H, K, N, b]: ``factored_linear`` reads them as they are
         pv = p.view(n_kept, windows, *p.shape[1:]).permute(1, 2, 3, 0, 4)
@@ -1131,6 +1145,45 @@ def _window_rows_std(weights: torch.Tensor, rows: tuple) -> tuple:
     return w, (g, slot, sub)
 
 
+def _kept_rows(rows) -> bool:
+    """Whether reduced factors are σ [K, W, H, S, N] with rows ("kwh", V [K, W, H, N, b], kept
+    shape): the kept rows K outer, as the attention holds them (``window_reduce_probe``)."""
+    return isinstance(rows, tuple) and len(rows) == 3 and isinstance(rows[0], str)
+
+
+def _kept_rows_std(sigma: torch.Tensor, rows: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """σ and V of the ("kwh", ...) form -> the component order: σ [c·W, *kept, S] and v rows
+    [c·W, *kept, b], c = H·N (head outer)."""
+    _, v, shape = rows
+    _, windows, heads, sub, n_tok = sigma.shape
+    c = heads * n_tok
+    return (sigma.permute(2, 4, 1, 0, 3).reshape([c * windows] + list(shape) + [sub]),
+            v.permute(2, 3, 1, 0, 4).reshape([c * windows] + list(shape) + [v.shape[-1]]))
+
+
+def _kept_rows_linear(sigma: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, out: torch.Tensor,
+                      rows: int = 16384) -> torch.Tensor:
+    """``factored_linear`` of σ [K, W, H, S, N] and V [K, W, H, N, b] (W [E, H·S·b]), read where
+    they lie: z = V_h W_hᵀ for every head in one batched product (the rows (k, w, n) of one
+    head are one strided matrix when V is a view of the attention's qkv, so nothing is copied)
+    and y = Σ_s σ_s z_s, for about ``rows`` rows (all heads) at a time, written into the
+    component order (h, n, w) x k of ``out``."""
+    kk, windows, heads, sub, n_tok = sigma.shape
+    e, b = weight.shape[0], v.shape[-1]
+    # W_h as [E·S, b] read transposed (a strided V times a row-major [b, E·S] is slower)
+    wt = weight.reshape(e, heads, sub, b).permute(1, 0, 2, 3).reshape(heads, e * sub, b)
+    o = out.view(heads, n_tok, windows, kk, e)
+    step = max(1, rows // (heads * windows * n_tok))
+    for k0 in range(0, kk, step):
+        k1 = min(k0 + step, kk)
+        vk = v[k0:k1].permute(2, 0, 1, 3, 4).reshape(heads, -1, b)          # [H, k·W·N, b]
+        z = torch.bmm(vk, wt.transpose(1, 2)).view(-1, e, sub)              # [H·k·W·N, E, S]
+        sg = sigma[k0:k1].permute(2, 0, 1, 4, 3).reshape(-1, sub, 1)        # [H·k·W·N, S, 1]
+        y = torch.bmm(z, sg).view(heads, k1 - k0, windows, n_tok, e)
+        o[:, :, :, k0:k1].copy_(y.permute(0, 3, 2, 1, 4))
+    return out
+
+
 def dense_window_weights(weights: torch.Tensor, slot: torch.Tensor, sub: int) -> torch.Tensor:
     """Per-window-row weights [c·W, *kept, Q'] (``window_reduce_factored``) -> σ [c·W, *kept, S]:
     σ[.., j] = Σ_{q: slot[w, q] = j} weights[.., q] (the window w of a term: its index mod W)."""
@@ -1146,6 +1199,8 @@ def outer_terms(sigma: torch.Tensor, v: torch.Tensor | None) -> torch.Tensor:
     (``v`` None: σ already holds the terms)."""
     if v is None:
         return sigma
+    if _kept_rows(v):
+        sigma, v = _kept_rows_std(sigma, v)
     if isinstance(v, tuple):                     # per-window-row weights (window_reduce_factored)
         sigma, v = _window_rows_std(sigma, v)
         sigma, v = dense_window_weights(sigma, v[1], v[2]), v[0]
@@ -1162,6 +1217,8 @@ def reshape_reduced(sigma: torch.Tensor, v, ref: torch.Tensor, channel_dim: int)
         return t.reshape([t.shape[0], *shape, t.shape[-1]])
     if isinstance(v, tuple) and len(v) == 4:     # weights in P's order: the shape is recorded
         return sigma, v[:3] + (list(shape),)
+    if _kept_rows(v):                            # σ, V as the attention holds them: likewise
+        return sigma, v[:2] + (list(shape),)
     if isinstance(v, tuple):                     # per-window-row weights, (v rows, slot, S)
         return view(sigma), (view(v[0]),) + tuple(v[1:])
     return view(sigma), None if v is None else view(v)
@@ -1172,6 +1229,8 @@ def scale_reduced(sigma: torch.Tensor, v, factor) -> torch.Tensor:
     of the value ([*kept, 1]): σ' (the weights in P's order hold the kept rows in dim -2)."""
     if isinstance(v, tuple) and len(v) == 4 and isinstance(factor, torch.Tensor):
         return sigma * factor.reshape(-1, 1)
+    if _kept_rows(v) and isinstance(factor, torch.Tensor):    # the kept rows in dim 0
+        return sigma * factor.reshape(-1, 1, 1, 1, 1)
     return sigma * factor
 
 
@@ -1182,6 +1241,19 @@ def factored_linear(sigma: torch.Tensor, v: torch.Tensor | None, weight: torch.T
     y[n] = Σ_j σ[n, j] Σ_d v[n, d] W_h[:, j·b + d] for the components of each head h, in
     blocks of ``rows`` (v W_j first when E <= b, else σ ⊗ v first: the narrower one)."""
     tensors = (sigma, weight) + (v if isinstance(v, tuple) else (v,))
+    if _kept_rows(v):
+        # read in place where there are many sub-blocks (the copies into the component order
+        # cost more than the strided reads); a few: the batched all-heads path below
+        _, _, n_heads, sub, _ = sigma.shape
+        if sub > 4 and heads == n_heads and weight.shape[1] == heads * sub * v[1].shape[-1] \
+                and weight.shape[0] <= v[1].shape[-1] and not (torch.is_grad_enabled() and any(
+                    x.requires_grad for x in (sigma, weight, v[1]))):
+            if out is None:
+                out = sigma.new_empty([sigma.shape[2] * sigma.shape[4] * sigma.shape[1]]
+                                      + list(v[2]) + [weight.shape[0]])
+            return _kept_rows_linear(sigma, v[1], weight, out, rows)
+        sigma, v = _kept_rows_std(sigma, v)
+        tensors = (sigma, weight, v)
     if v is None or torch.is_grad_enabled() and any(
             isinstance(x, torch.Tensor) and x.requires_grad for x in tensors):
         y = blocked_linear(outer_terms(sigma, v), weight, heads, backend)

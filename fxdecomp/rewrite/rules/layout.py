@@ -252,6 +252,16 @@ def layout_emit(move_block: BlockMove | None = None, shape_arg: bool = False,
         if merged is not None and (layout is None or layout.dim < len(sizes(node)) - 1):
             kwargs = {k: em.orig_arg(v) for k, v in node.kwargs.items()}
             return _pending_layout(em, node, target, args, kwargs, merged, shape_arg)
+        x = node.args[0]
+        if op_key(node) in (aten.permute, aten.transpose) and 1 < len(em.terms_of[x]) <= 8 \
+                and all(c.proj is None and c.block is None and c.win is None and c.fac is None
+                        for c in em.terms_of[x]):
+            # dims reordered on a few plain chunks: a view of each (merging them first would
+            # write every component, a broadcast bias at full size)
+            kwargs = {k: em.orig_arg(v) for k, v in node.kwargs.items()}
+            return [em.chunk(em.call(rt.pusher(target, 0), em.call(rt.expand_terms, c.node,
+                                                                   em.orig(x)), tuple(args), kwargs),
+                             c.labels) for c in em.terms(x)]
         # windowed terms straight from a window attention (``Chunk.win``, no map yet) stay
         # windowed through ops that keep the batch·windows dim 0 in place
         c = em.merged(node.args[0], blocked_ok=True, windows_ok=_keeps_dim0(node))

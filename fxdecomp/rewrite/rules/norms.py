@@ -2,6 +2,7 @@
 constant component of its own (kind ``bias``). Eval BatchNorm is a per-channel affine map."""
 from __future__ import annotations
 
+import operator
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +12,7 @@ from torch.fx import Node
 from ...errors import UnsupportedGraphError
 from ...graph.ops import aten
 from ...graph.plan import Plan
+from ...graph.shapes import sizes
 from ...graph.rule import Rule
 from .. import runtime as rt
 from . import RULES
@@ -25,7 +27,8 @@ def plan_layer_norm(node, facts):
     weight, bias, eps = arg(node, 2, "weight"), arg(node, 3, "bias"), arg(node, 4, "eps", 1e-5)
 
     def emit(em, node):
-        folded = _fold_norm(em, x, shape, weight, eps, centered=True)
+        folded = _fold_norm(em, x, shape, weight, eps, centered=True,
+                            inv=lambda: _forward_inv(em, node, x, shape, weight, bias, eps))
         if folded is not None:
             return folded + bias_chunk(em, node, bias, -1)
         c = em.merged(x)
@@ -34,16 +37,40 @@ def plan_layer_norm(node, facts):
     return Plan.linear([x], emit, demand=rowwise_demand(x, len(shape)))
 
 
-def _fold_norm(em, x: Node, shape, weight, eps, centered: bool) -> list | None:
+def _forward_inv(em, node: Node, x: Node, shape, weight, bias, eps) -> Node:
+    """The frozen 1/σ of the LayerNorm ``node``: where it runs on all rows, its copy in the new
+    graph becomes ``rt.layer_norm_with_inv``, so the forward's own pass over x gives it;
+    otherwise (the rule works on some rows) ``rt.inv_std`` of those rows."""
+    if em.layout(x) is not None or em.layout(node) is not None or em.env[node].users:
+        return em.call(rt.inv_std, em.orig(x), len(shape), eps, True)
+    stale = em.env[node]
+    both = em.call(rt.layer_norm_with_inv, em.env[x], list(shape), em.orig_arg(weight),
+                   em.orig_arg(bias), eps)
+    em.env[node] = em.call(operator.getitem, both, 0)
+    em.graph.erase_node(stale)
+    return em.call(operator.getitem, both, 1)
+
+
+def _fold_norm(em, x: Node, shape, weight, eps, centered: bool, inv=None) -> list | None:
     """A LayerNorm/RMSNorm over the last dim applied to pending projections without evaluating
     them: centring and γ fold into W (``rt.fold_centering``/``rt.fold_rows``), the frozen
     per-row 1/σ scales the head-blocked input (b values per row instead of E). The other
     chunks are normalised one by one, in order. None: nothing pending (or a norm over several
     dims)."""
-    if len(shape) != 1 or not any(c.proj is not None for c in em.terms_of[x]):
+    if len(shape) != 1:
         return None
-    chunks = em.terms(x, pending_ok=True, lazy_ok=True, windows_ok=True)
-    inv = em.call(rt.inv_std, em.orig(x), 1, eps, centered)
+    if not any(c.proj is not None for c in em.terms_of[x]):
+        if not em.project:
+            return None
+        # output directions given (``project=``): the norm's centring, γ and every later
+        # linear map fold into a [k, E] map, and its 1/σ and every later move or mean of
+        # positions apply to a positions map, so the terms are read once, where they are
+        # reduced, instead of normalised at full width here (W = I first: e.g. the patch
+        # embedding's norm of a hierarchical model)
+        chunks = [em.as_pending(c, em.orig(x), sizes(x)[-1]) for c in em.terms(x)]
+    else:
+        chunks = em.terms(x, pending_ok=True, lazy_ok=True, windows_ok=True)
+    inv = inv() if inv is not None else em.call(rt.inv_std, em.orig(x), 1, eps, centered)
     gamma = em.orig_arg(weight)
     out = []
     for c in chunks:   # in order: the components keep their order
