@@ -89,6 +89,30 @@ def test_siglip_heads_match_the_reference():
     assert float((last[0] - last[1]).abs().max()) > 1e-3
 
 
+@pytest.mark.parametrize("granularity", ["blocks", "heads"])
+def test_pool_sums_tokens_before_its_value_projection(granularity):
+    """The pool's frozen P is applied to each component as one weighted sum over the tokens per
+    pool head (``rt.pooled_values``) before W_v: the kv linear is never applied to the
+    components at every token (its key half is never needed), its bias is a term of its own,
+    and the output and the pool's value terms agree with the forward's (the exactness and the
+    per-head reference above are the independent checks)."""
+    from fxdecomp.rewrite import runtime as rt
+    dm = decomposed(granularity)
+    calls = [n for n in dm.graph_module.graph.nodes if n.op == "call_function"]
+    pooled = [n for n in calls if n.target is rt.pooled_values]
+    assert pooled                                  # (one call per chunk of the pool's input)
+    kv = {n for n in dm.graph_module.graph.nodes
+          if n.op == "get_attr" and str(n.target).endswith("attn_pool.kv.weight")}
+    per_token = [n for n in calls if n.target in (rt.linear_terms, rt.blocked_linear, rt.fold_linear)
+                 and kv & set(n.all_input_nodes)]
+    assert not per_token, per_token
+    assert any(n.target is rt.pooled_bias for n in calls)
+    with torch.no_grad():
+        d = dm(image(4))
+    assert _rel(d.components.sum(0), siglip()(image(4))) <= TOL
+    assert float(d["attn_pool.kv.bias"].abs().max()) > 0
+
+
 def test_encoder_carries_a_real_share_of_the_output():
     """Before this rule the pool was one component carrying the whole output (encoder share 0,
     pool 1.0). Now the encoder blocks' components carry a share of it. With random weights

@@ -23,7 +23,7 @@ __all__ = [
     "as_terms", "take", "expand_terms", "cat_chunks", "push", "push_multi", "place_in_cat",
     "layer_norm_terms", "rms_norm_terms", "group_norm_terms", "batch_norm_terms",
     "batch_norm_shift", "bias_terms", "head_blocks", "densify_heads", "blocked_linear",
-    "attention_probs", "split_heads_tokens", "where_terms", "max_pool2d_terms", "max_dim_terms",
+    "attention_probs", "pooled_values", "pooled_bias", "split_heads_tokens", "where_terms", "max_pool2d_terms", "max_dim_terms",
     "group_components", "pusher", "multi_pusher", "einsum_pusher", "addmm_bias", "scalar_terms",
     "where_scalar", "masked_value", "pad_border", "unsqueeze_terms", "index_tensor", "repeat_kv",
     "split_windows", "fold_centering", "fold_rows", "fold_linear", "fold_projection", "inv_std",
@@ -263,6 +263,32 @@ def frozen_attention_terms(t: torch.Tensor, probs: torch.Tensor) -> torch.Tensor
     P @ Σ_c v_c = Σ_c P @ v_c. t: value terms [C, *batch, N, dh], probs [*batch, L, N]
     -> [C, *batch, L, dh]."""
     return torch.matmul(probs.to(t.dtype), t)
+
+
+def pooled_values(t: torch.Tensor, probs: torch.Tensor, weight: torch.Tensor, split, index: int,
+                  pending: torch.Tensor | None = None, heads: int = 1,
+                  backend: str = "auto") -> torch.Tensor:
+    """Terms of a pool's output P @ v, v = part ``index`` of linear(x, W) viewed as [B, N, S, H,
+    dh] (``split`` = (S, H, dh)), from the terms of x: t [c, B, N, E] (or a pending projection's
+    input [c, B, N, b] with its W ``pending``, ``heads``), P [B, H, L, N] frozen. Each
+    component is first summed over the N tokens with the weights of each pool head and query
+    (H·L rows instead of N), then mapped by W_v of its head -> [c, B, H, L, dh]."""
+    s, h, dh = split
+    b, _, n_q, n = probs.shape
+    red = torch.matmul(probs.to(t.dtype).reshape(1, b, h * n_q, n), t)       # [c, B, H·L, .]
+    if pending is not None:
+        red = blocked_linear(red, pending, heads, backend)                    # [c, B, H·L, E]
+    wv = weight.reshape(s, h, dh, -1)[index].to(red.dtype)                    # [H, dh, E]
+    red = red.view(red.shape[0], b, h, n_q, -1)
+    return torch.einsum("cbhle,hde->cbhld", red, wv)
+
+
+def pooled_bias(probs: torch.Tensor, bias: torch.Tensor, split, index: int) -> torch.Tensor:
+    """The term of the value projection's bias through a pool (``pooled_values``): Σ_n P · b_v
+    per head and query, [1, B, H, L, dh]."""
+    s, h, dh = split
+    bv = bias.reshape(s, h, dh)[index].to(probs.dtype)
+    return (probs.sum(-1, keepdim=True) * bv.view(1, h, 1, dh)).unsqueeze(0)
 
 
 def head_blocks(value: torch.Tensor, head_dim: int) -> torch.Tensor:

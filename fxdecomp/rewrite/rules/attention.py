@@ -11,17 +11,20 @@ the components upstream flow through it.
 """
 from __future__ import annotations
 
+import math
+import operator
 import re
 
 import torch.nn.functional as F
 from torch.fx import Node
 
 from ...errors import UnsupportedGraphError
-from ...graph.ops import aten
+from ...graph.ops import aten, op_key
 from ...graph.plan import AttentionForm, Plan
+from ...graph.shapes import norm_dim, sizes
 from .. import runtime as rt
 from . import RULES
-from .common import Tail, einsum_emit, ops, push_emit
+from .common import Tail, arg, einsum_emit, ops, push_emit
 
 
 @RULES.rule(aten.scaled_dot_product_attention, name="sdpa", examples=(
@@ -43,15 +46,70 @@ def _stream_sdpa(node: Node) -> Plan:
         raise UnsupportedGraphError("attention dropout is active (dropout_p > 0)", node)
 
     def emit(em, node):
-        c = em.merged(v)
         probs = em.call(rt.attention_probs, em.orig(q), em.orig(k),
                         em.orig_arg(kw.get("attn_mask")), bool(kw.get("is_causal", False)),
                         kw.get("scale"), bool(kw.get("enable_gqa", False)))
+        chain = _pooled_values(v)
+        if chain is not None and not kw.get("enable_gqa") and em.layout(node) is None \
+                and all(em.demand.get(n) is None for n in chain[-1]):
+            return _pool_before_values(em, chain, probs)
+        c = em.merged(v)
         t = c.node
         if kw.get("enable_gqa"):
             t = em.call(rt.repeat_kv, t, em.orig(q))
         return [em.chunk(em.call(rt.frozen_attention_terms, t, probs), c.labels)]
     return Plan.linear([v], emit)
+
+
+def _pooled_values(v: Node):
+    """The value of a learned-probe pool made as timm's AttentionPoolLatent makes it, v =
+    unbind(permute(reshape(linear(x, W, b), [B, N, S, H, dh]), [2, 0, 3, 1, 4]), 0)[i]:
+    (x, W, b, (S, H, dh), i, the nodes from x to v); None for any other form."""
+    if op_key(v) is not operator.getitem or op_key(v.args[0]) is not aten.unbind:
+        return None
+    unbind, index = v.args
+    if norm_dim(arg(unbind, 1, "dim", 0), len(sizes(unbind.args[0]))) != 0:
+        return None
+    perm = unbind.args[0]
+    if op_key(perm) is not aten.permute or [norm_dim(d, 5) for d in perm.args[1]] != [2, 0, 3, 1, 4] \
+            or len(sizes(perm)) != 5:
+        return None
+    shaped = perm.args[0]
+    if op_key(shaped) not in (aten.reshape, aten.view, aten._unsafe_view):
+        return None
+    lin = shaped.args[0]
+    if op_key(lin) is not aten.linear or not isinstance(lin.args[0], Node):
+        return None
+    ins, outs, x = sizes(lin), sizes(shaped), lin.args[0]
+    if len(ins) != 3 or len(sizes(x)) != 3 or None in outs[2:] or ins[1] != outs[1] \
+            or ins[2] != math.prod(outs[2:]):
+        return None
+    bias = lin.args[2] if len(lin.args) > 2 else lin.kwargs.get("bias")
+    return x, lin.args[1], bias, tuple(outs[2:]), int(index), (x, lin, shaped, perm, unbind, v)
+
+
+def _pool_before_values(em, chain, probs) -> list:
+    """A pool's frozen P applied to the terms of its input x before its value projection: per
+    pool head, one weighted sum over the N tokens of each component (P [B, H, L, N] as H·L
+    token functionals), then W_v of that head (``rt.pooled_values``), so no component is
+    carried through the kv linear at every token (its key half is never needed). The kv
+    linear's bias is a term of its own, Σ_n P · b_v."""
+    x, weight, bias, split, index, nodes = chain
+    lin = nodes[1]
+    w, out = em.orig(weight), []
+    for c in em.terms(x, pending_ok=True):
+        if c.proj is not None and c.cdim is not None:
+            c = em.materialize(c)
+        t = c.node if c.proj is not None else em.call(rt.expand_terms, c.node, em.orig(x))
+        proj = (None, 1) if c.proj is None else c.proj
+        out.append(em.chunk(em.call(rt.pooled_values, t, probs, w, split, index, *proj,
+                                    em.backend), c.labels))
+    if bias is not None:
+        anchor, em.anchor = em.anchor, lin     # named and placed as the kv linear's own bias
+        b = em.call(rt.pooled_bias, probs, em.orig(bias), split, index)
+        out.append(em.const_chunk(b, bias, "bias"))
+        em.anchor = anchor
+    return out
 
 
 @RULES.rule(*ops("softmax", "_softmax", "_safe_softmax"), name="softmax", makes_probs=True,
