@@ -113,6 +113,55 @@ def test_pool_sums_tokens_before_its_value_projection(granularity):
     assert float(d["attn_pool.kv.bias"].abs().max()) > 0
 
 
+def test_tokens_through_the_pool_are_never_made_at_every_token():
+    """Tokens mode: each block's per-token terms reach the pool as a probe and leave it as σ
+    (the pool's P composed with the block's own P) times the value rows mapped per (head, pool
+    head) (``rt.pooled_probe_values``), pending, so the out-projection and output directions fold
+    in first: no per-token term is unfactored at every token. Exact, and the projected
+    components (``project=D``) equal the tokens components times D."""
+    from fxdecomp.rewrite import runtime as rt
+    dm = decomposed("tokens")
+    x, d_dirs = image(5), torch.randn(64, 5, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        d = dm(x)
+        p = dm(x, project=d_dirs)
+        ref = siglip()(x)
+    assert _rel(d.components.sum(0), ref) <= TOL
+    assert _rel(p.components, d.components @ d_dirs) <= TOL
+    for gm in (dm.graph_module, dm._graph_for(2, project=True)):
+        names = [getattr(n.target, "__name__", "") for n in gm.graph.nodes if n.op == "call_function"]
+        assert names.count("pooled_probe_values") == 3, names      # one per block
+        assert "unfactor" not in names and "probe_factors" not in names
+
+
+@pytest.mark.parametrize("rows", ["own", "shuffled"])
+def test_pooled_probe_values_equal_the_pool_of_the_terms_at_every_token(rows):
+    """``rt.pooled_probe_values`` against the terms made at every token, mapped by the kv
+    linear and pooled with P as the model does (``own``: each image's rows of its own
+    attention; ``shuffled``: rows of the other image, the general path)."""
+    from fxdecomp.rewrite import runtime as rt
+    g = torch.Generator().manual_seed(0)
+    b, n, heads_l, b_l, e, split, index = 2, 5, 3, 4, 6, (2, 2, 3), 1
+    probs_l = torch.randn(b, heads_l, n, n, generator=g).softmax(-1)
+    v_l = torch.randn(b, heads_l, n, b_l, generator=g)
+    omega = torch.rand(1, b, n, 1, generator=g) + 0.5
+    r = torch.arange(b * n).view(1, b, n, 1)
+    if rows == "shuffled":
+        r = r.flip(1)
+    w_l = torch.randn(e, heads_l * b_l, generator=g)                       # the pending map
+    probs = torch.randn(b, split[1], 1, n, generator=g).softmax(-1)       # the pool's P
+    weight = torch.randn(split[0] * split[1] * split[2], e, generator=g)  # the kv linear
+    with torch.no_grad():
+        got = rt.pooled_probe_values(omega, r, probs_l, v_l, probs, weight, split, index,
+                                     w_l, heads_l)
+        s, wmap, vv = rt.probe_factors(omega, r, probs_l, v_l)
+        x_terms = rt.blocked_linear(rt.unfactor(s, vv, wmap), w_l, heads_l, "torch")
+        kv = (x_terms @ weight.t()).unflatten(-1, split)[..., index, :, :]   # [c, B, N, H, dh]
+        want = torch.einsum("bhln,cbnhd->cbhld", probs, kv)
+    assert got.shape == want.shape == (heads_l * n, b, split[1], 1, split[2])
+    torch.testing.assert_close(got, want)
+
+
 def test_encoder_carries_a_real_share_of_the_output():
     """Before this rule the pool was one component carrying the whole output (encoder share 0,
     pool 1.0). Now the encoder blocks' components carry a share of it. With random weights

@@ -23,7 +23,7 @@ __all__ = [
     "as_terms", "take", "expand_terms", "cat_chunks", "push", "push_multi", "place_in_cat",
     "layer_norm_terms", "rms_norm_terms", "group_norm_terms", "batch_norm_terms",
     "batch_norm_shift", "bias_terms", "head_blocks", "densify_heads", "blocked_linear",
-    "attention_probs", "pooled_values", "pooled_bias", "split_heads_tokens", "where_terms", "max_pool2d_terms", "max_dim_terms",
+    "attention_probs", "pooled_values", "pooled_bias", "pooled_probe_values", "split_heads_tokens", "where_terms", "max_pool2d_terms", "max_dim_terms",
     "group_components", "pusher", "multi_pusher", "einsum_pusher", "addmm_bias", "scalar_terms",
     "where_scalar", "masked_value", "pad_border", "unsqueeze_terms", "index_tensor", "repeat_kv",
     "split_windows", "fold_centering", "fold_rows", "fold_linear", "fold_projection", "inv_std",
@@ -425,6 +425,46 @@ def fold_projection(weight: torch.Tensor, project: torch.Tensor) -> torch.Tensor
 
 
 @_folded
+@_folded
+def pool_head_maps(weight: torch.Tensor, pending: torch.Tensor, heads: int, split,
+                   index: int) -> torch.Tensor:
+    """G [H', H, dh, b]: W_v of pool head p (part ``index`` of W [S·H·dh, E]) after the
+    pending map of head k (W' [E, H'·b]), G[k, p] = W_v[p] W'_k."""
+    s, h, dh = split
+    wv = weight.reshape(s, h, dh, -1)[index]                                 # [H, dh, E]
+    wp = pending.reshape(pending.shape[0], heads, -1).to(wv.dtype)          # [E, H', b]
+    return torch.einsum("poe,ekd->kpod", wv, wp)
+
+
+def pooled_probe_values(w: torch.Tensor, rmap: torch.Tensor, probs_l: torch.Tensor,
+                        v_l: torch.Tensor, probs: torch.Tensor, weight: torch.Tensor, split,
+                        index: int, pending: torch.Tensor, heads: int) -> torch.Tensor:
+    """``pooled_values`` of per-token terms held as a probe (ω [1, B, N, 1] and rows r [1, B, N,
+    1] of an attention's P_l [B', H', Q, N'], its V [B', H', N', b], pending W' [E, H'·b]):
+    term (k, t) at token n of image i is ω·P_l[r, k, t] · V[i, k, t] W'_kᵀ. Through the pool
+    (P [B, H, L, N], W_v) it is σ[i, (p, l), (k, t)] · V[i, k, t] G[k, p]ᵀ, with σ = P · (ω
+    P_l at r) one [H·L, N] x [N, H'·N'] product per image and G the per-(head, pool head) map
+    (``pool_head_maps``): nothing at every token. -> [H'·N', B, H, L, dh] (head outer)."""
+    s, h, dh = split
+    b, _, n_q, n = probs.shape
+    q_len = probs_l.shape[2]
+    r = rmap.reshape(b, n) if rmap.numel() == b * n else None
+    if r is None or heads != probs_l.shape[1] or pending.shape[1] != heads * v_l.shape[-1] \
+            or not bool((r // q_len == torch.arange(b, device=r.device).view(b, 1)).all()):
+        # another layout (sub-blocks, rows of other images): the terms at every token
+        sw, wmap, vv = probe_factors(w, rmap, probs_l, v_l)
+        t = unfactor(sw, vv, wmap)
+        return pooled_values(t, probs, weight, split, index, pending, heads)
+    got = probs_l[r.reshape(-1) // q_len, :, r.reshape(-1) % q_len, :]       # [B·N, H', N']
+    sw = got.reshape(b, n, -1).to(w.dtype) * w.reshape(b, n, 1)
+    sigma = torch.bmm(probs.to(sw.dtype).reshape(b, h * n_q, n), sw)         # [B, H·L, H'·N']
+    g = pool_head_maps(weight, pending, heads, split, index).to(v_l.dtype)   # [H', H, dh, b]
+    z = torch.einsum("ikte,kpoe->ktipo", v_l[:b], g)                          # [H', N', B, H, dh]
+    sg = sigma.view(b, h, n_q, heads, -1).permute(3, 4, 0, 1, 2)              # [H', N', B, H, L]
+    t = sg.unsqueeze(-1) * z.unsqueeze(-2)                                    # [H', N', B, H, L, dh]
+    return t.reshape((-1, b, h, n_q, dh))
+
+
 def block_diagonal_heads(weight: torch.Tensor, heads: int, merged: int) -> torch.Tensor:
     """A pending projection's W [E, H·b] after K = ``merged`` positions are merged into the
     value's last dim (a patch merging's gather: [..., K, E] -> [..., K·E]): the input becomes

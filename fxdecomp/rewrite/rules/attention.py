@@ -97,7 +97,19 @@ def _pool_before_values(em, chain, probs) -> list:
     x, weight, bias, split, index, nodes = chain
     lin = nodes[1]
     w, out = em.orig(weight), []
-    for c in em.terms(x, pending_ok=True):
+    for c in em.terms(x, pending_ok=True, windows_ok=True):
+        if c.fac is not None and c.fac[0] == "probe" and c.win[1] == 1 and c.proj is not None \
+                and c.cdim is None and c.block is None:
+            # per-token terms as a probe (tokens mode): P's functionals composed with the
+            # attention's own P (σ per pool head, head and source token), the value rows mapped
+            # once per (head, pool head); left pending (W = I) so that the out-projection and
+            # the output directions fold in before anything is written at full width
+            t = em.call(rt.pooled_probe_values, c.node, c.win[0], c.fac[2], c.fac[1], probs, w,
+                        split, index, *c.proj)
+            eye = em.call(rt.identity_weight, split[2], em.orig(nodes[-1]))
+            out.append(em.pending(t, eye, 1, c.labels))
+            continue
+        c = em.densify(em.unwindow(c)) if c.proj is None else em.unwindow(c)
         if c.proj is not None and c.cdim is not None:
             c = em.materialize(c)
         t = c.node if c.proj is not None else em.call(rt.expand_terms, c.node, em.orig(x))
