@@ -103,8 +103,8 @@ def test_pool_sums_tokens_before_its_value_projection(granularity):
     assert pooled                                  # (one call per chunk of the pool's input)
     kv = {n for n in dm.graph_module.graph.nodes
           if n.op == "get_attr" and str(n.target).endswith("attn_pool.kv.weight")}
-    per_token = [n for n in calls if n.target in (rt.linear_terms, rt.blocked_linear, rt.fold_linear)
-                 and kv & set(n.all_input_nodes)]
+    maps = (rt.linear_terms, rt.blocked_linear, rt.fold_linear)
+    per_token = [n for n in calls if n.target in maps and kv & set(n.all_input_nodes)]
     assert not per_token, per_token
     assert any(n.target is rt.pooled_bias for n in calls)
     with torch.no_grad():
@@ -129,7 +129,8 @@ def test_tokens_through_the_pool_are_never_made_at_every_token():
     assert _rel(d.components.sum(0), ref) <= TOL
     assert _rel(p.components, d.components @ d_dirs) <= TOL
     for gm in (dm.graph_module, dm._graph_for(2, project=True)):
-        names = [getattr(n.target, "__name__", "") for n in gm.graph.nodes if n.op == "call_function"]
+        names = [getattr(n.target, "__name__", "") for n in gm.graph.nodes
+                 if n.op == "call_function"]
         assert names.count("pooled_probe_values") == 3, names      # one per block
         assert "unfactor" not in names and "probe_factors" not in names
 

@@ -223,8 +223,9 @@ class Emitter:
 
     def as_pending(self, c: Chunk, ref: Node, width: int) -> Chunk:
         """Plain channels-last terms of the value ``ref`` (``width`` channels) as a pending
-        projection with W = I and the home positions map: later linear maps of the channels fold into W, per-row
-        scales and moves apply to the map, and the terms are read where they are needed."""
+        projection with W = I and the home positions map: later linear maps of the channels
+        fold into W, per-row scales and moves apply to the map, and the terms are read where
+        they are needed."""
         c = self.densify(c)
         t = self.call(rt.expand_terms, c.node, ref)
         eye = self.call(rt.identity_weight, width, ref)

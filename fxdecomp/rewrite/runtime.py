@@ -23,16 +23,18 @@ __all__ = [
     "as_terms", "take", "expand_terms", "cat_chunks", "push", "push_multi", "place_in_cat",
     "layer_norm_terms", "rms_norm_terms", "group_norm_terms", "batch_norm_terms",
     "batch_norm_shift", "bias_terms", "head_blocks", "densify_heads", "blocked_linear",
-    "attention_probs", "pooled_values", "pooled_bias", "pooled_probe_values", "split_heads_tokens", "where_terms", "max_pool2d_terms", "max_dim_terms",
-    "group_components", "pusher", "multi_pusher", "einsum_pusher", "addmm_bias", "scalar_terms",
-    "where_scalar", "masked_value", "pad_border", "unsqueeze_terms", "index_tensor", "repeat_kv",
-    "split_windows", "fold_centering", "fold_rows", "fold_linear", "fold_projection", "inv_std",
-    "project_terms", "write_terms", "reshape_rest", "block_diagonal_heads", "linear_output_terms",
-    "normalize_terms", "layer_norm_with_inv", "identity_weight", "home_positions", "scale_positions", "gather_positions",
-    "reduce_positions", "cat_last", "linear_terms", "window_map", "split_by_map", "window_reduce",
-    "unfactor", "window_reduce_factored", "outer_terms", "factored_linear",
-    "window_rows", "dense_window_weights", "token_probe", "probe_factors", "window_reduce_probe",
-    "pool_gather", "pooled_heads", "reshape_reduced", "scale_reduced",
+    "attention_probs", "pooled_values", "pooled_bias", "pooled_probe_values", "split_heads_tokens",
+    "where_terms", "max_pool2d_terms", "max_dim_terms", "group_components", "pusher",
+    "multi_pusher", "einsum_pusher", "addmm_bias", "scalar_terms", "where_scalar", "masked_value",
+    "pad_border", "unsqueeze_terms", "index_tensor", "repeat_kv", "split_windows",
+    "fold_centering", "fold_rows", "fold_linear", "fold_projection", "inv_std", "project_terms",
+    "write_terms", "reshape_rest", "block_diagonal_heads", "linear_output_terms",
+    "normalize_terms", "layer_norm_with_inv", "identity_weight", "home_positions",
+    "scale_positions", "gather_positions", "reduce_positions", "cat_last", "linear_terms",
+    "window_map", "split_by_map", "window_reduce", "unfactor", "window_reduce_factored",
+    "outer_terms", "factored_linear", "window_rows", "dense_window_weights", "token_probe",
+    "probe_factors", "window_reduce_probe", "pool_gather", "pooled_heads", "reshape_reduced",
+    "scale_reduced",
 ]
 
 
@@ -461,7 +463,7 @@ def pooled_probe_values(w: torch.Tensor, rmap: torch.Tensor, probs_l: torch.Tens
     g = pool_head_maps(weight, pending, heads, split, index).to(v_l.dtype)   # [H', H, dh, b]
     z = torch.einsum("ikte,kpoe->ktipo", v_l[:b], g)                          # [H', N', B, H, dh]
     sg = sigma.view(b, h, n_q, heads, -1).permute(3, 4, 0, 1, 2)              # [H', N', B, H, L]
-    t = sg.unsqueeze(-1) * z.unsqueeze(-2)                                    # [H', N', B, H, L, dh]
+    t = sg.unsqueeze(-1) * z.unsqueeze(-2)                           # [H', N', B, H, L, dh]
     return t.reshape((-1, b, h, n_q, dh))
 
 
@@ -1227,8 +1229,8 @@ def _kept_rows_std(sigma: torch.Tensor, rows: tuple) -> tuple[torch.Tensor, torc
             v.permute(2, 3, 1, 0, 4).reshape([c * windows] + list(shape) + [v.shape[-1]]))
 
 
-def _kept_rows_linear(sigma: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, out: torch.Tensor,
-                      rows: int = 16384) -> torch.Tensor:
+def _kept_rows_linear(sigma: torch.Tensor, v: torch.Tensor, weight: torch.Tensor,
+                      out: torch.Tensor, rows: int = 16384) -> torch.Tensor:
     """``factored_linear`` of σ [K, W, H, S, N] and V [K, W, H, N, b] (W [E, H·S·b]), read where
     they lie: z = V_h W_hᵀ for every head in one batched product (the rows (k, w, n) of one
     head are one strided matrix when V is a view of the attention's qkv, so nothing is copied)

@@ -71,8 +71,8 @@ def _pooled_values(v: Node):
     if norm_dim(arg(unbind, 1, "dim", 0), len(sizes(unbind.args[0]))) != 0:
         return None
     perm = unbind.args[0]
-    if op_key(perm) is not aten.permute or [norm_dim(d, 5) for d in perm.args[1]] != [2, 0, 3, 1, 4] \
-            or len(sizes(perm)) != 5:
+    if op_key(perm) is not aten.permute or len(sizes(perm)) != 5 \
+            or [norm_dim(d, 5) for d in perm.args[1]] != [2, 0, 3, 1, 4]:
         return None
     shaped = perm.args[0]
     if op_key(shaped) not in (aten.reshape, aten.view, aten._unsafe_view):

@@ -259,9 +259,9 @@ def layout_emit(move_block: BlockMove | None = None, shape_arg: bool = False,
             # dims reordered on a few plain chunks: a view of each (merging them first would
             # write every component, a broadcast bias at full size)
             kwargs = {k: em.orig_arg(v) for k, v in node.kwargs.items()}
-            return [em.chunk(em.call(rt.pusher(target, 0), em.call(rt.expand_terms, c.node,
-                                                                   em.orig(x)), tuple(args), kwargs),
-                             c.labels) for c in em.terms(x)]
+            push = rt.pusher(target, 0)
+            return [em.chunk(em.call(push, em.call(rt.expand_terms, c.node, em.orig(x)),
+                                     tuple(args), kwargs), c.labels) for c in em.terms(x)]
         # windowed terms straight from a window attention (``Chunk.win``, no map yet) stay
         # windowed through ops that keep the batch·windows dim 0 in place
         c = em.merged(node.args[0], blocked_ok=True, windows_ok=_keeps_dim0(node))
