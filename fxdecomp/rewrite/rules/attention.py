@@ -7,7 +7,10 @@ root: what q, k and v computed stays inside the component. The emitter expands i
 
 An attention on the residual stream's path (in no residual branch: a learned probe pooling the
 final tokens, see ``fxdecomp.analyse.stream``) is instead planned as linear in V with P frozen:
-the components upstream flow through it.
+the components upstream flow through it. Where its value is a linear map of a value on the path
+(timm's AttentionPoolLatent: kv = linear(x), split into heads), P is applied to the terms of x
+first, as one token functional per pool head and query, and W_v after: no component is carried
+through the kv linear at every token (``_pool_before_values``).
 """
 from __future__ import annotations
 

@@ -46,7 +46,9 @@ channels (``Chunk.cdim``) and its input keeps the value's layout with b channels
 ([c, B, b, H, W]). A permute moves that dim (``_permute_emit``), average pools, means and zero
 pads of the other dims apply to the input as is (``keep_pending`` with ``moves``), and a 1x1
 convolution folds into W (``linear.plan_conv``); rules that do not pass ``channel_ok`` get
-such chunks evaluated (``rt.blocked_linear_at``). Not covered: attention over a pending value.
+such chunks evaluated (``rt.blocked_linear_at``). An attention over a pending value is
+covered for a learned-probe pool made as timm's AttentionPoolLatent makes it (its P applied
+before the kv linear, ``rules.attention._pool_before_values``), not in general.
 Windowed chunks pass the same way (MaxViT's NCHW blocks between its window attentions,
 torchvision Swin's NCHW head): the window map and the probe's maps have S in the channel slot,
 so a permute moves them with the input; an average pool whose cells tile the input gathers the
