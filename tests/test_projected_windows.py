@@ -248,3 +248,23 @@ def test_factored_linear_reads_every_form_of_reduced_factors(sub, q, padded, row
     assert form == ("window_rows" if padded else "sigma" if q >= sub else "p_order")
     assert y.shape == (heads * n_tok * windows, images, e)
     torch.testing.assert_close(y, want)
+
+
+def test_gather_of_unmoved_rows_is_a_view():
+    """Positions that kept every row where it was in memory and scaled nothing (a transpose of
+    a size-1 dim, a reshape) gather the input as it is, without a copy; any move or scale
+    gathers a copy. Both equal the gather written out."""
+    t = torch.randn(3, 4, 1, 5, 2)                                # [c, B, 1, H, b]
+    home = rt.home_positions(t[0])                                # [2, 4, 1, 5, 1]
+    moved = home.transpose(2, 3).reshape(2, 4, 1, 5)              # [2, B, 1, K = H]
+    got = rt.gather_positions(t.transpose(2, 3).reshape(3, 4, 5, 1, 2)[:, :, :, 0], moved)
+    assert got.data_ptr() == t.data_ptr()
+    want = t.transpose(2, 3).reshape(3, 4, 1, 10)
+    torch.testing.assert_close(got, want)
+    scaled = rt.scale_positions(moved, torch.full((4, 1, 1), 2.0))
+    got2 = rt.gather_positions(t.transpose(2, 3).reshape(3, 4, 5, 1, 2)[:, :, :, 0], scaled)
+    assert got2.data_ptr() != t.data_ptr()
+    torch.testing.assert_close(got2, 2 * want)
+    flipped = moved.flip(-1)
+    got3 = rt.gather_positions(t.transpose(2, 3).reshape(3, 4, 5, 1, 2)[:, :, :, 0], flipped)
+    torch.testing.assert_close(got3, t.flip(3).transpose(2, 3).reshape(3, 4, 1, 10))
