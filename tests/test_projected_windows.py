@@ -173,6 +173,20 @@ def test_take_of_evenly_spaced_rows_is_a_view():
         assert (got.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()) == evenly, index
 
 
+def _shuffled_rows(g, images: int, windows: int, q: int, padded: bool):
+    """Each image's windows x q attention rows (b'·Q + q) in one fixed shuffle over the final
+    (position, sub-block) slots, and their weights ω; ``padded``: one row of window 3 cropped
+    (its slot reads window 0 with weight 0)."""
+    perm = torch.randperm(windows * q, generator=g)
+    w_of, q_of = perm // q, perm % q
+    omega = torch.rand(images, windows * q, generator=g)
+    if padded:
+        drop = int((perm == 3 * q).nonzero()[0])
+        w_of[drop], q_of[drop] = 0, 0
+        omega[:, drop] = 0
+    return torch.stack([(i * windows + w_of) * q + q_of for i in range(images)]), omega
+
+
 @pytest.mark.parametrize("sub,padded", [(2, False), (8, False), (8, True)],
                          ids=["sigma", "p_order", "window_rows"])
 def test_reduced_factors_reshape_and_scale_in_every_form(sub, padded):
@@ -187,14 +201,7 @@ def test_reduced_factors_reshape_and_scale_in_every_form(sub, padded):
     grid = {2: 4, 8: 2}[sub]                 # grid² positions x sub slots = windows x q rows
     probs = torch.rand(images * windows, heads, q, n_tok, generator=g)
     v = torch.randn(images * windows, heads, n_tok, b, generator=g)
-    perm = torch.randperm(windows * q, generator=g)
-    w_of, q_of = perm // q, perm % q
-    omega = torch.rand(images, windows * q, generator=g)
-    if padded:
-        drop = int((perm == 3 * q).nonzero()[0])
-        w_of[drop], q_of[drop] = 0, 0
-        omega[:, drop] = 0
-    r = torch.stack([(i * windows + w_of) * q + q_of for i in range(images)])
+    r, omega = _shuffled_rows(g, images, windows, q, padded)
     shape = (1, images, grid, grid, sub)
     _, _, vals = rt.token_probe(probs, v)
     with torch.no_grad():
@@ -228,14 +235,7 @@ def test_factored_linear_reads_every_form_of_reduced_factors(sub, q, padded, row
     probs = torch.rand(images * windows, heads, q, n_tok, generator=g)
     qkv = torch.randn(images * windows, n_tok, 3, heads, b, generator=g)
     v = qkv.permute(2, 0, 3, 1, 4)[2]                    # [B', H, N, b], strided like timm's
-    perm = torch.randperm(windows * q, generator=g)
-    w_of, q_of = perm // q, perm % q
-    omega = torch.rand(images, windows * q, generator=g)
-    if padded:
-        drop = int((perm == 3 * q).nonzero()[0])
-        w_of[drop], q_of[drop] = 0, 0
-        omega[:, drop] = 0
-    r = torch.stack([(i * windows + w_of) * q + q_of for i in range(images)])
+    r, omega = _shuffled_rows(g, images, windows, q, padded)
     shape = (1, images, grid, grid, sub)
     weight = torch.randn(e, heads * sub * b, generator=g)
     _, _, vals = rt.token_probe(probs, v)
