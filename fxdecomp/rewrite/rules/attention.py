@@ -112,7 +112,7 @@ def _pool_before_values(em, chain, probs) -> list:
             eye = em.call(rt.identity_weight, split[2], em.orig(nodes[-1]))
             out.append(em.pending(t, eye, 1, c.labels))
             continue
-        c = em.densify(em.unwindow(c)) if c.proj is None else em.unwindow(c)
+        c = em.unwindow(c)     # (em.terms already densified and unwindowed the plain ones)
         if c.proj is not None and c.cdim is not None:
             c = em.materialize(c)
         t = c.node if c.proj is not None else em.call(rt.expand_terms, c.node, em.orig(x))
