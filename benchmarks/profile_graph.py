@@ -51,22 +51,25 @@ def main(argv=None) -> int:
         gm, args = dm._graph_for(int(x.shape[0]), project=True), (x, D)
     else:
         gm = dm.graph_module
-    per_fn: collections.Counter = collections.Counter()
-    calls: collections.Counter = collections.Counter()
-    nodes: list = []
+    per_fn, calls, nodes = _timer_tables()
+    plain_fn, plain_calls, _ = _timer_tables()
+    from fxdecomp.capture.export import capture
+    exported, _ = capture(target, x)        # the model's own graph, for its per-op times
 
-    class Timed(torch.fx.Interpreter):
-        def run_node(self, n):
-            t0 = time.perf_counter()
-            out = super().run_node(n)
-            dt = time.perf_counter() - t0
-            if n.op in ("call_function", "call_method", "call_module"):
-                key = getattr(n.target, "__name__", str(n.target))
-                per_fn[key] += dt
-                calls[key] += 1
-                shape = tuple(out.shape) if isinstance(out, torch.Tensor) else ""
-                nodes.append((dt, n.name, key, shape))
-            return out
+    def timed(fn_table, call_table, node_list):
+        class Timed(torch.fx.Interpreter):
+            def run_node(self, n):
+                t0 = time.perf_counter()
+                out = super().run_node(n)
+                dt = time.perf_counter() - t0
+                if n.op in ("call_function", "call_method", "call_module"):
+                    key = getattr(n.target, "__name__", str(n.target))
+                    fn_table[key] += dt
+                    call_table[key] += 1
+                    shape = tuple(out.shape) if isinstance(out, torch.Tensor) else ""
+                    node_list.append((dt, n.name, key, shape))
+                return out
+        return Timed
 
     with torch.no_grad():
         for _ in range(2):
@@ -80,19 +83,28 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             gm(*args)
             decomposed.append(time.perf_counter() - t0)
-        Timed(gm).run(*args)
+        timed(per_fn, calls, nodes)(gm).run(*args)
+        timed(plain_fn, plain_calls, [])(exported).run(x)
     tp, tm = min(plain), min(decomposed)
     mode = f"projected k={a.project}" if a.project else a.granularity
     print(f"{a.model} batch {a.batch} {mode}: plain {tp * 1e3:.0f} ms, decomposed "
           f"{tm * 1e3:.0f} ms, ratio {tm / tp:.2f}x (best of {a.reps}); node by node "
           f"{sum(per_fn.values()) * 1e3:.0f} ms")
-    print("\nms        calls  function")
+    print(f"\n(plain: the model's own exported graph node by node, "
+          f"{sum(plain_fn.values()) * 1e3:.0f} ms; extra = decomposed - plain)")
+    print("ms        calls  plain ms  calls    extra  function")
     for key, dt in per_fn.most_common(a.top):
-        print(f"{dt * 1e3:8.1f}  x{calls[key]:4d}  {key}")
+        pt = plain_fn.get(key, 0.0)
+        print(f"{dt * 1e3:8.1f}  x{calls[key]:4d}  {pt * 1e3:8.1f}  x{plain_calls[key]:4d}  "
+              f"{(dt - pt) * 1e3:7.1f}  {key}")
     print("\nms        node                                      function                        shape")
     for dt, node, key, shape in sorted(nodes, reverse=True)[:a.top]:
         print(f"{dt * 1e3:8.1f}  {node:40s}  {key:30s}  {shape}")
     return 0
+
+
+def _timer_tables():
+    return collections.Counter(), collections.Counter(), []
 
 
 if __name__ == "__main__":

@@ -16,6 +16,9 @@ LayerNorm and a mean over tokens. Checked:
 """
 from __future__ import annotations
 
+import collections
+
+import pytest
 import torch
 from torch import nn
 
@@ -133,6 +136,38 @@ def test_folded_weights_follow_in_place_updates():
         d = dm(x)
         y = model(x)
     assert torch.allclose(d.output, y, rtol=1e-5, atol=1e-6)
+    err = float((d.components.double().sum(0) - y.double()).abs().max() / y.double().abs().max())
+    assert err <= 1e-5, err
+
+
+@pytest.mark.parametrize("granularity,project", [("heads", False), ("tokens", False),
+                                                 ("tokens", True)])
+def test_a_second_call_computes_no_fold(monkeypatch, granularity, project):
+    """Folds depend on the weights (and D) only: the first call computes them, a second call
+    with the same weights finds every one kept (a fold that is not kept, e.g. a patch merging's
+    block-diagonal W', makes every fold after it miss as well, since it keys on the identity
+    of its inputs)."""
+    from fxdecomp.rewrite import runtime as rt
+    model, x = _model_and_input()
+    dm = fxdecomp.decompose(model, x, granularity=granularity)
+    D = torch.randn(model(x).shape[-1], 3, generator=torch.Generator().manual_seed(2))
+    misses = collections.Counter()
+
+    class Counting(dict):
+        def get(self, key, default=None):
+            out = super().get(key, default)
+            if out is None:
+                misses[key[0]] += 1
+            return out
+
+    monkeypatch.setattr(rt, "_FOLDED", Counting())
+    with torch.no_grad():
+        dm(x, project=D) if project else dm(x)
+        assert sum(misses.values()) > 0          # the folds went through the cache
+        misses.clear()
+        d = dm(x, project=D) if project else dm(x)
+        y = model(x) @ D if project else model(x)
+    assert not misses, dict(misses)
     err = float((d.components.double().sum(0) - y.double()).abs().max() / y.double().abs().max())
     assert err <= 1e-5, err
 

@@ -427,7 +427,6 @@ def fold_projection(weight: torch.Tensor, project: torch.Tensor) -> torch.Tensor
 
 
 @_folded
-@_folded
 def pool_head_maps(weight: torch.Tensor, pending: torch.Tensor, heads: int, split,
                    index: int) -> torch.Tensor:
     """G [H', H, dh, b]: W_v of pool head p (part ``index`` of W [S·H·dh, E]) after the
@@ -467,6 +466,7 @@ def pooled_probe_values(w: torch.Tensor, rmap: torch.Tensor, probs_l: torch.Tens
     return t.reshape((-1, b, h, n_q, dh))
 
 
+@_folded
 def block_diagonal_heads(weight: torch.Tensor, heads: int, merged: int) -> torch.Tensor:
     """A pending projection's W [E, H·b] after K = ``merged`` positions are merged into the
     value's last dim (a patch merging's gather: [..., K, E] -> [..., K·E]): the input becomes
