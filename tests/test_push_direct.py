@@ -42,3 +42,37 @@ def test_direct_push_equals_per_component(op, args):
     got = rt.push(op, t, 0, (None,) + tuple(args), {})
     assert got.shape == ref.shape
     assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("op,args,varies", [(a.contiguous.default, (), False),
+                                            (a.roll.default, ([3, -2], [1, 2]), False),
+                                            (a.roll.default, ([1, 2], [1, 2]), True)], ids=str)
+def test_broadcast_terms_stay_broadcast(op, args, varies):
+    """A bias spread over the positions (stride 0 there) through contiguous or a roll along
+    the spread dims is the same values: it stays broadcast (stride 0, nothing written at
+    every position), equal to the op applied to the materialised terms; a roll that also
+    moves a dim the term varies along (``varies``: W) is applied to that dim only."""
+    torch.manual_seed(0)
+    if varies:
+        t = torch.randn(2, 1, 1, 5, 6).expand(2, 4, 5, 5, 6)   # [c, B, H, W, C]
+    else:
+        t = torch.randn(2, 1, 1, 1, 6).expand(2, 4, 5, 5, 6)   # a bias per component
+    ref = torch.stack([op(t[i].contiguous(), *args) for i in range(t.shape[0])])
+    got = rt.push(op, t, 0, (None,) + tuple(args), {})
+    assert torch.equal(got, ref)
+    assert got.stride(1) == 0 and got.stride(2) == 0
+
+
+@pytest.mark.parametrize("op,args", [(a.avg_pool2d.default, ([3, 3], [2, 2], [1, 1], False, True)),
+                                     (a.avg_pool2d.default, ([3, 3], [2, 2], [1, 1], False, False)),
+                                     (a.adaptive_avg_pool2d.default, ([2, 2],))], ids=str)
+def test_pooled_bias_is_pooled_once(op, args):
+    """A bias spread over the images and positions ([c, B, C, H, W], stride 0 but along C)
+    through a pool (edges included in the count or not): equal to the pool of every
+    component's materialised value, and still spread over the images (pooled once)."""
+    torch.manual_seed(0)
+    t = torch.randn(2, 1, 4, 1, 1).expand(2, 3, 4, 6, 6)
+    ref = torch.stack([op(t[i].contiguous(), *args) for i in range(t.shape[0])])
+    got = rt.push(op, t, 0, (None,) + tuple(args), {})
+    assert torch.equal(got, ref)
+    assert got.stride(1) == 0

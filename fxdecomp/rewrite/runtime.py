@@ -80,19 +80,42 @@ def _dims(dims, rank: int) -> list[int]:
     return [d % rank + 1 for d in ([dims] if isinstance(dims, int) else dims)]
 
 
+def _once_where_spread(fn, t: torch.Tensor, free: int) -> torch.Tensor:
+    """fn(t) for an fn that maps each index of t's first ``free`` dims on its own (a pool's
+    batch and channel dims): where t is spread along one of them (stride 0, a bias
+    broadcast over the images), fn runs on one slice and the result is spread again."""
+    spread = [d for d in range(free) if t.stride(d) == 0 and t.shape[d] > 1]
+    if not spread:
+        return fn(t)
+    out = fn(t[tuple(slice(0, 1) if d in spread else slice(None) for d in range(t.dim()))])
+    return out.expand(tuple(t.shape[:free]) + tuple(out.shape[free:]))
+
+
 def _leading_batch(spatial: int):
     """An op over the last ``spatial`` dims that takes one optional batch dim (pools): the
     component axis becomes (part of) that batch dim."""
     def apply(op):
         def direct(t, rank, *args, **kwargs):
             if rank == spatial + 1:
-                return op(t, *args, **kwargs)
+                return _once_where_spread(lambda u: op(u, *args, **kwargs), t, 2)
             if rank == spatial + 2:
-                out = op(t.flatten(0, 1), *args, **kwargs)
-                return out.unflatten(0, tuple(t.shape[:2]))
+                return _once_where_spread(lambda u: op(u.flatten(0, 1), *args, **kwargs)
+                                          .unflatten(0, tuple(u.shape[:2])), t, 3)
             return None
         return direct
     return apply
+
+
+def _roll(t: torch.Tensor, shifts, dims: list[int]) -> torch.Tensor:
+    """t.roll(shifts, dims) on the dims t varies along; the dims it broadcasts (stride 0: a
+    bias spread over the positions) are kept broadcast, where a roll moves nothing."""
+    shifts = [shifts] * len(dims) if isinstance(shifts, int) else list(shifts)
+    spread = [d for d in range(t.dim()) if t.stride(d) == 0 and t.shape[d] > 1]
+    keep = [(s, d) for s, d in zip(shifts, dims) if d not in spread and t.shape[d] > 1]
+    if not keep:
+        return t
+    one = t[tuple(slice(0, 1) if d in spread else slice(None) for d in range(t.dim()))]
+    return one.roll([s for s, _ in keep], [d for _, d in keep]).expand(t.shape)
 
 
 def _reduce(op):
@@ -114,8 +137,11 @@ def _direct_ops() -> dict:
         a._unsafe_view.default: lambda t, r, shape: t.reshape((t.shape[0],) + tuple(shape)),
         a.flatten.using_ints: lambda t, r, start=0, end=-1: t.flatten(*_dims((start, end), r)),
         a.transpose.int: lambda t, r, d0, d1: t.transpose(*_dims((d0, d1), r)),
-        a.contiguous.default: lambda t, r, **kw: None if kw else t.contiguous(),
-        a.roll.default: lambda t, r, shifts, dims=(): t.roll(shifts, _dims(dims, r)) if dims else None,
+        # a broadcast term (a bias: stride 0 on the spread dims) stays broadcast: contiguous
+        # changes no value, and a roll along a broadcast dim moves nothing
+        a.contiguous.default: lambda t, r, **kw: None if kw else (
+            t if 0 in t.stride() else t.contiguous()),
+        a.roll.default: lambda t, r, shifts, dims=(): _roll(t, shifts, _dims(dims, r)) if dims else None,
         a.select.int: lambda t, r, dim, index: t.select(_dims(dim, r)[0], index),
         a.slice.Tensor: lambda t, r, dim=0, start=None, end=None, step=1:
             a.slice.Tensor(t, _dims(dim, r)[0], start, end, step),
