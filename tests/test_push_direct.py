@@ -76,3 +76,19 @@ def test_pooled_bias_is_pooled_once(op, args):
     got = rt.push(op, t, 0, (None,) + tuple(args), {})
     assert torch.equal(got, ref)
     assert got.stride(1) == 0
+
+
+@pytest.mark.parametrize("caller_flushes", [False, True])
+def test_extra_work_flushes_denormals_and_restores_the_callers_mode(caller_flushes):
+    """The runtime's work on attention probabilities runs with denormals flushed (a product
+    with a probability below 2^-126 is 0 there), and the caller's mode is what it was after."""
+    tiny = torch.tensor(2.0 ** -130)                         # a denormal float32
+    s = torch.tensor([[3.0, 1.0]]) * torch.tensor([[2.0 ** -129, 1.0]])
+    v = torch.ones(1, 1, 1)
+    try:
+        torch.set_flush_denormal(caller_flushes)
+        out = rt.unfactor(s, v, torch.zeros(1, 2, dtype=torch.long))
+        assert out[0, 0] == 0 and out[0, 1] == 1
+        assert bool(tiny * 1.0 == 0) == caller_flushes
+    finally:
+        torch.set_flush_denormal(False)

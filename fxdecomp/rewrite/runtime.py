@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 import weakref
 from typing import Sequence
 
@@ -36,6 +37,36 @@ __all__ = [
     "probe_factors", "window_reduce_probe", "pool_gather", "pooled_heads", "reshape_reduced",
     "scale_reduced",
 ]
+
+
+_FLUSH = threading.local()
+
+
+def _denormals_flushed(fn):
+    """Runs fn with denormal floats flushed to zero (CPU), then restores the caller's mode.
+    Masked or peaked softmaxes leave probabilities below 1e-38 (a shifted window's −100 mask
+    gives e^-100), and every product over them then takes a slow path of the CPU: several
+    times the time of the same product over normal numbers. Flushing them changes each term by
+    less than 1e-38 of its scale, far below fp32 rounding. The model's own ops never run
+    inside: only the extra work on P does."""
+    @functools.wraps(fn)
+    def flushed(*args, **kwargs):
+        if getattr(_FLUSH, "on", False) or torch.compiler.is_compiling():
+            return fn(*args, **kwargs)
+        before = bool(_TINY * 0.5 == 0)                 # the caller's mode (no getter exists)
+        if not before and not torch.set_flush_denormal(True):
+            return fn(*args, **kwargs)
+        _FLUSH.on = True
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _FLUSH.on = False
+            if not before:
+                torch.set_flush_denormal(False)
+    return flushed
+
+
+_TINY = torch.tensor(2.0 ** -126)       # the smallest normal float32; half of it is denormal
 
 
 def as_terms(value: torch.Tensor) -> torch.Tensor:
@@ -293,6 +324,7 @@ def frozen_attention_terms(t: torch.Tensor, probs: torch.Tensor) -> torch.Tensor
     return torch.matmul(probs.to(t.dtype), t)
 
 
+@_denormals_flushed
 def pooled_values(t: torch.Tensor, probs: torch.Tensor, weight: torch.Tensor, split, index: int,
                   pending: torch.Tensor | None = None, heads: int = 1,
                   backend: str = "auto") -> torch.Tensor:
@@ -463,6 +495,7 @@ def pool_head_maps(weight: torch.Tensor, pending: torch.Tensor, heads: int, spli
     return torch.einsum("poe,ekd->kpod", wv, wp)
 
 
+@_denormals_flushed
 def pooled_probe_values(w: torch.Tensor, rmap: torch.Tensor, probs_l: torch.Tensor,
                         v_l: torch.Tensor, probs: torch.Tensor, weight: torch.Tensor, split,
                         index: int, pending: torch.Tensor, heads: int) -> torch.Tensor:
@@ -596,6 +629,7 @@ def project_terms(t: torch.Tensor, ref: torch.Tensor, project: torch.Tensor) -> 
     return expand_terms(t, ref) @ project.to(t.dtype)
 
 
+@_denormals_flushed
 def write_terms(parts: Sequence, ref: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """All terms of one value, each written once into one preallocated [Σc, *ref.shape] slab.
 
@@ -768,6 +802,7 @@ def _memory_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     return rows, rowmap.reshape(-1)
 
 
+@_denormals_flushed
 def split_heads_tokens(probs: torch.Tensor, v: torch.Tensor, head_dim: int | None,
                        out: torch.Tensor) -> torch.Tensor:
     """Attention output O = P @ V split per head and per source token t:
@@ -1029,6 +1064,7 @@ def window_reduce(t: torch.Tensor, wmap: torch.Tensor, windows: int, dims, keepd
 # and a row map r [1, *rest, S] (the attention's flat output row b'·Q + q, moved by the same
 # ops; the window map is r // Q): s = ω · P[b', h, q, t] is read from P once, where the terms
 # are reduced (``window_reduce_probe``) or needed (``probe_factors``).
+@_denormals_flushed
 def token_probe(probs: torch.Tensor, v: torch.Tensor, q_shape: Sequence[int] | None = None):
     """The probe of the per-token terms of P [B', H, Q, N] and V [B', H, N, dh] in the layout
     [B', Q, H·dh] (or [B', *q_shape, H·dh], the queries viewed as a window, e.g. 7 x 7):
@@ -1049,6 +1085,7 @@ def _probs_rows(probs: torch.Tensor, dtype) -> torch.Tensor:
     return probs.to(dtype).permute(0, 2, 1, 3).reshape(probs.shape[0] * probs.shape[2], -1)
 
 
+@_denormals_flushed
 def probe_factors(w: torch.Tensor, rmap: torch.Tensor, probs: torch.Tensor, v: torch.Tensor):
     """A probe (ω, r) of P and V -> the factored terms: the scalar factor s [H·N, *rest, S]
     (s[h·N + t] = ω · P[:, h, :, t] at the rows r), the window map r // Q and the value rows
@@ -1061,6 +1098,7 @@ def probe_factors(w: torch.Tensor, rmap: torch.Tensor, probs: torch.Tensor, v: t
     return s * w, rmap // q_len, _value_rows(v)
 
 
+@_denormals_flushed
 def window_reduce_probe(w: torch.Tensor, rmap: torch.Tensor, probs: torch.Tensor,
                         v: torch.Tensor, windows: int, dims, keepdim: bool, mean: bool):
     """``window_reduce_factored`` of probed terms (ω, r; P; V [B', H, N, dh]): the weights of each
@@ -1137,6 +1175,7 @@ def window_reduce_probe(w: torch.Tensor, rmap: torch.Tensor, probs: torch.Tensor
     return weights, (g(), slot, sub)
 
 
+@_denormals_flushed
 def unfactor(s: torch.Tensor, v: torch.Tensor, wmap: torch.Tensor) -> torch.Tensor:
     """Factored terms -> the terms [c, *rest, S·b]: t[..., j·b + d] = s[..., j] · v[:, map[..., j], d]."""
     rows = wmap.expand((1,) + tuple(s.shape[1:])).reshape(-1)
@@ -1144,6 +1183,7 @@ def unfactor(s: torch.Tensor, v: torch.Tensor, wmap: torch.Tensor) -> torch.Tens
     return (s.unsqueeze(-1) * g).flatten(-2)
 
 
+@_denormals_flushed
 def window_reduce_factored(s: torch.Tensor, v: torch.Tensor, wmap: torch.Tensor, windows: int,
                            dims, keepdim: bool, mean: bool):
     """``window_reduce`` of factored terms: (weights, rows). Where every kept position sees the
@@ -1336,6 +1376,7 @@ def scale_reduced(sigma: torch.Tensor, v, factor) -> torch.Tensor:
     return sigma * factor
 
 
+@_denormals_flushed
 def factored_linear(sigma: torch.Tensor, v: torch.Tensor | None, weight: torch.Tensor,
                     heads: int, backend: str = "auto", out: torch.Tensor | None = None,
                     rows: int = 4096) -> torch.Tensor:
