@@ -172,6 +172,36 @@ def test_a_second_call_computes_no_fold(monkeypatch, granularity, project):
     assert err <= 1e-5, err
 
 
+@pytest.mark.parametrize("granularity", ["heads", "tokens"])
+def test_the_mlp_term_is_reduced_before_its_bias_is_taken_off(granularity):
+    """The stage-1 MLP's term (its output less fc2's bias) reaches nothing but the final mean,
+    through the merge and the norms: the graph reduces fc2's own output there and subtracts
+    the bias's share after, so no ``linear_output_terms`` is left, with or without output
+    directions; the MLP component equals a float64 reference (the term through the frozen
+    merge norm, the reduction, the frozen final norm and the mean), projected = it @ D, and
+    the components still sum to the output."""
+    from fxdecomp.rewrite import runtime as rt
+    model, x = _model_and_input()
+    dm = fxdecomp.decompose(model, x, granularity=granularity)
+    rec = record_inputs(model, x, {"mlp": model.mlp, "m": model.merge_norm, "n": model.norm})
+    D = torch.randn(2 * C, 3, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        d, dp = dm(x), dm(x, project=D)
+        y = model(x)
+        term = (model.mlp(rec["mlp"]) - model.mlp[2].bias).double()           # [B, 8, 8, C]
+        t = _frozen_ln(merge_gather(term), rec["m"].double(), model.merge_norm)
+        t = t @ model.reduction.weight.double().t()
+        ref = _frozen_ln(t, rec["n"].double(), model.norm).mean((1, 2))
+    for gm in (dm.graph_module, dm._graph_for(x.shape[0], project=True)):
+        assert not any(n.target is rt.linear_output_terms for n in gm.graph.nodes)
+    (i,) = [k for k, lab in enumerate(d.labels) if lab.kind == "mlp"]
+    for got, want in ((d.components[i], ref), (dp.components[i], ref @ D.double())):
+        assert float((got.double() - want).abs().max() / want.abs().max()) <= 1e-5
+    for dd, want in ((d, y), (dp, y @ D)):
+        err = (dd.components.double().sum(0) - want.double()).abs().max() / want.abs().max()
+        assert float(err) <= 1e-5, float(err)
+
+
 def test_gradients_through_deferred_moves():
     """The positions map carries the frozen 1/σ as weights: with autograd recording through
     the input, d(Σ components · w)/dx equals d(model(x) · w)/dx (the 1/σ depend on x)."""

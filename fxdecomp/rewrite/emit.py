@@ -560,11 +560,57 @@ class Emitter:
             self.gm.register_buffer(GROUP_INDEX, torch.tensor(index, dtype=torch.long), persistent=False)
             idx = self.graph.get_attr(GROUP_INDEX)
             components = self.call(rt.group_components, raw_terms, idx, len(labels))
+        _reduce_before_bias(self.graph)
         self.graph.output((out_ref, components))
         new = GraphModule(self.gm, self.graph, class_name="DecomposedGraph")
         new.graph.eliminate_dead_code()
         new.recompile()
         return new, labels
+
+
+def _reduce_before_bias(graph: Graph) -> None:
+    """A linear map's output term, the forward's own output less the bias
+    (``rt.linear_output_terms``: an MLP's, when its hidden activation is one component), that
+    reaches nothing but a reduction over positions (``rt.reduce_positions``, e.g. a final mean
+    through patch mergings, or a pushed mean or sum) through maps linear in it (moves, frozen
+    norms): the reduction reads the forward's own output as it is, and the same maps and
+    reduction of the bias (a broadcast row: cheap) are subtracted after,
+        reduce(moves(out − b)) = reduce(moves(out)) − reduce(moves(b)),
+    so the term is never written at full size."""
+    a = torch.ops.aten
+    reducers = {rt.reduce_positions, rt.pusher(a.mean.dim), rt.pusher(a.sum.dim_IntList)}
+    linear_in_t = {rt.expand_terms, rt.reshape_rest, rt.normalize_terms, rt.layer_norm_terms,
+                   *rt._PUSHERS.values()}
+    for n in list(graph.nodes):
+        if n.op != "call_function" or n.target is not rt.linear_output_terms or n.args[1] is None:
+            continue
+        chain, cur = [], n
+        while len(cur.users) == 1:
+            (u,) = cur.users
+            if u.op != "call_function" or u.args[0] is not cur or \
+                    cur in u.args[1:] or cur in u.kwargs.values():
+                break
+            if u.target in reducers or u.target not in linear_in_t:
+                chain.append(u)
+                break
+            chain.append(u)
+            cur = u
+        if not chain or chain[-1].target not in reducers:
+            continue
+        out, bias = n.args[:2]
+        cdim = n.args[2] if len(n.args) > 2 else n.kwargs.get("channel_dim", -1)
+        with graph.inserting_before(n):
+            whole = graph.call_function(rt.as_terms, (out,))
+            b = graph.call_function(rt.bias_terms, (bias, out, cdim))
+        for u in chain:
+            with graph.inserting_before(u):
+                b = graph.call_function(u.target, (b,) + tuple(u.args[1:]), dict(u.kwargs))
+        chain[0].replace_input_with(n, whole)
+        reduced = chain[-1]
+        with graph.inserting_after(reduced):
+            less = graph.call_function(torch.sub, (reduced, b))
+        reduced.replace_all_uses_with(less, delete_user_cb=lambda user: user is not less)
+        graph.erase_node(n)
 
 
 def _reduced_factors(c: Chunk) -> bool:
