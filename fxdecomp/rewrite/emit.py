@@ -571,16 +571,19 @@ class Emitter:
 def _reduce_before_bias(graph: Graph) -> None:
     """A linear map's output term, the forward's own output less the bias
     (``rt.linear_output_terms``: an MLP's, when its hidden activation is one component), that
-    reaches nothing but a reduction over positions (``rt.reduce_positions``, e.g. a final mean
-    through patch mergings, or a pushed mean or sum) through maps linear in it (moves, frozen
-    norms): the reduction reads the forward's own output as it is, and the same maps and
-    reduction of the bias (a broadcast row: cheap) are subtracted after,
+    reaches nothing but a reduction over positions (``rt.reduce_positions``: e.g. a final mean
+    through patch mergings, whose norms' 1/σ the positions map carries) through moves only:
+    the reduction reads the forward's own output as it is, and the same moves and reduction of
+    the bias are subtracted after,
         reduce(moves(out − b)) = reduce(moves(out)) − reduce(moves(b)),
-    so the term is never written at full size."""
+    so the term is never written at full size. Moves keep the bias a broadcast row, so its
+    share costs a weighted sum of weights; a per-row scale on the way (a norm applied to the
+    terms themselves) would spread it to every row, and the term is then left as it is."""
     a = torch.ops.aten
-    reducers = {rt.reduce_positions, rt.pusher(a.mean.dim), rt.pusher(a.sum.dim_IntList)}
-    linear_in_t = {rt.expand_terms, rt.reshape_rest, rt.normalize_terms, rt.layer_norm_terms,
-                   *rt._PUSHERS.values()}
+    moves = {rt.expand_terms, rt.reshape_rest} | {rt.pusher(op) for op in (
+        a.permute.default, a.reshape.default, a.view.default, a._unsafe_view.default,
+        a.flatten.using_ints, a.transpose.int, a.contiguous.default, a.roll.default,
+        a.select.int, a.slice.Tensor, a.unsqueeze.default)}
     for n in list(graph.nodes):
         if n.op != "call_function" or n.target is not rt.linear_output_terms or n.args[1] is None:
             continue
@@ -590,12 +593,12 @@ def _reduce_before_bias(graph: Graph) -> None:
             if u.op != "call_function" or u.args[0] is not cur or \
                     cur in u.args[1:] or cur in u.kwargs.values():
                 break
-            if u.target in reducers or u.target not in linear_in_t:
+            if u.target not in moves:
                 chain.append(u)
                 break
             chain.append(u)
             cur = u
-        if not chain or chain[-1].target not in reducers:
+        if not chain or chain[-1].target is not rt.reduce_positions:
             continue
         out, bias = n.args[:2]
         cdim = n.args[2] if len(n.args) > 2 else n.kwargs.get("channel_dim", -1)
