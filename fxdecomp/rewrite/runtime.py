@@ -111,6 +111,12 @@ def _dims(dims, rank: int) -> list[int]:
     return [d % rank + 1 for d in ([dims] if isinstance(dims, int) else dims)]
 
 
+def _first_along(t: torch.Tensor, dims) -> torch.Tensor:
+    """t with size 1 along ``dims`` (its first index there): one copy of what a broadcast
+    (stride 0) repeats along them."""
+    return t[tuple(slice(0, 1) if d in dims else slice(None) for d in range(t.dim()))]
+
+
 def _once_where_spread(fn, t: torch.Tensor, free: int) -> torch.Tensor:
     """fn(t) for an fn that maps each index of t's first ``free`` dims on its own (a pool's
     batch and channel dims): where t is spread along one of them (stride 0, a bias
@@ -118,7 +124,7 @@ def _once_where_spread(fn, t: torch.Tensor, free: int) -> torch.Tensor:
     spread = [d for d in range(free) if t.stride(d) == 0 and t.shape[d] > 1]
     if not spread:
         return fn(t)
-    out = fn(t[tuple(slice(0, 1) if d in spread else slice(None) for d in range(t.dim()))])
+    out = fn(_first_along(t, spread))
     return out.expand(tuple(t.shape[:free]) + tuple(out.shape[free:]))
 
 
@@ -145,8 +151,7 @@ def _roll(t: torch.Tensor, shifts, dims: list[int]) -> torch.Tensor:
     keep = [(s, d) for s, d in zip(shifts, dims) if d not in spread and t.shape[d] > 1]
     if not keep:
         return t
-    one = t[tuple(slice(0, 1) if d in spread else slice(None) for d in range(t.dim()))]
-    return one.roll([s for s, _ in keep], [d for _, d in keep]).expand(t.shape)
+    return _first_along(t, spread).roll([s for s, _ in keep], [d for _, d in keep]).expand(t.shape)
 
 
 def _reduce(op):
@@ -172,7 +177,8 @@ def _direct_ops() -> dict:
         # changes no value, and a roll along a broadcast dim moves nothing
         a.contiguous.default: lambda t, r, **kw: None if kw else (
             t if 0 in t.stride() else t.contiguous()),
-        a.roll.default: lambda t, r, shifts, dims=(): _roll(t, shifts, _dims(dims, r)) if dims else None,
+        a.roll.default: lambda t, r, shifts, dims=():
+            _roll(t, shifts, _dims(dims, r)) if dims else None,
         a.select.int: lambda t, r, dim, index: t.select(_dims(dim, r)[0], index),
         a.slice.Tensor: lambda t, r, dim=0, start=None, end=None, step=1:
             a.slice.Tensor(t, _dims(dim, r)[0], start, end, step),
@@ -441,7 +447,7 @@ def linear_terms(t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     dims = [d for d in range(t.dim() - 1) if t.stride(d) == 0 and t.shape[d] > 1]
     if not dims:
         return F.linear(t, weight)
-    one = t[tuple(slice(0, 1) if d in dims else slice(None) for d in range(t.dim()))]
+    one = _first_along(t, dims)
     return F.linear(one, weight).expand(tuple(t.shape[:-1]) + (weight.shape[0],))
 
 
