@@ -121,4 +121,3 @@ def test_project_bad_input():
         dm(x, project=torch.randn(10, 3))
     with pytest.raises(fxdecomp.errors.InputError, match="project"):
         dm(x, project=torch.randn(384))
-

@@ -111,6 +111,11 @@ def _dims(dims, rank: int) -> list[int]:
     return [d % rank + 1 for d in ([dims] if isinstance(dims, int) else dims)]
 
 
+def _spread_dims(t: torch.Tensor, dims) -> list[int]:
+    """Those of ``dims`` that t broadcasts (stride 0, more than one index)."""
+    return [d for d in dims if t.stride(d) == 0 and t.shape[d] > 1]
+
+
 def _first_along(t: torch.Tensor, dims) -> torch.Tensor:
     """t with size 1 along ``dims`` (its first index there): one copy of what a broadcast
     (stride 0) repeats along them."""
@@ -121,7 +126,7 @@ def _once_where_spread(fn, t: torch.Tensor, free: int) -> torch.Tensor:
     """fn(t) for an fn that maps each index of t's first ``free`` dims on its own (a pool's
     batch and channel dims): where t is spread along one of them (stride 0, a bias
     broadcast over the images), fn runs on one slice and the result is spread again."""
-    spread = [d for d in range(free) if t.stride(d) == 0 and t.shape[d] > 1]
+    spread = _spread_dims(t, range(free))
     if not spread:
         return fn(t)
     out = fn(_first_along(t, spread))
@@ -147,7 +152,7 @@ def _roll(t: torch.Tensor, shifts, dims: list[int]) -> torch.Tensor:
     """t.roll(shifts, dims) on the dims t varies along; the dims it broadcasts (stride 0: a
     bias spread over the positions) are kept broadcast, where a roll moves nothing."""
     shifts = [shifts] * len(dims) if isinstance(shifts, int) else list(shifts)
-    spread = [d for d in range(t.dim()) if t.stride(d) == 0 and t.shape[d] > 1]
+    spread = _spread_dims(t, range(t.dim()))
     keep = [(s, d) for s, d in zip(shifts, dims) if d not in spread and t.shape[d] > 1]
     if not keep:
         return t
