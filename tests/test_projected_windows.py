@@ -208,7 +208,7 @@ def test_reduced_factors_reshape_and_scale_in_every_form(sub, padded):
         sigma, rows = rt.window_reduce_probe(omega.view(shape), r.view(shape), probs, vals,
                                              windows, [1, 2], True, True)
         form = "sigma" if isinstance(rows[0], str) else \
-            "p_order" if len(rows) == 4 else "window_rows"
+            "p_order" if len(rows) == 5 else "window_rows"
         terms = rt.outer_terms(sigma, rows)                       # [c·W, B, 1, 1, S·b]
         ref = torch.zeros(images, 5)                              # the value [B, E] after
         flat = rt.outer_terms(*rt.reshape_reduced(sigma, rows, ref, 1))
@@ -244,7 +244,7 @@ def test_factored_linear_reads_every_form_of_reduced_factors(sub, q, padded, row
                                             windows, [1, 2], False, True)
         y = rt.factored_linear(sigma, got, weight, heads, "torch", rows=rows)
         want = rt.blocked_linear(rt.outer_terms(sigma, got), weight, heads, "torch")
-    form = "sigma" if isinstance(got[0], str) else "p_order" if len(got) == 4 else "window_rows"
+    form = "sigma" if isinstance(got[0], str) else "p_order" if len(got) == 5 else "window_rows"
     assert form == ("window_rows" if padded else "sigma" if q >= sub else "p_order")
     assert y.shape == (heads * n_tok * windows, images, e)
     torch.testing.assert_close(y, want)

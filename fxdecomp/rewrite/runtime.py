@@ -53,7 +53,7 @@ def _denormals_flushed(fn):
     def flushed(*args, **kwargs):
         if getattr(_FLUSH, "on", False) or torch.compiler.is_compiling():
             return fn(*args, **kwargs)
-        before = bool(_TINY * 0.5 == 0)                 # the caller's mode (no getter exists)
+        before = bool(_TINY * _HALF == 0)     # the caller's mode (no getter exists)
         if not before and not torch.set_flush_denormal(True):
             return fn(*args, **kwargs)
         _FLUSH.on = True
@@ -66,7 +66,10 @@ def _denormals_flushed(fn):
     return flushed
 
 
-_TINY = torch.tensor(2.0 ** -126)       # the smallest normal float32; half of it is denormal
+# the smallest normal double (half of it is denormal), as Python floats (names: not folded):
+# their product runs on the CPU's float unit under the same flush mode as torch's (one mode
+# for float and double), with no dispatch and no floating-point error checks
+_TINY, _HALF = 2.0 ** -1022, 0.5
 
 
 def as_terms(value: torch.Tensor) -> torch.Tensor:
@@ -692,7 +695,7 @@ def _part_size(p) -> int:
     [W, H, Q, K, N]: H·N·W)."""
     if not isinstance(p, (tuple, list)):
         return int(p.shape[0])
-    if len(p) == 4 and isinstance(p[3], tuple) and len(p[3]) == 4:
+    if len(p) == 4 and _p_order(p[3]):
         windows, heads, _, _, n_tok = p[0].shape
         return int(windows * heads * n_tok)
     if len(p) == 4 and _kept_rows(p[3]):
@@ -771,24 +774,31 @@ def reduce_positions(t: torch.Tensor, positions: torch.Tensor, dims: tuple, keep
     p = positions.permute(order)                            # [2, *kept, K, *reduced]
     kept_shape, k = tuple(p.shape[1:1 + len(kept)]), p.shape[1 + len(kept)]
     n = math.prod(p.shape[2 + len(kept):])
+    c, b = t.shape[0], t.shape[-1]
+    if t[0].numel() > b and not any(t.stride()[1:-1]):   # one row broadcast (a bias): Σ w · row
+        wsum = p[1].reshape(-1, n).sum(1)
+        out = (wsum / n if mean else wsum).to(t.dtype).view(1, -1, 1) * t.reshape(c, -1, b)[:, :1]
+        out = out.reshape((c,) + kept_shape + (k * b,))
+        return _unsqueeze_at(out, dims) if keepdim else out
     index = p[0].reshape(-1, n).to(torch.long)
     weight = (p[1].reshape(-1, n) / n if mean else p[1].reshape(-1, n)).to(t.dtype)
-    c, b = t.shape[0], t.shape[-1]
     flat, rowmap = _memory_rows(t)
     if rowmap is not None:
         index = rowmap[index]
-    if flat.shape[1] > 1 and flat.stride(1) == 0:   # one row broadcast (a bias): Σ w · row
-        out = weight.sum(1).view(1, -1, 1) * flat[:, :1]
-    elif c <= 64:
+    if c <= 64:
         out = torch.stack([F.embedding_bag(index, flat[i], per_sample_weights=weight, mode="sum")
                            for i in range(c)])
     else:   # many components (tokens mode): one gather, one multiply, one sum
         out = (flat.index_select(1, index.reshape(-1)).view(c, -1, n, b)
                * weight.view(1, -1, n, 1)).sum(2)
     out = out.reshape((c,) + kept_shape + (k * b,))
-    if keepdim:
-        for d in sorted(dims):
-            out = out.unsqueeze(1 + d)
+    return _unsqueeze_at(out, dims) if keepdim else out
+
+
+def _unsqueeze_at(out: torch.Tensor, dims) -> torch.Tensor:
+    """Reduced terms [c, *kept, ...] with size 1 put back at the value dims ``dims``."""
+    for d in sorted(dims):
+        out = out.unsqueeze(1 + d)
     return out
 
 
@@ -1075,7 +1085,6 @@ def window_reduce(t: torch.Tensor, wmap: torch.Tensor, windows: int, dims, keepd
 # and a row map r [1, *rest, S] (the attention's flat output row b'·Q + q, moved by the same
 # ops; the window map is r // Q): s = ω · P[b', h, q, t] is read from P once, where the terms
 # are reduced (``window_reduce_probe``) or needed (``probe_factors``).
-@_denormals_flushed
 def token_probe(probs: torch.Tensor, v: torch.Tensor, q_shape: Sequence[int] | None = None):
     """The probe of the per-token terms of P [B', H, Q, N] and V [B', H, N, dh] in the layout
     [B', Q, H·dh] (or [B', *q_shape, H·dh], the queries viewed as a window, e.g. 7 x 7):
@@ -1115,9 +1124,10 @@ def window_reduce_probe(w: torch.Tensor, rmap: torch.Tensor, probs: torch.Tensor
     """``window_reduce_factored`` of probed terms (ω, r; P; V [B', H, N, dh]): the weights of each
     window's rows read from P at r, times ω (no s at every position). Whole windows (each of
     the Q rows of every window once, the same places for every kept row) read P in its own
-    order: σ [c·W, *kept, S] when Q >= S, else the weights [W, H, Q, K, N] with rows (v
-    [W, H, K, N, b], slot, S, kept shape) (``factored_linear`` reads them as they are; see
-    ``_window_rows_std``); other layouts list each window's rows (``window_rows``)."""
+    order: σ [c·W, *kept, S] when Q >= S, else P [W, H, Q, K, N] (a view) with rows (v
+    [W, H, K, N, b], slot, S, kept shape, ω [W, 1, Q, K, 1]), the weights P·ω left unmultiplied
+    (``factored_linear`` reads them as they are; see ``_p_order``, ``_window_rows_std``); other
+    layouts list each window's rows (``window_rows``)."""
     q_len = probs.shape[2]
     rest, sub = tuple(w.shape[1:-1]), w.shape[-1]
     nd = len(rest)
@@ -1163,15 +1173,13 @@ def window_reduce_probe(w: torch.Tensor, rmap: torch.Tensor, probs: torch.Tensor
             # component order; ``factored_linear`` reads them per head, ``_kept_rows_std``)
             sigma = torch.matmul(lhs, pk)
             return sigma, ("kwh", v.view(n_kept, windows, *v.shape[1:]), shape)
-        # fewer rows than sub-blocks: the weights stay in P's order, [W, H, Q, K, N] (ω in the
-        # same pass), the value rows [W, H, K, N, b]: ``factored_linear`` reads them as they are
+        # fewer rows than sub-blocks: the weights P·ω in P's order, [W, H, Q, K, N], left
+        # unmultiplied (P a view where it lies, ω [W, 1, Q, K, 1] beside the value rows, a view
+        # [W, H, K, N, b]): ``factored_linear`` multiplies them a few windows at a time
         pv = p.view(n_kept, windows, *p.shape[1:]).permute(1, 2, 3, 0, 4)
         omb = om.permute(0, 2, 1).unsqueeze(1).unsqueeze(-1)              # [W, 1, Q, K, 1]
-        weights = _product(pv, omb, w.dtype)
-        # [W, H, K, N, b] laid out as [W, H, b, K, N]: each window's rows are read transposed
-        vp = v.view(n_kept, windows, *v.shape[1:]).permute(1, 2, 4, 0, 3).contiguous() \
-            .permute(0, 1, 3, 4, 2)
-        return weights, (vp, slot, sub, shape)
+        vp = v.view(n_kept, windows, *v.shape[1:]).permute(1, 2, 0, 3, 4)
+        return pv, (vp, slot, sub, shape, omb)
     index, slot = window_rows(wm[0], windows, sub)                         # [W, Q'] each
     q = index.shape[1]
     if int(index.max()) == r.shape[-1]:              # windows of fewer rows: padded (ω = 0)
@@ -1284,13 +1292,20 @@ def window_rows(wm: torch.Tensor, windows: int, sub: int) -> tuple[torch.Tensor,
     return index, slot
 
 
-def _window_rows_std(weights: torch.Tensor, rows: tuple) -> tuple:
-    """Per-window-row weights and rows in P's order (weights [W, H, Q, K, N], rows (v
-    [W, H, K, N, b], slot, S, kept shape)) -> the component order: ([c·W, *kept, Q],
-    (v [c·W, *kept, b], slot, S)), c = H·N (head outer)."""
-    if len(rows) == 3:
-        return weights, rows
-    vp, slot, sub, shape = rows
+def _p_order(rows) -> bool:
+    """Whether reduced factors are per-window-row weights in P's order: P [W, H, Q, K, N] with
+    rows (v [W, H, K, N, b], slot [W, Q], S, kept shape, ω [W, 1, Q, K, 1]), the weights P·ω
+    (``window_reduce_probe``)."""
+    return isinstance(rows, tuple) and len(rows) == 5
+
+
+def _window_rows_std(probs: torch.Tensor, rows: tuple) -> tuple:
+    """Per-window-row weights and rows in P's order (``_p_order``) -> the component order:
+    ([c·W, *kept, Q], (v [c·W, *kept, b], slot, S)), c = H·N (head outer)."""
+    if not _p_order(rows):
+        return probs, rows
+    vp, slot, sub, shape, omega = rows
+    weights = probs * omega
     windows, heads, q, kept, n_tok = weights.shape
     c = heads * n_tok
     w = weights.permute(1, 4, 0, 3, 2).reshape([c * windows] + list(shape) + [q])
@@ -1315,25 +1330,26 @@ def _kept_rows_std(sigma: torch.Tensor, rows: tuple) -> tuple[torch.Tensor, torc
 
 
 def _kept_rows_linear(sigma: torch.Tensor, v: torch.Tensor, weight: torch.Tensor,
-                      out: torch.Tensor, rows: int = 16384) -> torch.Tensor:
+                      out: torch.Tensor, rows: int = 4096) -> torch.Tensor:
     """``factored_linear`` of σ [K, W, H, S, N] and V [K, W, H, N, b] (W [E, H·S·b]), read where
-    they lie: z = V_h W_hᵀ for every head in one batched product (the rows (k, w, n) of one
-    head are one strided matrix when V is a view of the attention's qkv, so nothing is copied)
-    and y = Σ_s σ_s z_s, for about ``rows`` rows (all heads) at a time, written into the
-    component order (h, n, w) x k of ``out``."""
+    they lie: per head h, zᵀ = W_h V_hᵀ ([S·E, b] x [b, rows]: the rows (k, w, n) of one head
+    are one strided matrix when V is a view of the attention's qkv, so nothing is copied) and
+    yᵀ = Σ_s σ_s zᵀ_s (s outer: the sum runs over whole rows of zᵀ), ``rows`` rows at a time,
+    written into the component order (h, n, w) x k of ``out``."""
     kk, windows, heads, sub, n_tok = sigma.shape
     e, b = weight.shape[0], v.shape[-1]
-    # W_h as [E·S, b] read transposed (a strided V times a row-major [b, E·S] is slower)
-    wt = weight.reshape(e, heads, sub, b).permute(1, 0, 2, 3).reshape(heads, e * sub, b)
+    wt = weight.reshape(e, heads, sub, b).permute(1, 2, 0, 3).reshape(heads, sub * e, b)
     o = out.view(heads, n_tok, windows, kk, e)
-    step = max(1, rows // (heads * windows * n_tok))
-    for k0 in range(0, kk, step):
-        k1 = min(k0 + step, kk)
-        vk = v[k0:k1].permute(2, 0, 1, 3, 4).reshape(heads, -1, b)          # [H, k·W·N, b]
-        z = torch.bmm(vk, wt.transpose(1, 2)).view(-1, e, sub)              # [H·k·W·N, E, S]
-        sg = sigma[k0:k1].permute(2, 0, 1, 4, 3).reshape(-1, sub, 1)        # [H·k·W·N, S, 1]
-        y = torch.bmm(z, sg).view(heads, k1 - k0, windows, n_tok, e)
-        o[:, :, :, k0:k1].copy_(y.permute(0, 3, 2, 1, 4))
+    n = kk * windows * n_tok
+    yt = out.new_empty(e, n)
+    for h in range(heads):
+        vh = v[:, :, h].reshape(n, b)                                       # [(k, w, n), b]
+        st = sigma[:, :, h].permute(2, 0, 1, 3).reshape(sub, 1, n)          # [S, 1, (k, w, n)]
+        for i in range(0, n, rows):
+            j = min(i + rows, n)
+            zt = torch.mm(wt[h], vh[i:j].t()).view(sub, e, j - i)
+            torch.sum(zt.mul_(st[:, :, i:j]), 0, out=yt[:, i:j])
+        o[h].copy_(yt.view(e, kk, windows, n_tok).permute(3, 2, 1, 0))
     return out
 
 
@@ -1368,8 +1384,8 @@ def reshape_reduced(sigma: torch.Tensor, v, ref: torch.Tensor, channel_dim: int)
 
     def view(t):
         return t.reshape([t.shape[0], *shape, t.shape[-1]])
-    if isinstance(v, tuple) and len(v) == 4:     # weights in P's order: the shape is recorded
-        return sigma, v[:3] + (list(shape),)
+    if _p_order(v):                              # weights in P's order: the shape is recorded
+        return sigma, v[:3] + (list(shape),) + v[4:]
     if _kept_rows(v):                            # σ, V as the attention holds them: likewise
         return sigma, v[:2] + (list(shape),)
     if isinstance(v, tuple):                     # per-window-row weights, (v rows, slot, S)
@@ -1379,8 +1395,8 @@ def reshape_reduced(sigma: torch.Tensor, v, ref: torch.Tensor, channel_dim: int)
 
 def scale_reduced(sigma: torch.Tensor, v, factor) -> torch.Tensor:
     """Reduced factored terms (σ and v as in ``reshape_reduced``) times a frozen per-row factor
-    of the value ([*kept, 1]): σ' (the weights in P's order hold the kept rows in dim -2)."""
-    if isinstance(v, tuple) and len(v) == 4 and isinstance(factor, torch.Tensor):
+    of the value ([*kept, 1]): σ' (P in P's order holds the kept rows in dim -2)."""
+    if _p_order(v) and isinstance(factor, torch.Tensor):
         return sigma * factor.reshape(-1, 1)
     if _kept_rows(v) and isinstance(factor, torch.Tensor):    # the kept rows in dim 0
         return sigma * factor.reshape(-1, 1, 1, 1, 1)
@@ -1413,12 +1429,12 @@ def factored_linear(sigma: torch.Tensor, v: torch.Tensor | None, weight: torch.T
         y = blocked_linear(outer_terms(sigma, v), weight, heads, backend)
         return y if out is None else out.copy_(y)
     e = weight.shape[0]
-    if isinstance(v, tuple) and len(v) == 4 and e <= v[0].shape[-1]:
+    if _p_order(v) and e <= v[0].shape[-1]:
         # per-window-row weights in P's order: [W, H, Q, K, N] -> [H·N·W, *kept, E]
         if out is None:
             windows, h, _, _, n_tok = sigma.shape
             out = sigma.new_empty([h * n_tok * windows] + list(v[3]) + [e])
-        return _window_rows_linear(sigma, v[0], v[1], v[2], weight, heads, out)
+        return _window_rows_linear(sigma, v[4], v[0], v[1], v[2], weight, heads, out)
     if isinstance(v, tuple):
         sigma, v = _window_rows_std(sigma, v)
     if out is None:
@@ -1482,15 +1498,15 @@ _SLOT_WEIGHTS: dict = {}
 
 def _slot_weights(weight: torch.Tensor, heads: int, sub: int, slot: torch.Tensor) -> torch.Tensor:
     """The blocks of a pending W [E, H·S·b] that each window's rows meet, transposed:
-    [H, W, E·b, Q], entry [h, w, e·b + d, q] = W[e, (h·S + slot[w, q])·b + d]. Depends on W and
+    [H, W, b·E, Q], entry [h, w, d·E + e, q] = W[e, (h·S + slot[w, q])·b + d]. Depends on W and
     the layout only, so it is kept between calls like a fold (``_folded``), keyed on W's identity
     and version and on slot's values."""
     e, b = weight.shape[0], weight.shape[1] // (heads * sub)
     windows, q = slot.shape
 
     def make():
-        wh = weight.reshape(e, heads, sub, b).permute(1, 2, 0, 3)     # [H, S, E, b]
-        wg = wh.index_select(1, slot.reshape(-1)).view(heads, windows, q, e * b)
+        wh = weight.reshape(e, heads, sub, b).permute(1, 2, 3, 0)     # [H, S, b, E]
+        wg = wh.index_select(1, slot.reshape(-1)).view(heads, windows, q, b * e)
         return wg.transpose(2, 3).contiguous()
 
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and weight.requires_grad):
@@ -1504,29 +1520,32 @@ def _slot_weights(weight: torch.Tensor, heads: int, sub: int, slot: torch.Tensor
     return hit[1]
 
 
-def _window_rows_linear(weights: torch.Tensor, vp: torch.Tensor, slot: torch.Tensor, sub: int,
-                        weight: torch.Tensor, heads: int, out: torch.Tensor,
-                        block: int = 1 << 18) -> torch.Tensor:
+def _window_rows_linear(probs: torch.Tensor, omega: torch.Tensor, v: torch.Tensor,
+                        slot: torch.Tensor, sub: int, weight: torch.Tensor, heads: int,
+                        out: torch.Tensor, block: int = 1 << 18) -> torch.Tensor:
     """``factored_linear`` of per-window-row weights in P's order (``window_reduce_probe``:
-    weights [W, H, Q, K, N], value rows vp [W, H, K, N, b]): per head h and window w,
-    y[k, t] = Σ_q weights[q, k, t] · (v[k, t] W_h[slot[w, q]]) = v[k, t] · A[k, t], Aᵀ =
-    W_h[slot[w]]ᵀ weights ([E·b, Q] x [Q, K·N]: one matmul per window over all of its terms,
-    its rows' blocks of W gathered once), then v · A per term, a few windows at a time (A of
-    about ``block`` elements: it stays in cache between the matmul and the product; E <= b: A is
-    no wider than the outer product of weights and v). Written in the component order (h, t, w)
-    x kept."""
-    windows, _, q, kept, n_tok = weights.shape
-    e, b = weight.shape[0], vp.shape[-1]
-    chunk = max(1, block // (e * b * kept * n_tok))
+    P [W, H, Q, K, N] and ω [W, 1, Q, K, 1], value rows v [W, H, K, N, b], views where the
+    attention left them): per head h and window w, y[k, t] = Σ_q ω[q, k] P[q, k, t] ·
+    (v[k, t] W_h[slot[w, q]]) = Σ_d v[k, t, d] · A[d, :, k, t], Aᵀ = W_h[slot[w]]ᵀ (P·ω)
+    ([b·E, Q] x [Q, K·N]: one matmul per window over all of its terms, its rows' blocks of W
+    gathered once; d outer, so the sum over d runs over whole rows of A), a few windows at a
+    time (A of about ``block`` elements stays in cache between the matmul and the product;
+    E <= b: A is no wider than the outer product of the weights and v). P·ω and v's rows
+    transposed ([W, H, b, K, N]) are each written once, in one pass. Written in the
+    component order (h, t, w) x kept."""
+    windows, _, q, kept, n_tok = probs.shape
+    e, b = weight.shape[0], v.shape[-1]
+    chunk = min(windows, max(1, block // (e * b * kept * n_tok)))
     o5 = out.view(heads, n_tok, windows, kept, e)
-    wgt = _slot_weights(weight, heads, sub, slot)                    # [H, W, E·b, Q]
+    wgt = _slot_weights(weight, heads, sub, slot)                    # [H, W, b·E, Q]
+    pw = _product(probs, omega, probs.dtype).view(windows, heads, q, kept * n_tok)
+    vt = v.permute(0, 1, 4, 2, 3).contiguous().view(windows, heads, b, 1, kept * n_tok)
+    a = probs.new_empty(chunk, b * e, kept * n_tok)
     for h in range(heads):
-        wg = wgt[h]
         for w0 in range(0, windows, chunk):
             w1 = min(w0 + chunk, windows)
-            rhs = weights[w0:w1, h].reshape(w1 - w0, q, kept * n_tok)
-            a = torch.bmm(wg[w0:w1], rhs).view(w1 - w0, e, b, kept * n_tok)
-            vt = vp[w0:w1, h].reshape(w1 - w0, kept * n_tok, b).transpose(1, 2)   # [c, b, K·N]
-            y = a.mul_(vt.unsqueeze(1)).sum(2)
-            o5[h, :, w0:w1].copy_(y.view(w1 - w0, e, kept, n_tok).permute(3, 0, 2, 1))
+            c = w1 - w0
+            torch.bmm(wgt[h, w0:w1], pw[w0:w1, h], out=a[:c])
+            y = a[:c].view(c, b, e, kept * n_tok).mul_(vt[w0:w1, h]).sum(1)      # [c, E, K·N]
+            o5[h, :, w0:w1].copy_(y.view(c, e, kept, n_tok).permute(3, 0, 2, 1))
     return out
