@@ -172,6 +172,10 @@ def _pending_layout(em, node: Node, target, args: list, kwargs: dict, merged: in
             c = em.materialize(c)
         if c.fac is not None and c.fac[0] not in ("rows", "probe") or c.proj is None:
             c = em.unwindow(c)   # (unfactored; a plain chunk is split by window, if any)
+        moved = _moved_bias(em, c, node) if merged == 1 else None
+        if moved is not None:
+            out.append(moved)
+            continue
         if c.proj is None:   # a constant may be stored unbroadcast ([1, 1, N, E] for [B, N, E])
             c = em.chunk(em.call(rt.expand_terms, c.node, em.orig(x)), c.labels)
         if c.proj is None and merged == 1:
@@ -262,8 +266,12 @@ def layout_emit(move_block: BlockMove | None = None, shape_arg: bool = False,
             # write every component, a broadcast bias at full size)
             kwargs = {k: em.orig_arg(v) for k, v in node.kwargs.items()}
             push = rt.pusher(target, 0)
-            return [em.chunk(em.call(push, em.call(rt.expand_terms, c.node, em.orig(x)),
-                                     tuple(args), kwargs), c.labels) for c in em.terms(x)]
+            last = len(sizes(x)) - 1
+            keeps_last = (_perm(node)[-1] if op_key(node) is aten.permute
+                          else last not in _transpose_dims(node)) == last
+            return [(_moved_bias(em, c, node) if keeps_last else None)
+                    or em.chunk(em.call(push, em.call(rt.expand_terms, c.node, em.orig(x)),
+                                        tuple(args), kwargs), c.labels) for c in em.terms(x)]
         # windowed terms straight from a window attention (``Chunk.win``, no map yet) stay
         # windowed through ops that keep the batch·windows dim 0 in place
         c = em.merged(node.args[0], blocked_ok=True, windows_ok=_keeps_dim0(node))
@@ -598,6 +606,9 @@ def keep_pending(em, x: Node, apply, moves: Callable[[int], Optional[int]] | Non
     positions become sub-blocks, ``rt.pool_gather``, and W averages them, ``rt.pooled_heads``),
     ``"split"`` (the default: split first)."""
     rank = len(sizes(x))
+    # every output row is an input row, the last dim kept (no zero fill): a bias moves as itself
+    rows_only = move and op_key(em.anchor) not in (aten.pad, aten.constant_pad_nd) \
+        and (moves is None or moves(rank - 1) == (rank_out or rank) - 1)
     if move:
         deferred = lambda c: em.moved(c, em.orig(x), apply, em.anchor)  # noqa: E731
     if windows is None:
@@ -662,9 +673,37 @@ def keep_pending(em, x: Node, apply, moves: Callable[[int], Optional[int]] | Non
                                       c.fac))
                 continue
             c = em.materialize(c)
+        moved = _moved_bias(em, c, em.anchor) if rows_only else None
+        if moved is not None:
+            out.append(moved)
+            continue
         # a constant may be stored unbroadcast: broadcast it first
         out.append(em.chunk(apply(em.call(rt.expand_terms, c.node, em.orig(x))), c.labels))
     return out
+
+
+def _moved_bias(em, c, node: Node):
+    """A bias broadcast along the last dim of its value (``rt.bias_terms``, nothing applied to
+    it since) through an op that only moves rows and keeps the last dim (the caller knows): the
+    same bias broadcast to the op's output, one node instead of a broadcast and a push at every
+    such op (the bias_terms node it replaces is left unused, and dead-code elimination drops
+    it), so a residual stream's biases cost nothing through window partitions, rolls and
+    reshapes. None for any other chunk, and where rows are narrowed (a demand)."""
+    t, x = c.node, node.args[0]
+    while t.op == "call_function" and t.target is rt.expand_terms:   # broadcast further: the same
+        t = t.args[0]
+    if t.op != "call_function" or t.target is not rt.bias_terms or c.proj is not None \
+            or c.block is not None or c.win is not None or c.fac is not None or c.at is not None \
+            or em.layout(x) is not None or em.layout(node) is not None:
+        return None
+    ins, outs = sizes(x), sizes(node)
+    if not ins or not outs or ins[-1] is None or ins[-1] != outs[-1]:
+        return None
+    if t.args[2] != -1:      # a channel dim counted from the front: the last of its value's?
+        val = t.args[1].meta.get("val") if isinstance(t.args[1], Node) else None
+        if not isinstance(val, torch.Tensor) or norm_dim(t.args[2], val.dim()) != val.dim() - 1:
+            return None
+    return em.chunk(em.call(rt.bias_terms, t.args[0], em.orig(node), -1), c.labels)
 
 
 @RULES.rule(aten.slice, prob_transparent=True,
@@ -696,9 +735,11 @@ def plan_slice(node, facts):
         return {x: d}
 
     def emit(em, node):
-        if em.layout(x) is not None and em.layout(x).dim == dim:
-            # the narrowed input already is the slice
-            return list(em.terms(x, pending_ok=True, lazy_ok=True, windows_ok=True))
+        if em.layout(x) is not None and em.layout(x).dim == dim or n is not None and (
+                rows() == tuple(range(n))):
+            # the narrowed input already is the slice, or the slice takes every row ([:, 0:])
+            return list(em.terms(x, blocked_ok=True, pending_ok=True, channel_ok=True,
+                                 lazy_ok=True, windows_ok=True))
         if dim < len(sizes(x)) - 1 and pending_in(em, x):
             args = (None,) + tuple(node.args[1:])
             return keep_pending(em, x, lambda t: em.call(rt.pusher(node.target, 0), t, args, {}),
