@@ -65,6 +65,16 @@ def test_projected_tokens_equal_tokens_times_directions(case):
     assert float((total - y.double() @ d.double()).abs().max()) <= 1e-5 * scale
     code = dm._graph_for(x.shape[0], project=True).code
     assert "window_reduce_probe" in code
+    # a second input through the same graphs: the probe's constants, made once per shape
+    # (``rt.token_probe``), are read again, and no op wrote into them
+    x2 = torch.randn(3, 3, img, img, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        p2, t2 = dm(x2, project=d), dm(x2)
+    want2 = t2.components.double() @ d.double()
+    assert float((p2.components.double() - want2).abs().max()) <= 1e-5 * float(want2.abs().max())
+    assert rt._PROBES
+    for (rows, q, _, _, _), (omega, r) in rt._PROBES.items():
+        assert torch.equal(r.flatten(), torch.arange(rows * q)) and bool((omega == 1).all())
 
 
 def test_probe_moves_one_row_per_position():

@@ -307,9 +307,15 @@ def bias_terms(bias: torch.Tensor, ref: torch.Tensor, channel_dim: int) -> torch
     """A bias added along ``channel_dim`` of ``ref`` (last dim for linear, dim 1 for conv), as one
     component broadcast to ref's shape."""
     channel_dim = channel_dim % ref.dim()
+    if bias.dtype != ref.dtype:
+        bias = bias.to(ref.dtype)
+    if bias.dim() == 1 and bias.shape[0] == ref.shape[channel_dim]:   # one view, one dispatch
+        strides = [0] * (ref.dim() + 1)
+        strides[1 + channel_dim] = bias.stride(0)
+        return bias.as_strided((1,) + tuple(ref.shape), strides)
     shape = [1] * ref.dim()
     shape[channel_dim] = bias.shape[0]
-    return bias.reshape(shape).to(ref.dtype).expand(ref.shape).unsqueeze(0)
+    return bias.reshape(shape).expand(ref.shape).unsqueeze(0)
 
 
 def attention_probs(q, k, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
@@ -1090,9 +1096,22 @@ def token_probe(probs: torch.Tensor, v: torch.Tensor, q_shape: Sequence[int] | N
     [B', Q, H·dh] (or [B', *q_shape, H·dh], the queries viewed as a window, e.g. 7 x 7):
     (ω [1, B', Q, 1] ones, r [1, B', Q, 1] = b'·Q + q (Q as q_shape), V [B', H, N, dh])."""
     rows, q = probs.shape[0], probs.shape[2]
-    r = torch.arange(rows * q, device=probs.device).view((1, rows) + tuple(q_shape or (q,)) + (1,))
-    return torch.ones(r.shape, dtype=v.dtype, device=v.device), r, \
-        v.expand(probs.shape[:2] + v.shape[-2:])
+    key = (rows, q, tuple(q_shape or (q,)), v.dtype, probs.device)
+    compiling = torch.compiler.is_compiling()
+    hit = None if compiling else _PROBES.get(key)
+    if hit is None:
+        # the same two constants for every call at this shape: made once (nothing writes into
+        # them: every op on a chunk's tensors returns a new one)
+        r = torch.arange(rows * q, device=probs.device).view((1, rows) + key[2] + (1,))
+        hit = (torch.ones(r.shape, dtype=v.dtype, device=v.device), r)
+        if not compiling:
+            if len(_PROBES) > 64:
+                _PROBES.clear()
+            _PROBES[key] = hit
+    return hit[0], hit[1], v.expand(probs.shape[:2] + v.shape[-2:])
+
+
+_PROBES: dict = {}
 
 
 def _value_rows(v: torch.Tensor) -> torch.Tensor:
