@@ -278,3 +278,36 @@ def test_gather_of_unmoved_rows_is_a_view():
     flipped = moved.flip(-1)
     got3 = rt.gather_positions(t.transpose(2, 3).reshape(3, 4, 5, 1, 2)[:, :, :, 0], flipped)
     torch.testing.assert_close(got3, t.flip(3).transpose(2, 3).reshape(3, 4, 1, 10))
+
+
+@pytest.mark.parametrize("granularity", ["heads", "tokens"])
+def test_no_runtime_call_is_made_twice(granularity):
+    """The rewritten graphs (the plain one, and with output directions) make no call of the
+    runtime twice with the same arguments (``emit._common_calls``): rules emit per chunk, so
+    every chunk made pending at a merge got its own identity W, and its own folds of the
+    merge's norm and linear after it; one of each remains, and the components still sum to the
+    output."""
+    from fxdecomp.rewrite.emit import _frozen
+    img, window, depths = CASES["rows"]
+    target = _swin(img, window, depths)
+    x = torch.randn(2, 3, img, img, generator=torch.Generator().manual_seed(1))
+    dm = fxdecomp.decompose(target, x, granularity=granularity)
+    e = int(target(x).shape[-1])
+    d = torch.randn(e, 3, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        p, y = dm(x, project=d), target(x)
+    want = y.double() @ d.double()
+    assert float((p.components.double().sum(0) - want).abs().max()) <= 1e-5 * float(want.abs().max())
+    for gm in (dm.graph_module, dm._graph_for(x.shape[0], project=True)):
+        calls = [n for n in gm.graph.nodes if n.op == "call_function"
+                 and getattr(n.target, "__module__", None) == rt.__name__]
+        assert any(n.target is rt.identity_weight for n in calls)
+        keys = []
+        for n in calls:
+            try:
+                key = (n.target, _frozen(n.args), _frozen(n.kwargs))
+                hash(key)
+            except TypeError:      # not hashable: never merged
+                continue
+            keys.append(key)
+        assert len(keys) == len(set(keys))

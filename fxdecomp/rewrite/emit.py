@@ -562,6 +562,7 @@ class Emitter:
             components = self.call(rt.group_components, raw_terms, idx, len(labels))
         _reduce_before_bias(self.graph)
         self.graph.output((out_ref, components))
+        _common_calls(self.graph)
         new = GraphModule(self.gm, self.graph, class_name="DecomposedGraph")
         new.graph.eliminate_dead_code()
         new.recompile()
@@ -614,6 +615,40 @@ def _reduce_before_bias(graph: Graph) -> None:
             less = graph.call_function(torch.sub, (reduced, b))
         reduced.replace_all_uses_with(less, delete_user_cb=lambda user: user is not less)
         graph.erase_node(n)
+
+
+def _common_calls(graph: Graph) -> None:
+    """Calls of the runtime (all pure: each returns a new value from its arguments, nothing
+    written into them) made twice with the same arguments are made once: rules that emit per
+    chunk repeat shape-only constants (an identity W at a merge, for every chunk made pending
+    there) and, after them, the same folds of those (``rt.fold_*``). In graph order, so a merge
+    exposes the ones it makes equal downstream."""
+    seen: dict = {}
+    for n in list(graph.nodes):
+        if n.op != "call_function" or not (n.target is operator.getitem or getattr(
+                n.target, "__module__", None) == rt.__name__):
+            continue
+        try:
+            key = (n.target, _frozen(n.args), _frozen(n.kwargs))
+            hash(key)
+        except TypeError:      # an argument that is not hashable (a slice before 3.12): kept
+            continue
+        first = seen.setdefault(key, n)
+        if first is not n:
+            n.replace_all_uses_with(first)
+            graph.erase_node(n)
+
+
+def _frozen(v):
+    """Arguments as a hashable key: lists and tuples as tagged tuples, dicts as sorted items,
+    numbers by value and type (1 and 1.0 differ), nodes by identity."""
+    if isinstance(v, (list, tuple)):
+        return (type(v).__name__,) + tuple(_frozen(x) for x in v)
+    if isinstance(v, dict):
+        return ("dict",) + tuple(sorted((k, _frozen(x)) for k, x in v.items()))
+    if isinstance(v, torch.Tensor):      # (== is elementwise): such a call is kept
+        raise TypeError("a tensor argument")
+    return (type(v).__name__, v)
 
 
 def _reduced_factors(c: Chunk) -> bool:

@@ -781,7 +781,7 @@ def reduce_positions(t: torch.Tensor, positions: torch.Tensor, dims: tuple, keep
     kept_shape, k = tuple(p.shape[1:1 + len(kept)]), p.shape[1 + len(kept)]
     n = math.prod(p.shape[2 + len(kept):])
     c, b = t.shape[0], t.shape[-1]
-    if t[0].numel() > b and not any(t.stride()[1:-1]):   # one row broadcast (a bias): Σ w · row
+    if math.prod(t.shape[1:-1]) > 1 and not any(t.stride()[1:-1]):   # one row broadcast (a bias)
         wsum = p[1].reshape(-1, n).sum(1)
         out = (wsum / n if mean else wsum).to(t.dtype).view(1, -1, 1) * t.reshape(c, -1, b)[:, :1]
         out = out.reshape((c,) + kept_shape + (k * b,))

@@ -735,11 +735,11 @@ def plan_slice(node, facts):
         return {x: d}
 
     def emit(em, node):
-        if em.layout(x) is not None and em.layout(x).dim == dim or n is not None and (
-                rows() == tuple(range(n))):
-            # the narrowed input already is the slice, or the slice takes every row ([:, 0:])
-            return list(em.terms(x, blocked_ok=True, pending_ok=True, channel_ok=True,
-                                 lazy_ok=True, windows_ok=True))
+        if em.layout(x) is not None and em.layout(x).dim == dim:
+            # the narrowed input already is the slice
+            return list(em.terms(x, pending_ok=True, lazy_ok=True, windows_ok=True))
+        if n is not None and rows() == tuple(range(n)):     # every row ([:, 0:]): the identity
+            return identity_emit(0)(em, node)
         if dim < len(sizes(x)) - 1 and pending_in(em, x):
             args = (None,) + tuple(node.args[1:])
             return keep_pending(em, x, lambda t: em.call(rt.pusher(node.target, 0), t, args, {}),
