@@ -1194,7 +1194,7 @@ def window_reduce_probe(w: torch.Tensor, rmap: torch.Tensor, probs: torch.Tensor
             return sigma, ("kwh", v.view(n_kept, windows, *v.shape[1:]), shape)
         # fewer rows than sub-blocks: the weights P·ω in P's order, [W, H, Q, K, N], left
         # unmultiplied (P a view where it lies, ω [W, 1, Q, K, 1] beside the value rows, a view
-        # [W, H, K, N, b]): ``factored_linear`` multiplies them a few windows at a time
+        # [W, H, K, N, b]): ``factored_linear`` multiplies them where it reads them, in one pass
         pv = p.view(n_kept, windows, *p.shape[1:]).permute(1, 2, 3, 0, 4)
         omb = om.permute(0, 2, 1).unsqueeze(1).unsqueeze(-1)              # [W, 1, Q, K, 1]
         vp = v.view(n_kept, windows, *v.shape[1:]).permute(1, 2, 0, 3, 4)
