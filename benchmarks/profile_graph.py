@@ -32,8 +32,14 @@ def main(argv=None) -> int:
     p.add_argument("--top", type=int, default=30, help="rows of each table")
     p.add_argument("--project", type=int, default=0, metavar="K",
                    help="profile dm(x, project=D) with K seeded random directions (tokens mode)")
+    p.add_argument("--allocator", choices=["keep", "glibc"], default="keep",
+                   help="keep: fxdecomp.run.memory.keep_freed_memory() first, as the benchmark "
+                        "does (no page faults for memory freed and reallocated between forwards)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
+    if a.allocator == "keep":
+        from fxdecomp.run.memory import keep_freed_memory
+        keep_freed_memory()
     import fxdecomp
     from fxdecomp.capture.adapters import example_input, load_model, split_model_arg
 

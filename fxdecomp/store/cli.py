@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 
+from fxdecomp.run.memory import keep_freed_memory
 from fxdecomp.store.extract import DTYPES, ExtractOptions, extract
 
 __all__ = ["add_subcommands", "add_store_argument", "components_from_store", "cmd_extract"]
@@ -19,6 +20,8 @@ __all__ = ["add_subcommands", "add_store_argument", "components_from_store", "cm
 
 def cmd_extract(args) -> dict:
     """Decompose every image of --data into the component store --out (resumable)."""
+    if args.allocator == "keep":     # one process, thousands of same-shape forwards
+        keep_freed_memory()
     opts = ExtractOptions(
         model=args.model, data=args.data, out=args.out, granularity=args.granularity,
         layers=args.layers, dtype=args.dtype, batch_size=args.batch_size, workers=args.workers,
@@ -72,6 +75,11 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--device", default="auto",
                    help="auto (cuda:LOCAL_RANK if available), cpu, cuda")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--allocator", default="keep", choices=("keep", "glibc"),
+                   help="keep (default): memory freed during one batch's forward stays in the "
+                        "process for the next (fxdecomp.run.memory.keep_freed_memory; glibc "
+                        "only), instead of being returned to the OS and faulted in again; "
+                        "glibc: leave malloc's defaults")
     p.set_defaults(func=cmd_extract)
 
 
