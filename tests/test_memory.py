@@ -8,18 +8,19 @@ import pytest
 
 from fxdecomp.run.memory import _glibc, keep_freed_memory
 
-glibc = pytest.mark.skipif(_glibc() is None, reason="malloc is not glibc's")
+glibc = pytest.mark.skipif(not hasattr(_glibc(), "mallinfo2"),
+                           reason="malloc is not glibc's (>= 2.33, for mallinfo2)")
 
 # A fresh process: a 48 MiB block is always mmapped by glibc's defaults (its dynamic mmap
 # threshold never passes 32 MiB) and unmapped when freed; after keep_freed_memory with a
 # 64 MiB mmap threshold it comes from the heap (the arena grows) and stays there when freed.
 PROBE = textwrap.dedent("""
     import ctypes, sys, torch
-    from fxdecomp.run.memory import keep_freed_memory
+    from fxdecomp.run.memory import _glibc, keep_freed_memory
     class Info(ctypes.Structure):
         _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
                     "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
-    libc = ctypes.CDLL("libc.so.6")
+    libc = _glibc()
     libc.mallinfo2.restype = Info
     if sys.argv[1] == "keep":
         assert keep_freed_memory(mmap_threshold=64 << 20)
