@@ -12,8 +12,8 @@ glibc = pytest.mark.skipif(not hasattr(_glibc(), "mallinfo2"),
                            reason="malloc is not glibc's (>= 2.33, for mallinfo2)")
 
 # A fresh process: a 48 MiB block is always mmapped by glibc's defaults (its dynamic mmap
-# threshold never passes 32 MiB) and unmapped when freed; after keep_freed_memory with a
-# 64 MiB mmap threshold it comes from the heap (the arena grows) and stays there when freed.
+# threshold never passes 32 MiB) and unmapped when freed; after keep_freed_memory (a 64 MiB
+# mmap threshold by default) it comes from the heap (the arena grows) and stays there when freed.
 PROBE = textwrap.dedent("""
     import ctypes, sys, torch
     from fxdecomp.run.memory import _glibc, keep_freed_memory
@@ -23,7 +23,7 @@ PROBE = textwrap.dedent("""
     libc = _glibc()
     libc.mallinfo2.restype = Info
     if sys.argv[1] == "keep":
-        assert keep_freed_memory(mmap_threshold=64 << 20)
+        assert keep_freed_memory()
     a0 = libc.mallinfo2()
     t = torch.ones(12 << 20)                        # 48 MiB
     a1 = libc.mallinfo2()
